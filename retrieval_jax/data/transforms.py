@@ -1,0 +1,83 @@
+"""Image transforms on numpy/PIL (no JAX): resizing, crops, flips, padding into size buckets.
+
+All functions take and return uint8 RGB `[H, W, 3]` arrays; normalisation by the weights'
+mean/std happens on the device inside the model (uint8 moves 4x fewer bytes to it).
+"""
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+
+def resize_long_side(image: np.ndarray, long_side: int) -> np.ndarray:
+  """Resizes so that max(H, W) == long_side, keeping the aspect ratio (bilinear, antialiased)."""
+  h, w = image.shape[:2]
+  scale = long_side / max(h, w)
+  nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+  if (nh, nw) == (h, w):
+    return image
+  return np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+
+
+def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
+                        scale: Tuple[float, float] = (0.5, 1.0),
+                        ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+  """Inception-style crop of a random area fraction and aspect ratio, resized to size x size."""
+  h, w = image.shape[:2]
+  for _ in range(10):
+    area = h * w * rng.uniform(*scale)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+    cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+      break
+  else:  # Fall back to the central square crop.
+    ch = cw = min(h, w)
+    y, x = (h - ch) // 2, (w - cw) // 2
+  crop = Image.fromarray(image[y:y + ch, x:x + cw])
+  return np.asarray(crop.resize((size, size), Image.BILINEAR))
+
+
+def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  return image[:, ::-1] if rng.random() < 0.5 else image
+
+
+def pick_bucket(h: int, w: int, buckets: Sequence[Tuple[int, int]]) -> int:
+  """Index of the smallest bucket (H, W) that holds an h x w image (by area)."""
+  fits = [i for i, (bh, bw) in enumerate(buckets) if h <= bh and w <= bw]
+  if not fits:
+    raise ValueError(f"image of size {h}x{w} fits no bucket of {list(buckets)}")
+  return min(fits, key=lambda i: buckets[i][0] * buckets[i][1])
+
+
+def pad_to(image: np.ndarray, size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+  """Pads at the bottom/right to `size` (H, W); returns (image, validity mask [H, W] bool).
+
+  Bottom/right padding keeps the valid region aligned with every stride of the network.
+  """
+  h, w = image.shape[:2]
+  out = np.zeros((size[0], size[1], 3), np.uint8)
+  out[:h, :w] = image
+  mask = np.zeros(size, bool)
+  mask[:h, :w] = True
+  return out, mask
+
+
+def square_buckets(long_side: int) -> Tuple[Tuple[int, int], ...]:
+  """Default evaluation buckets for images resized to `long_side`: landscape, portrait, square.
+
+  Three shapes cover any aspect ratio with at most ~2x padding; each shape compiles once.
+  """
+  s = long_side
+  half = int(np.ceil(s * 0.75))
+  return ((half, s), (s, half), (s, s))
+
+
+def prepare_eval_image(image: np.ndarray, long_side: int,
+                       buckets: Optional[Sequence[Tuple[int, int]]] = None):
+  """Resize to long_side, pad into its bucket. Returns (padded, mask, bucket index)."""
+  image = resize_long_side(image, long_side)
+  buckets = buckets or square_buckets(long_side)
+  b = pick_bucket(image.shape[0], image.shape[1], buckets)
+  padded, mask = pad_to(image, buckets[b])
+  return padded, mask, b

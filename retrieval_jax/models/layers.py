@@ -1,0 +1,153 @@
+"""Building blocks shared by the backbones: torch-compatible padding, masks, BatchNorm.
+
+Backbone contract (every module in `retrieval_jax/models/` that is a trunk):
+
+    class Trunk(nn.Module):
+        dtype: Any = jnp.float32          # compute dtype; params stay float32
+        bn_mode: str = "frozen_stats"     # see BN_MODES
+        def __call__(self, x, mask=None, train=False) -> dict:
+            # x: [B, H, W, 3] float, already normalised for these weights.
+            # mask: optional [B, H, W] bool, True on valid (unpadded) pixels; the padding is
+            #   at the bottom/right. It is re-applied after every normalisation so that a padded
+            #   image gives exactly the feature map of the unpadded one.
+            # returns {"feature_map": [B, h, w, C], "mask": [B, h, w] bool or None,
+            #          "stages": tuple of the last stages' outputs (for multi-layer descriptors),
+            #          "stage_masks": matching masks}
+
+Weight layouts: PyTorch convolution kernels are [out, in, kh, kw], Flax's [kh, kw, in, out].
+"""
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+# "train": batch statistics when training, all BN params trainable.
+# "frozen_stats": running statistics always (the cnnimageretrieval-pytorch default), scale and
+#   shift still trained.
+# "frozen": running statistics and scale/shift excluded from training (optim.py masks them).
+BN_MODES = ("train", "frozen_stats", "frozen")
+
+# torchvision's BatchNorm epsilon; Keras uses 1e-3.
+TORCH_BN_EPS = 1e-5
+
+
+def torch_padding(kernel: int, stride: int = 1, dilation: int = 1) -> Tuple[Tuple[int, int], ...]:
+  """Symmetric padding of PyTorch's `padding=(k-1)//2`, which JAX's "SAME" does not equal."""
+  del stride
+  p = dilation * (kernel - 1) // 2
+  return ((p, p), (p, p))
+
+
+def downsample_mask(mask: Optional[jnp.ndarray], stride: int, mode: str = "ceil"):
+  """Validity mask after a stride-`stride` layer.
+
+  With top-left aligned content and symmetric `(k-1)//2` padding, an output position is valid
+  when its window starts inside the valid region: ceil(valid / stride) positions, which strided
+  slicing gives directly. Unpadded max-pools (VGG's 2x2/2) keep floor(valid / stride): `mode="floor"`.
+
+  Args:
+    mask: [B, H, W] bool or None.
+    stride: the layer's stride.
+    mode: "ceil" or "floor".
+  Returns:
+    [B, ceil(H/stride), ceil(W/stride)] bool (or floor for "floor"), or None.
+  """
+  if mask is None or stride == 1:
+    return mask
+  if mode == "ceil":
+    return mask[:, ::stride, ::stride]
+  if mode == "floor":
+    h, w = mask.shape[1] // stride, mask.shape[2] // stride
+    # An output is valid only if its whole window is valid: the window's last pixel is.
+    return mask[:, stride - 1::stride, stride - 1::stride][:, :h, :w]
+  raise ValueError(f"downsample_mask: unknown mode {mode!r}")
+
+
+def apply_mask(x: jnp.ndarray, mask: Optional[jnp.ndarray]) -> jnp.ndarray:
+  """Zeroes padded positions of `x` [B, h, w, C] (mask [B, h, w]); identity for mask=None."""
+  if mask is None:
+    return x
+  return x * mask[..., None].astype(x.dtype)
+
+
+def batch_norm(bn_mode: str, train: bool, dtype: Any, name: str, eps: float = TORCH_BN_EPS,
+               scale_init=nn.initializers.ones):
+  """A BatchNorm configured from `bn_mode` (see BN_MODES) and the call's `train` flag."""
+  if bn_mode not in BN_MODES:
+    raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+  use_running_average = (not train) or bn_mode != "train"
+  return nn.BatchNorm(use_running_average=use_running_average, momentum=0.9, epsilon=eps,
+                      dtype=dtype, param_dtype=jnp.float32, name=name, scale_init=scale_init)
+
+
+class ConvBN(nn.Module):
+  """Conv (torch padding, no bias) + BatchNorm (+ optional activation), then the mask.
+
+  Param names mirror what converters expect: `conv/kernel`, `bn/{scale,bias}`,
+  batch_stats `bn/{mean,var}`.
+  """
+  features: int
+  kernel: int
+  stride: int = 1
+  groups: int = 1
+  activation: Optional[str] = "relu"  # "relu", "relu6" or None
+  bn_mode: str = "frozen_stats"
+  dtype: Any = jnp.float32
+  bn_eps: float = TORCH_BN_EPS
+
+  @nn.compact
+  def __call__(self, x, mask=None, train=False):
+    x = nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
+                padding=torch_padding(self.kernel), feature_group_count=self.groups,
+                use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="conv")(x)
+    x = batch_norm(self.bn_mode, train, self.dtype, "bn", self.bn_eps)(x)
+    if self.activation == "relu":
+      x = nn.relu(x)
+    elif self.activation == "relu6":
+      x = jnp.clip(x, 0.0, 6.0)
+    elif self.activation is not None:
+      raise ValueError(f"ConvBN: unknown activation {self.activation!r}")
+    mask = downsample_mask(mask, self.stride)
+    return apply_mask(x, mask), mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch -> Flax weight layout helpers (numpy in, numpy out).
+
+
+def torch_conv_kernel(w: np.ndarray) -> np.ndarray:
+  """[out, in/groups, kh, kw] -> [kh, kw, in/groups, out] (depthwise: [C,1,k,k] -> [k,k,1,C])."""
+  return np.transpose(np.asarray(w), (2, 3, 1, 0))
+
+
+def torch_linear_kernel(w: np.ndarray) -> np.ndarray:
+  """[out, in] -> [in, out]."""
+  return np.transpose(np.asarray(w), (1, 0))
+
+
+def torch_bn(state_dict, prefix: str):
+  """BatchNorm tensors under `prefix` -> (params, batch_stats) dicts in Flax naming."""
+  params = {"scale": np.asarray(state_dict[prefix + ".weight"]),
+            "bias": np.asarray(state_dict[prefix + ".bias"])}
+  stats = {"mean": np.asarray(state_dict[prefix + ".running_mean"]),
+           "var": np.asarray(state_dict[prefix + ".running_var"])}
+  return params, stats
+
+
+def convbn_from_torch(state_dict, conv_prefix: str, bn_prefix: str):
+  """A `ConvBN`'s (params, batch_stats) from torch conv and BatchNorm prefixes."""
+  bn_params, bn_stats = torch_bn(state_dict, bn_prefix)
+  params = {"conv": {"kernel": torch_conv_kernel(state_dict[conv_prefix + ".weight"])},
+            "bn": bn_params}
+  return params, {"bn": bn_stats}
+
+
+def check_all_used(state_dict, used: Sequence[str], ignore_prefixes: Sequence[str] = ()):
+  """Raises if a weight file holds tensors the converter did not consume (a wrong architecture)."""
+  left = [k for k in state_dict if k not in set(used)
+          and not k.endswith("num_batches_tracked")
+          and not any(k.startswith(p) for p in ignore_prefixes)]
+  if left:
+    raise ValueError(f"weights not used by the converter ({len(left)}): {left[:8]} ... "
+                     "Is the file for a different architecture?")

