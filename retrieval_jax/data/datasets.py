@@ -2,13 +2,37 @@
 
 Loaders only read metadata (lists of image paths, labels, ground truth); pixels are decoded
 later by the input pipelines through `image_io.load_rgb`.
+
+Every loader reads the files exactly where the reference code puts them, under one data
+root `root` (the `--dir` of `python -m retrieval_jax.data.download NAME --dir root`):
+
+  root/train/retrieval-SfM-120k/{retrieval-SfM-120k.pkl, retrieval-SfM-120k-whiten.pkl, ims/}
+  root/train/retrieval-SfM-30k/{retrieval-SfM-30k-whiten.pkl, ims -> ../retrieval-SfM-120k/ims}
+  root/test/{roxford5k,rparis6k,oxford5k,paris6k}/{gnd_<name>.pkl, jpg/}
+  root/test/revisitop1m/{revisitop1m.txt, jpg/}
+  root/test/holidays/jpg/                 root/test/ukbench/full/ (or jpg/, or the folder)
+  root/gldv2/{train.csv, train_clean.csv, index.csv, retrieval_solution_v2.1.csv,
+              train/, index/, test/}
+
+A missing file raises `DatasetNotFoundError` (a FileNotFoundError) naming the file and the
+download command.
+
+Ground-truth `.pkl` files are read with a restricted unpickler that accepts only plain
+containers, numbers, strings and numpy arrays, so a tampered file cannot run code; still,
+take them from the official sources only.
 """
 import dataclasses
+import io
+import os
+import pickle
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 _REGISTRY: Dict[str, Callable[..., Any]] = {}
+_DEFAULT_SPLIT: Dict[str, str] = {}
+
+DOWNLOAD_MODULE = "retrieval_jax.data.download"
 
 
 @dataclasses.dataclass
@@ -18,14 +42,26 @@ class TrainSet:
   Attributes:
     name: dataset name.
     images: N image paths.
-    labels: [N] int landmark ids (for SfM-120k: the 3D-model cluster of each image).
-    qidxs, pidxs: optional query / positive image indices of the reference's training pairs.
+    labels: [N] int landmark ids (for SfM-120k: the 3D-model cluster of each image, -1
+      where the file has none; for GLDv2: contiguous class indices in [0, num_classes)).
+    qidxs, pidxs: optional [P] query / positive image indices of the reference's
+      training (or whitening) pairs.
+    label_ids: optional [num_classes] original id of each contiguous label (GLDv2's
+      landmark_id), where `labels` were remapped.
   """
   name: str
   images: Sequence[str]
   labels: np.ndarray
   qidxs: Optional[np.ndarray] = None
   pidxs: Optional[np.ndarray] = None
+  label_ids: Optional[np.ndarray] = None
+
+  @property
+  def num_classes(self) -> int:
+    if self.label_ids is not None:
+      return int(len(self.label_ids))
+    valid = self.labels[self.labels >= 0]
+    return int(len(np.unique(valid)))
 
 
 @dataclasses.dataclass
@@ -35,10 +71,14 @@ class RetrievalSet:
   Attributes:
     name: dataset name; also picks the evaluator by default.
     query_images / db_images: image paths.
-    query_bbx: optional per-query (x1, y1, x2, y2) crop boxes (Revisited Oxford/Paris).
-    gnd: optional per-query ground-truth dicts (revisitop format: 'easy', 'hard', 'junk' or
-      'ok', 'junk'), indices into db_images.
+    query_bbx: optional per-query (x1, y1, x2, y2) crop boxes (Revisited Oxford/Paris),
+      in the stored pixel frame of the full image (see `image_io.load_rgb`).
+    gnd: optional per-query ground-truth dicts (revisitop format: 'easy', 'hard', 'junk'
+      or 'ok', 'junk'), int index arrays into db_images. Images listed under 'junk' are
+      removed from the ranking before AP (Holidays puts the query itself there).
     query_labels / db_labels: optional int labels (generic same-label protocol).
+    rotations: optional {image path: clockwise degrees} to pass to
+      `load_rgb(..., rotate=)` (Holidays orientation fixes).
   """
   name: str
   query_images: Sequence[str]
@@ -47,22 +87,122 @@ class RetrievalSet:
   gnd: Optional[List[Dict[str, Any]]] = None
   query_labels: Optional[np.ndarray] = None
   db_labels: Optional[np.ndarray] = None
+  rotations: Optional[Dict[str, int]] = None
 
 
-def register(name: str):
-  """Decorator adding a loader `fn(root: str, split: str, **kwargs)` to the registry."""
+class DatasetNotFoundError(FileNotFoundError):
+  """A dataset file or folder is missing; the message says how to download it."""
+
+
+def register(name: str, default_split: str = "train"):
+  """Decorator adding a loader `fn(root: str, split: str, **kwargs)` to the registry.
+
+  Args:
+    name: registry name.
+    default_split: split used when `get_dataset` is called without one.
+  """
   def wrap(fn):
     _REGISTRY[name] = fn
+    _DEFAULT_SPLIT[name] = default_split
     return fn
   return wrap
 
 
-def get_dataset(name: str, root: str, split: str = "train", **kwargs):
-  """Loads dataset `name` from folder `root` (`split`: 'train', 'val', 'test', ...)."""
+def get_dataset(name: str, root: str, split: Optional[str] = None, **kwargs):
+  """Loads dataset `name` from folder `root`.
+
+  Args:
+    name: a registered name, see `names()`.
+    root: data root (the `--dir` given to the download command).
+    split: 'train', 'val', 'whiten', 'test', ...; None: the dataset's default ('train'
+      for training sets, 'test' for retrieval benchmarks).
+    **kwargs: loader options (documented on each loader).
+
+  Returns:
+    A `TrainSet` or a `RetrievalSet`.
+  """
   if name not in _REGISTRY:
     raise ValueError(f"unknown dataset {name!r}; known: {sorted(_REGISTRY)}")
-  return _REGISTRY[name](root, split, **kwargs)
+  if split is None:
+    split = _DEFAULT_SPLIT[name]
+  return _REGISTRY[name](os.fspath(root), split, **kwargs)
 
 
 def names() -> List[str]:
   return sorted(_REGISTRY)
+
+
+# ----------------------------------------------------------------------------------------
+# Helpers shared by the loaders.
+
+
+def download_command(download_name: str, root: str) -> str:
+  return f"python -m {DOWNLOAD_MODULE} {download_name} --dir {root}"
+
+
+def require(path: str, dataset: str, root: str, download_name: Optional[str] = None,
+            what: str = "file") -> str:
+  """Returns `path` if it exists, else raises DatasetNotFoundError with the fix."""
+  if os.path.exists(path):
+    return path
+  raise DatasetNotFoundError(
+      f"{dataset}: missing {what} {path}\n"
+      f"  Download it with: {download_command(download_name or dataset, root)}")
+
+
+def check_split(dataset: str, split: str, allowed: Sequence[str]) -> None:
+  if split not in allowed:
+    raise ValueError(f"{dataset}: unknown split {split!r}; expected one of {list(allowed)}")
+
+
+_SAFE_GLOBALS = {
+    ("builtins", n) for n in ("set", "frozenset", "list", "dict", "tuple", "int", "float",
+                             "complex", "str", "bytes", "bytearray", "bool", "slice")
+} | {
+    ("__builtin__", n) for n in ("set", "frozenset", "list", "dict", "tuple")
+} | {
+    ("collections", "OrderedDict"), ("_codecs", "encode"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+  """Unpickler that refuses every global except containers and numpy arrays."""
+
+  def find_class(self, module, name):
+    if (module, name) in _SAFE_GLOBALS:
+      return super().find_class(module, name)
+    if module.startswith("numpy") and name.startswith(("float", "int", "uint", "bool")):
+      return super().find_class(module, name)  # numpy scalar dtype classes
+    raise pickle.UnpicklingError(
+        f"refusing to unpickle {module}.{name}: ground-truth files hold only plain "
+        "containers and arrays")
+
+
+def safe_load_pickle(path: str) -> Any:
+  """Reads a ground-truth / db pickle without executing code from it."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return _SafeUnpickler(io.BytesIO(data)).load()
+  except UnicodeDecodeError:
+    # Python 2 pickles with numpy arrays need latin1 to rebuild the raw buffers.
+    return _SafeUnpickler(io.BytesIO(data), encoding="latin1").load()
+
+
+def as_index_array(values: Any) -> np.ndarray:
+  """Ground-truth index list (list, array, scalar or None) -> 1-D int64 array."""
+  if values is None:
+    return np.zeros((0,), np.int64)
+  return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
+# Importing the loader modules registers them (they import this module for `register`).
+from retrieval_jax.data import gldv2  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+from retrieval_jax.data import holidays  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+from retrieval_jax.data import revisited  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+from retrieval_jax.data import sfm120k  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+from retrieval_jax.data import ukbench  # noqa: E402,F401  pylint: disable=g-import-not-at-top

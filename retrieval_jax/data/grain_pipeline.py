@@ -98,7 +98,7 @@ def train_dataset(images: Sequence[str], labels: np.ndarray, *, classes_per_batc
                           skipped["count"], e)
       else:
         raise RuntimeError(f"no image of landmark {labels[i]} could be decoded")
-    return {"image": out, "label": labels[idx], "step": np.int32(step)}
+    return {"image": out, "label": labels[idx]}
 
   return grain.MapDataset.range(num_steps).map(make_batch)
 
@@ -115,8 +115,8 @@ def eval_batches(paths: Sequence[str], *, long_side: int, batch_size: int,
   """Yields padded, masked batches grouped by size bucket; every image exactly once.
 
   Each bucket's last batch is padded to `batch_size` with empty rows (index -1), so every
-  batch of a bucket has one static shape. Unreadable images are logged, counted and
-  yielded as empty rows (index -1) too, so that extraction never stops on one bad file.
+  batch of a bucket has one static shape. Unreadable images are logged and left out (their
+  index never appears), so that extraction never stops on one bad file.
   """
   buckets = tuple(buckets or transforms.square_buckets(long_side))
 

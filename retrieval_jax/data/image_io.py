@@ -35,7 +35,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from absl import logging
 import numpy as np
 from PIL import Image
-from PIL import ImageFile
 from PIL import ImageOps
 from PIL import UnidentifiedImageError
 
@@ -60,7 +59,7 @@ class ImageDecodeError(RuntimeError):
       'too_large', 'bad_bbx' or 'decode_error'.
   """
 
-  def __init__(self, path: str, reason: str, detail: str = ""):
+  def __init__(self, path: str, reason: str = "decode_error", detail: str = ""):
     self.path = str(path)
     self.reason = reason
     msg = f"cannot decode image {self.path} ({reason})"
