@@ -1,0 +1,75 @@
+"""Defaults shared by every experiment; each configs/<name>.py overrides what it needs.
+
+Every field can be overridden on the command line: `--config.optim.lr=1e-6`. The config is
+locked, so a mistyped key fails with its name.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "demo"            # datasets registry name (retrieval_jax/data/datasets.py)
+  c.data.root = ""                # dataset folder; "" = <workdir>/data
+  c.data.backend = "grain"
+  c.data.image_size = 362         # training crop side (the reference's --image-size)
+  c.data.crop_scale = (0.5, 1.0)  # random resized crop area range
+  c.data.classes_per_batch = 8    # K landmarks per global batch (in-step mining)
+  c.data.images_per_class = 4     # M images per landmark
+  c.data.num_threads = 2
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "resnet101"
+  c.model.backbone_kwargs = ml_collections.ConfigDict({"bn_mode": "frozen_stats"})
+  c.model.pretrained = ""          # .pth / .npz path, or "package:<module>/<relative path>"
+  c.model.pooling = "gem"
+  c.model.pooling_kwargs = ml_collections.ConfigDict({"p_init": 3.0})
+  c.model.whitening_dim = 0
+  c.model.multi_layer = False
+  c.model.dtype = "float32"        # trunk compute dtype; "bfloat16" on TPU/GPU
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "contrastive"
+  c.loss.margin = 0.85
+  c.loss.num_negatives = 5
+  c.loss.positives = "all"         # "all" same-landmark images, or the "hardest" one
+  c.loss.reduction = "sum"         # the reference sums over the tuple
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adam"
+  c.optim.lr = 1e-6
+  c.optim.weight_decay = 1e-6
+  c.optim.decoupled_weight_decay = False  # the reference's Adam(weight_decay=..) is coupled
+  c.optim.pool_lr_mult = 10.0      # GeM p: larger lr, no weight decay
+  c.optim.schedule = "exp"         # "exp" (the reference: lr * exp(-0.01 * epoch)), "cosine", "constant"
+  c.optim.steps_per_epoch = 400
+  c.optim.warmup_steps = 0
+  c.optim.freeze = ""              # regex over param paths to keep fixed
+  c.optim.grad_clip = 0.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000
+  c.train.log_every = 10
+  c.train.checkpoint_every = 200
+  c.train.keep_checkpoints = 3
+  c.train.eval_before = True
+  c.train.eval_every = 0           # 0: only at the end
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1,)             # -1: all devices
+  c.mesh.axes = ("data",)
+
+  c.extract = ml_collections.ConfigDict()
+  c.extract.long_side = 1024
+  c.extract.batch_size = 8
+  c.extract.scales = (1.0,)        # e.g. (1, 2 ** -0.5, 0.5) for multi-scale
+  c.extract.checkpoint_step = -1   # -1: latest
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.dataset = "demo"
+  c.eval.split = "test"
+  c.eval.root = ""
+  c.eval.pictures = 4              # queries drawn with their top results; 0: none
+  return c

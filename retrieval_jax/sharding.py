@@ -1,0 +1,55 @@
+"""The device mesh and the host->device boundary.
+
+One mesh from config (`config.mesh.shape`, `config.mesh.axes`, batch over "data"); input
+pipelines hand over host-local numpy, `to_global` turns it into global jax.Arrays sharded
+along "data". Params and optimiser state are replicated (retrieval backbones fit one device).
+"""
+from typing import Any, Mapping, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+DATA_AXIS = "data"
+
+
+def make_mesh(shape: Sequence[int] = (-1,), axes: Sequence[str] = (DATA_AXIS,),
+              devices=None) -> Mesh:
+  """A mesh over all (or the given) devices; one -1 in `shape` takes the remaining devices.
+
+  Axes are Auto: jit propagates the batch sharding through the model, and only the mining
+  all-gather is written per device (shard_map).
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  shape = list(shape)
+  if len(shape) != len(axes):
+    raise ValueError(f"mesh.shape {shape} and mesh.axes {axes} differ in length")
+  if shape.count(-1) > 1:
+    raise ValueError("mesh.shape may hold at most one -1")
+  if -1 in shape:
+    known = int(np.prod([s for s in shape if s != -1]))
+    shape[shape.index(-1)] = len(devices) // known
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"mesh.shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+                     f"{len(devices)} are available")
+  return Mesh(np.asarray(devices).reshape(shape), tuple(axes),
+              axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def to_global(batch: Mapping[str, Any], mesh: Mesh) -> Any:
+  """Host-local numpy arrays (this process's rows) -> global arrays sharded over "data"."""
+  sharding = batch_sharding(mesh)
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), dict(batch))
+
+
+def data_parallelism(mesh: Mesh) -> int:
+  return mesh.shape[DATA_AXIS]
