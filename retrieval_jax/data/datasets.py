@@ -121,6 +121,7 @@ def get_dataset(name: str, root: str, split: Optional[str] = None, **kwargs):
   Returns:
     A `TrainSet` or a `RetrievalSet`.
   """
+  _import_builtin_loaders()
   if name not in _REGISTRY:
     raise ValueError(f"unknown dataset {name!r}; known: {sorted(_REGISTRY)}")
   if split is None:
@@ -129,7 +130,18 @@ def get_dataset(name: str, root: str, split: Optional[str] = None, **kwargs):
 
 
 def names() -> List[str]:
+  _import_builtin_loaders()
   return sorted(_REGISTRY)
+
+
+_BUILTIN_LOADERS = ("demo", "sfm120k", "revisited", "holidays", "ukbench", "gldv2")
+
+
+def _import_builtin_loaders() -> None:
+  """Imports the modules that register the built-in datasets (on first use, not at import)."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  for module in _BUILTIN_LOADERS:
+    importlib.import_module(f"retrieval_jax.data.{module}")
 
 
 # ----------------------------------------------------------------------------------------
