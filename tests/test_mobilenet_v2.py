@@ -140,3 +140,21 @@ def test_bn_modes(real_models):
   same = jax.tree_util.tree_map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
                                 upd["batch_stats"], variables["batch_stats"])
   assert all(jax.tree_util.tree_leaves(same))
+
+
+def test_frozen_blocks_get_no_gradient_and_same_output(real_models):
+  _, variables = real_models
+  x = jnp.asarray(photo((64, 64))[None])
+
+  def loss(params, frozen_blocks):
+    net = mobilenet_v2.MobileNetV2(frozen_blocks=frozen_blocks)
+    return net.apply({"params": params, "batch_stats": variables["batch_stats"]}, x)[
+        "feature_map"].sum()
+
+  np.testing.assert_allclose(loss(variables["params"], 13), loss(variables["params"], 0),
+                             rtol=1e-6)
+  grads = jax.grad(loss)(variables["params"], 13)
+  norm = lambda tree: sum(float(np.abs(np.asarray(g)).sum())
+                          for g in jax.tree_util.tree_leaves(tree))
+  assert norm(grads["stem"]) == 0 and norm(grads["block13"]) == 0
+  assert norm(grads["block14"]) > 0 and norm(grads["head"]) > 0

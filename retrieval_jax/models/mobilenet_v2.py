@@ -5,6 +5,7 @@ Output stride 32, 1280 channels (torchvision's `features`, classifier dropped).
 from typing import Any, Dict, List, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -58,10 +59,16 @@ class MobileNetV2(nn.Module):
   """torchvision MobileNetV2 `features`; see layers.py for the trunk contract.
 
   "stages" are the outputs at stride 16 (features.13, 96 ch) and 32 (features.18, 1280 ch).
+
+  `frozen_blocks`: the stem and the first `frozen_blocks` inverted-residual blocks run under
+  `stop_gradient`, so their backward pass is never computed (pair it with `optim.freeze` so
+  weight decay leaves them alone too). On CPUs the depthwise-convolution gradients dominate a
+  step; fine-tuning only the top blocks is what makes the demo fast there.
   """
   width_mult: float = 1.0
   bn_mode: str = "frozen_stats"
   dtype: Any = jnp.float32
+  frozen_blocks: int = 0
 
   @nn.compact
   def __call__(self, x, mask=None, train=False) -> Dict[str, Any]:
@@ -70,8 +77,12 @@ class MobileNetV2(nn.Module):
     x, mask = layers.ConvBN(_make_divisible(32 * self.width_mult), 3, 2, activation="relu6",
                             name="stem", **kw)(x, mask, train)
     stride16 = stride16_mask = None
+    if self.frozen_blocks:
+      x = jax.lax.stop_gradient(x)
     for i, (cin, cout, s, t) in enumerate(_block_plan(self.width_mult)):
       x, mask = InvertedResidual(cin, cout, s, t, name=f"block{i + 1}", **kw)(x, mask, train)
+      if i + 1 <= self.frozen_blocks:
+        x = jax.lax.stop_gradient(x)
       if i + 1 == 13:
         stride16, stride16_mask = x, mask
     last = _make_divisible(1280 * max(1.0, self.width_mult))
