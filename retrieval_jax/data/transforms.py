@@ -9,10 +9,22 @@ import numpy as np
 from PIL import Image
 
 
-def resize_long_side(image: np.ndarray, long_side: int) -> np.ndarray:
-  """Resizes so that max(H, W) == long_side, keeping the aspect ratio (bilinear, antialiased)."""
+def resize_long_side(image: np.ndarray, long_side: int, upscale: bool = True) -> np.ndarray:
+  """Resizes so that max(H, W) == long_side, keeping the aspect ratio (bilinear, antialiased).
+
+  Args:
+    image: [H, W, 3] uint8.
+    long_side: target length of the longer side.
+    upscale: if False, images already smaller than `long_side` are returned unchanged, as
+      the reference's `imresize` (PIL `thumbnail`) does for its training images.
+
+  Returns:
+    [H', W', 3] uint8 with max(H', W') == long_side (or the input when not upscaled).
+  """
   h, w = image.shape[:2]
   scale = long_side / max(h, w)
+  if scale > 1 and not upscale:
+    return image
   nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
   if (nh, nw) == (h, w):
     return image
@@ -39,6 +51,7 @@ def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
 
 
 def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Mirrors left-right with probability 1/2 (one draw from `rng`)."""
   return image[:, ::-1] if rng.random() < 0.5 else image
 
 
@@ -81,3 +94,21 @@ def prepare_eval_image(image: np.ndarray, long_side: int,
   b = pick_bucket(image.shape[0], image.shape[1], buckets)
   padded, mask = pad_to(image, buckets[b])
   return padded, mask, b
+
+
+def resize_pad_square(image: np.ndarray, size: int, upscale: bool = False
+                      ) -> Tuple[np.ndarray, np.ndarray]:
+  """Long side resized to `size`, padded at the bottom/right into a `size` x `size` square.
+
+  The reference trains on whole images resized by their long side (no crop); a static
+  batch shape needs the padding, and the mask tells the model which pixels are real.
+
+  Args:
+    image: [H, W, 3] uint8.
+    size: side of the output square.
+    upscale: also enlarge images smaller than `size` (the reference does not).
+
+  Returns:
+    (padded [size, size, 3] uint8, validity mask [size, size] bool).
+  """
+  return pad_to(resize_long_side(image, size, upscale=upscale), (size, size))
