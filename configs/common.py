@@ -13,11 +13,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "demo"            # datasets registry name (retrieval_jax/data/datasets.py)
   c.data.root = ""                # dataset folder; "" = <workdir>/data
+  c.data.split = "train"          # training split ("train_clean" for GLDv2-clean)
   c.data.backend = "grain"
   c.data.image_size = 362         # training crop side (the reference's --image-size)
   c.data.crop_scale = (0.5, 1.0)  # random resized crop area range
   c.data.classes_per_batch = 8    # K landmarks per global batch (in-step mining)
   c.data.images_per_class = 4     # M images per landmark
+  c.data.sampler = "balanced"      # "balanced" (K x M, in-step mining) or "shuffle" (margin heads)
+  c.data.batch_size = 0            # "shuffle" sampler's global batch; 0 = K * M
+  c.data.train_resize = "crop"     # "crop" (random resized) or "long_side" (whole image, padded)
+  # Epoch-level mining (train.mining = "epoch"), the reference's TuplesDataset:
+  c.data.query_size = 2000         # (query, positive) pairs per epoch (--query-size)
+  c.data.pool_size = 20000         # negative pool images per epoch (--pool-size)
+  c.data.tuples_per_batch = 5      # tuples per train step (--batch-size); padded to the devices
   c.data.num_threads = 2
 
   c.model = ml_collections.ConfigDict()
@@ -36,6 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.num_negatives = 5
   c.loss.positives = "all"         # "all" same-landmark images, or the "hardest" one
   c.loss.reduction = "sum"         # the reference sums over the tuple
+  c.loss.scale = 30.0              # ArcFace / CosFace logit scale s
+  c.loss.vaccaro_t = 10            # Vaccaro: rank gap beyond which a triplet is "extremely hard"
+  c.loss.vaccaro_mode = "mixed"    # "mixed", "semi-hard" or "hard"
+  c.loss.semi_hard_prob = 0.5      # Vaccaro "mixed": probability of a semi-hard triplet
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"
@@ -43,14 +55,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 1e-6
   c.optim.decoupled_weight_decay = False  # the reference's Adam(weight_decay=..) is coupled
   c.optim.pool_lr_mult = 10.0      # GeM p: larger lr, no weight decay
+  c.optim.head_lr_mult = 1.0       # ArcFace / CosFace head: lr multiplier (weight decay kept)
+  c.optim.momentum = 0.9           # sgd only
   c.optim.schedule = "exp"         # "exp" (the reference: lr * exp(-0.01 * epoch)), "cosine", "constant"
-  c.optim.steps_per_epoch = 400
-  c.optim.warmup_steps = 0
+  c.optim.steps_per_epoch = 400    # optimiser updates per epoch ("exp"); derived in epoch mining
+  c.optim.warmup_steps = 0         # linear warmup (optimiser updates)
+  c.optim.decay_steps = 0          # cosine length in updates; 0 = the whole run
+  c.optim.cosine_alpha = 0.0       # cosine floor, as a fraction of lr
   c.optim.freeze = ""              # regex over param paths to keep fixed
   c.optim.grad_clip = 0.0
+  c.optim.accumulate_steps = 1     # sum the gradients of k train steps per update (MultiSteps)
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 1000
+  c.train.mining = "in_batch"      # "in_batch" (K x M batches) or "epoch" (the reference's tuples)
+  c.train.num_steps = 1000         # train steps (micro-steps when accumulating)
+  c.train.num_epochs = 0           # epoch mining: epochs of qsize tuples; 0 = use num_steps
+  c.train.stop_after = 0           # stop (checkpointed) after this step, as if preempted; 0 = off
   c.train.log_every = 10
   c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 3
@@ -65,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.extract.long_side = 1024
   c.extract.batch_size = 8
   c.extract.scales = (1.0,)        # e.g. (1, 2 ** -0.5, 0.5) for multi-scale
+  c.extract.multiscale_combine = "gem"  # "gem" (the reference: learned p), "mean", "early_fusion"
   c.extract.checkpoint_step = -1   # -1: latest
 
   c.eval = ml_collections.ConfigDict()
@@ -72,4 +93,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.split = "test"
   c.eval.root = ""
   c.eval.pictures = 4              # queries drawn with their top results; 0: none
+  # Post-hoc whitening (retrieval_jax/learned_whitening.py), the reference's test.py --whitening:
+  c.eval.whitening = ""            # "" (none), "learned" (Lw from pairs) or "pca"
+  c.eval.whitening_dim = 0         # components kept; 0 = all
+  c.eval.whitening_dataset = ""    # dataset to learn it on; "" = data.name
+  c.eval.whitening_split = ""      # "" = "whiten" for SfM-120k/30k, else "train"
+  c.eval.whitening_max_pairs = 0   # subsample the pairs (seeded); 0 = all
+  c.eval.whitening_pca_dim = 0     # "learned": reduce to this many PCA components first; 0 = no
   return c

@@ -1,15 +1,18 @@
 """orbax checkpoints of the train state together with the grain iterator.
 
 A checkpoint is `<workdir>/checkpoints/<step>/{state, data_iter}`. orbax writes each step to
-a temporary folder and renames it when complete, so a run killed at any moment leaves only
-restorable checkpoints. Extraction restores the params (and BatchNorm statistics) alone.
+`<step>.orbax-checkpoint-tmp` and renames it when complete, so a run killed at any moment
+leaves only complete checkpoints under a step name (`latest_step()` ignores the temporary
+folder). Extraction restores the params (and BatchNorm statistics) alone; `read_state` reads
+any checkpoint as host numpy arrays, whatever the device topology it was written with.
 """
 import os
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from absl import logging
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -40,7 +43,10 @@ def _restore_args(abstract: Any):
 
 def restore(mgr: ocp.CheckpointManager, abstract_state: Any, data_iter=None,
             step: Optional[int] = None):
-  """Restores (state, step) into the shardings of `abstract_state`; the iterator in place."""
+  """Restores (state, step) into the shardings of `abstract_state`; the iterator in place.
+
+  With `data_iter=None` the checkpoint's iterator is not read (e.g. an epoch that ended).
+  """
   step = mgr.latest_step() if step is None else step
   args = {"state": ocp.args.PyTreeRestore(item=abstract_state,
                                            restore_args=_restore_args(abstract_state))}
@@ -63,3 +69,24 @@ def restore_variables(workdir: str, abstract_variables: Any, step: Optional[int]
   restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=abstract, restore_args=_restore_args(abstract), partial_restore=True)))
   return restored.state, step
+
+
+def read_state(workdir: str, step: Optional[int] = None) -> Dict[str, Any]:
+  """The "state" item of a training checkpoint as a dict of numpy arrays (for inspection).
+
+  Args:
+    workdir: the training workdir.
+    step: checkpoint step; None for the latest.
+
+  Returns:
+    {"step", "params", "batch_stats", "opt_state", "head"} as nested dicts of np.ndarray.
+  """
+  mgr = ocp.CheckpointManager(checkpoint_dir(workdir))
+  step = mgr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
+  path = os.path.join(checkpoint_dir(workdir), str(step), "state")
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = ckptr.metadata(path).item_metadata.tree
+  args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))

@@ -1,47 +1,164 @@
-"""The compiled training step: forward, in-step mined loss over the global batch, update."""
-import functools
-from typing import Any, Dict, Tuple
+"""The compiled training step: forward, loss, update; one function per input kind.
 
+Two input kinds (`config.train.mining`):
+  * "in_batch": {"image": uint8 [B, S, S, 3], "label": int32 [B]}, a class-balanced (or
+    shuffled) batch. The loss family of `config.loss.name` decides what happens:
+      "pair"            hard negatives mined in the global batch (`mining.in_batch_mined_loss`);
+      "vaccaro"         Vaccaro et al.'s triplets (`mining.vaccaro_triplet_loss`);
+      "margin_softmax"  ArcFace / CosFace logits from `state.head` (`losses.MarginHead`).
+  * "epoch": {"image": uint8 [T, 2 + N, S, S, 3], "mask": bool [T, 2 + N, S, S],
+    "weight": float32 [T]}, tuples (q, p, n_1..n_N) mined once per epoch (data/tuples.py);
+    the reference's per-tuple loss (`losses.contrastive_tuple_loss`) summed over the tuples,
+    padding tuples weighted 0.
+
+Everything is a pure function of (state, batch): randomness (Vaccaro's coins) comes from
+`fold_in(key(seed), state.step)`.
+"""
+import functools
+from typing import Dict, Optional, Tuple
+
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 
+from retrieval_jax import losses
 from retrieval_jax import mining
 from retrieval_jax import sharding as sharding_lib
 from retrieval_jax.train_state import TrainState
 
+Metrics = Dict[str, jnp.ndarray]
 
-def loss_and_metrics(params, batch_stats, batch, *, model, loss_config, mesh, train=True):
-  """(loss, (metrics, new batch_stats)) of one global batch; pure."""
-  out, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+
+def _forward(params, batch_stats, images, mask, *, model, train):
+  out, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, mask,
                              train=train, mutable=["batch_stats"])
-  loss, metrics = mining.in_batch_mined_loss(
-      out["descriptor"], batch["label"], mesh=mesh, loss_name=loss_config.name,
-      margin=loss_config.margin, num_negatives=loss_config.num_negatives,
-      positives=loss_config.positives, reduction=loss_config.reduction,
-      data_axis=sharding_lib.DATA_AXIS)
-  return loss, (metrics, updates.get("batch_stats", batch_stats))
+  return out["descriptor"], updates.get("batch_stats", batch_stats)
+
+
+def _tuple_loss(desc: jnp.ndarray, weight: jnp.ndarray, loss_config
+                ) -> Tuple[jnp.ndarray, Metrics]:
+  """Per-tuple reference loss on descriptors [T, 2 + N, D], weighted by [T], reduced."""
+  q, p, n = desc[:, 0], desc[:, 1], desc[:, 2:]
+  if loss_config.name == "contrastive":
+    per = jax.vmap(functools.partial(losses.contrastive_tuple_loss,
+                                     margin=loss_config.margin))(q, p, n)
+  else:
+    per = jax.vmap(functools.partial(losses.triplet_tuple_loss,
+                                     margin=loss_config.margin))(q, p, n)
+  total = jnp.sum(per * weight)
+  count = jnp.maximum(jnp.sum(weight), 1.0)
+  loss = total if loss_config.reduction == "sum" else total / count
+  sg = jax.lax.stop_gradient
+  d_pos = losses.euclidean_distance(sg(q), sg(p))  # [T]
+  d_neg = losses.euclidean_distance(sg(q)[:, None], sg(n))  # [T, N]
+  if loss_config.name == "contrastive":
+    active = d_neg < loss_config.margin  # negatives inside the margin
+  else:
+    active = d_pos[:, None] ** 2 - d_neg ** 2 + loss_config.margin > 0  # non-zero triplets
+  metrics = {"mean_pos_dist": jnp.sum(d_pos * weight) / count,
+             "mean_neg_dist": jnp.sum(d_neg.mean(-1) * weight) / count,
+             "active_fraction": jnp.sum(jnp.mean(active, -1) * weight) / count}
+  return loss, metrics
+
+
+def loss_and_metrics(params, batch_stats, batch, *, model, loss_config, mesh, train=True,
+                     head=None, head_params=None, step=None, seed: int = 0):
+  """(loss, (metrics, new batch_stats)) of one global batch; pure.
+
+  Args:
+    params, batch_stats: the model's variables.
+    batch: see the module docstring; "mask" optional for in-batch inputs.
+    model: the RetrievalNet.
+    loss_config: `config.loss`.
+    mesh: device mesh (the mined losses gather over its "data" axis).
+    train: BatchNorm mode flag.
+    head, head_params: the margin head and its params ("margin_softmax" losses).
+    step: int32 train step (seeds Vaccaro's coins).
+    seed: base seed of that randomness.
+  """
+  images, mask = batch["image"], batch.get("mask")
+  if images.ndim == 5:  # Tuples [T, 2 + N, S, S, 3] -> images [T * (2 + N), S, S, 3].
+    t, k = images.shape[:2]
+    desc, new_stats = _forward(params, batch_stats, images.reshape((t * k,) + images.shape[2:]),
+                               mask.reshape((t * k,) + mask.shape[2:]), model=model,
+                               train=train)
+    loss, metrics = _tuple_loss(desc.astype(jnp.float32).reshape(t, k, -1), batch["weight"],
+                                loss_config)
+    return loss, (metrics, new_stats)
+
+  desc, new_stats = _forward(params, batch_stats, images, mask, model=model, train=train)
+  labels = batch["label"]
+  family = losses.get_loss(loss_config.name).family
+  if family == "pair":
+    loss, metrics = mining.in_batch_mined_loss(
+        desc, labels, mesh=mesh, loss_name=loss_config.name, margin=loss_config.margin,
+        num_negatives=loss_config.num_negatives, positives=loss_config.positives,
+        reduction=loss_config.reduction, data_axis=sharding_lib.DATA_AXIS)
+  elif family == "vaccaro":
+    rng = jax.random.fold_in(jax.random.key(seed), jnp.zeros((), jnp.int32) if step is None
+                             else step)
+    loss, metrics = mining.vaccaro_triplet_loss(
+        desc, labels, mesh=mesh, margin=loss_config.margin, t=int(loss_config.vaccaro_t),
+        mode=loss_config.vaccaro_mode, rng=rng,
+        semi_hard_prob=float(loss_config.semi_hard_prob), reduction=loss_config.reduction,
+        data_axis=sharding_lib.DATA_AXIS)
+  elif family == "margin_softmax":
+    logits = head.apply({"params": head_params}, desc, labels)
+    loss = losses.margin_softmax_loss(logits, labels)
+    plain = head.apply({"params": head_params}, jax.lax.stop_gradient(desc), None)
+    metrics = {"accuracy": jnp.mean(jnp.argmax(plain, -1) == labels)}
+  else:
+    raise ValueError(f"loss family {family!r} has no train step")
+  return loss, (metrics, new_stats)
 
 
 def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], *, model, tx, loss_config,
-               mesh) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
-  grad_fn = jax.value_and_grad(
-      functools.partial(loss_and_metrics, model=model, loss_config=loss_config, mesh=mesh),
-      has_aux=True)
-  (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
-  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                       opt_state=opt_state), metrics
+               mesh, head=None, seed: int = 0) -> Tuple[TrainState, Metrics]:
+  """One optimiser (micro-)step. Metrics: loss, grad_norm, param_norm, lr-free extras."""
+
+  def objective(trainable, batch_stats):
+    if state.head:
+      params, head_params = trainable["model"], trainable["head"]
+    else:
+      params, head_params = trainable, None
+    return loss_and_metrics(params, batch_stats, batch, model=model, loss_config=loss_config,
+                            mesh=mesh, head=head, head_params=head_params, step=state.step,
+                            seed=seed)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  (loss, (metrics, batch_stats)), grads = grad_fn(state.trainable, state.batch_stats)
+  updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+  trainable = optax.apply_updates(state.trainable, updates)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(trainable))
+  new = state.replace_trainable(trainable)
+  return new.replace(step=state.step + 1, batch_stats=batch_stats,
+                     opt_state=opt_state), metrics
 
 
-def compile_train_step(model, tx, loss_config, mesh, state: TrainState):
-  """jit with explicit shardings: state replicated (donated), batch sharded over "data"."""
+def compile_train_step(model, tx, loss_config, mesh, state: TrainState, *, head=None,
+                       seed: int = 0, max_traces: Optional[int] = None):
+  """jit with explicit shardings: state replicated (donated), batch sharded over "data".
+
+  Args:
+    model, tx, loss_config, mesh: see `train_step`.
+    state: a state with the shardings to compile for.
+    head: the margin head module, if the loss has one.
+    seed: base seed of in-step randomness.
+    max_traces: if set, `chex.assert_max_traces(n=max_traces)`: a retrace (a shape or
+      dtype change, i.e. a recompile) raises instead of silently costing minutes.
+  """
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  return jax.jit(
-      functools.partial(train_step, model=model, tx=tx, loss_config=loss_config, mesh=mesh),
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
-      donate_argnums=(0,))
+
+  def step_fn(state, batch):
+    return train_step(state, batch, model=model, tx=tx, loss_config=loss_config, mesh=mesh,
+                      head=head, seed=seed)
+
+  if max_traces:
+    # chex counts traces per call site of this function (its footprint), process-wide.
+    step_fn = chex.assert_max_traces(step_fn, n=max_traces)
+  return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
+                 donate_argnums=(0,))
