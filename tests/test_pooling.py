@@ -422,3 +422,9 @@ def test_registry_and_modules():
                              rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError):
     pooling.NetVLAD(num_clusters=4, centroids_init=cent).init(jax.random.PRNGKey(0), x)
+
+
+def test_normalize_of_a_zero_vector_has_a_finite_gradient():
+  """An empty NetVLAD cluster has a zero residual; its gradient must not be NaN."""
+  g = jax.grad(lambda x: pooling._normalize(x).sum())(jnp.zeros((3,)))  # pylint: disable=protected-access
+  assert np.isfinite(np.asarray(g)).all()

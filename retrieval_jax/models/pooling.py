@@ -38,9 +38,13 @@ def l2n(x: Array, axis: int = -1, eps: float = L2N_EPS) -> Array:
 
 
 def _normalize(x: Array, axis: int = -1) -> Array:
-  """torch's `F.normalize`: `x / max(||x||, 1e-12)` along `axis`."""
-  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, _NORMALIZE_EPS)
+  """torch's `F.normalize`: `x / max(||x||, 1e-12)` along `axis`.
+
+  The max sits inside the sqrt, so an all-zero vector (a NetVLAD cluster that no descriptor
+  is assigned to) has a zero gradient rather than sqrt'(0) = inf -> NaN.
+  """
+  sq = jnp.sum(x * x, axis=axis, keepdims=True)
+  return x / jnp.sqrt(jnp.maximum(sq, _NORMALIZE_EPS ** 2))
 
 
 def _fill(x: Array, mask: Optional[Array], value: float) -> Array:
