@@ -211,10 +211,3 @@ def as_index_array(values: Any) -> np.ndarray:
     return np.zeros((0,), np.int64)
   return np.asarray(values, dtype=np.int64).reshape(-1)
 
-
-# Importing the loader modules registers them (they import this module for `register`).
-from retrieval_jax.data import gldv2  # noqa: E402,F401  pylint: disable=g-import-not-at-top
-from retrieval_jax.data import holidays  # noqa: E402,F401  pylint: disable=g-import-not-at-top
-from retrieval_jax.data import revisited  # noqa: E402,F401  pylint: disable=g-import-not-at-top
-from retrieval_jax.data import sfm120k  # noqa: E402,F401  pylint: disable=g-import-not-at-top
-from retrieval_jax.data import ukbench  # noqa: E402,F401  pylint: disable=g-import-not-at-top
