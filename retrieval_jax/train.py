@@ -114,24 +114,39 @@ class BatchInputs:
     self.num_classes = int(labels.max()) + 1 if family == "margin_softmax" else 0
     self.total_steps = int(config.train.num_steps)
     self.updates_per_epoch = None  # config.optim.steps_per_epoch
-    ds = grain_pipeline.train_dataset(
-        train_set.images, labels, classes_per_batch=c.classes_per_batch,
-        images_per_class=c.images_per_class, image_size=c.image_size, seed=config.seed,
-        num_steps=self.total_steps, process_index=jax.process_index(),
-        process_count=jax.process_count(), crop_scale=tuple(c.crop_scale),
-        sampler=c.sampler, batch_size=c.batch_size, train_resize=c.train_resize)
+    kw = dict(classes_per_batch=c.classes_per_batch, images_per_class=c.images_per_class,
+              image_size=c.image_size, seed=config.seed, num_steps=self.total_steps,
+              process_index=jax.process_index(), process_count=jax.process_count(),
+              crop_scale=tuple(c.crop_scale), sampler=c.sampler, batch_size=c.batch_size,
+              train_resize=c.train_resize)
     self.images_per_step = (c.batch_size if c.sampler == "shuffle" and c.batch_size
                             else c.classes_per_batch * c.images_per_class)
-    self.iterator = grain_pipeline.train_iterator(ds, num_threads=c.num_threads)
+    if c.backend == "grain":
+      ds = grain_pipeline.train_dataset(train_set.images, labels, **kw)
+      self.iterator = grain_pipeline.train_iterator(ds, num_threads=c.num_threads)
+    elif c.backend == "tfdata":
+      # tf.data cannot checkpoint its numpy stages; batches are a pure function of the step,
+      # so a resumed run restarts the dataset at the restored step instead.
+      self._tf_args = (train_set.images, labels, kw)
+      self.iterator, self._tf_iter = None, None
+    else:
+      raise ValueError(f"data.backend must be 'grain' or 'tfdata', got {c.backend!r}")
 
   def resume_iterator(self, step: int):
-    """The iterator a checkpoint of `step` restores into."""
+    """The iterator a checkpoint of `step` restores into (None: nothing to restore)."""
     del step
     return self.iterator
 
   def next_batch(self, step: int, state) -> Dict[str, np.ndarray]:
-    del step, state
-    return next(self.iterator)
+    del state
+    if self.iterator is not None:
+      return next(self.iterator)
+    if self._tf_iter is None:
+      from retrieval_jax.data import tfdata_pipeline  # pylint: disable=import-outside-toplevel
+      images, labels, kw = self._tf_args
+      ds = tfdata_pipeline.train_dataset(images, labels, start_step=step, **kw)
+      self._tf_iter = ds.as_numpy_iterator()
+    return next(self._tf_iter)
 
 
 class EpochTupleInputs:
