@@ -62,15 +62,15 @@ def resolve_weights_path(path: str) -> str:
 
 
 def init_variables(model, image_size: int, rng, model_config) -> Any:
-  """Random init, then the pretrained trunk if `model.pretrained` names one."""
+  """Random init, then what `model.pretrained` provides: the trunk of a torchvision / timm /
+  `.npz` file, or trunk + GeM p + whitening of a cnnimageretrieval-pytorch checkpoint."""
   dummy = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
   variables = jax.jit(model.init)(rng, dummy)
   variables = {k: v for k, v in variables.items()}
   variables.setdefault("batch_stats", {})
   if model_config.pretrained:
-    trunk = pretrained.load_backbone_variables(model_config.backbone,
-                                               resolve_weights_path(model_config.pretrained))
-    variables = pretrained.merge_backbone(variables, trunk)
+    variables, _ = pretrained.load_pretrained_into(
+        variables, model, resolve_weights_path(model_config.pretrained))
   return variables
 
 

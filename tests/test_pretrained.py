@@ -248,3 +248,18 @@ def test_safetensors_reader_dtypes_and_deep_stem_refusal(tmp_path):
   write_safetensors(deep, {"conv1.0.weight": np.zeros((32, 3, 3, 3), np.float32)})
   with pytest.raises(ValueError, match="deep stem"):
     pretrained.load_backbone_variables("resnet50", deep)
+
+
+def test_fine_tuning_starts_from_a_cirtorch_checkpoint(cirtorch_resnet):
+  """model.pretrained = a cirtorch file: training starts with its trunk, GeM p and whitening."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from retrieval_jax import train_state  # pylint: disable=import-outside-toplevel
+  net, path = cirtorch_resnet
+  model = retrieval_net.RetrievalNet(backbone="resnet18", backbone_kwargs={"width": 8},
+                                     pooling="gem", whitening_dim=64)
+  variables = train_state.init_variables(model, 64, jax.random.key(0),
+                                         ml_collections.ConfigDict({"pretrained": path}))
+  np.testing.assert_allclose(np.asarray(variables["params"]["pool"]["p"]).ravel(),
+                             net.pool.p.detach().numpy().ravel(), rtol=1e-6)
+  np.testing.assert_allclose(variables["params"]["whiten"]["kernel"],
+                             net.whiten.weight.detach().numpy().T, rtol=1e-6)
