@@ -134,7 +134,8 @@ def run(mode: str, config, workdir: str) -> Dict[str, Any]:
     result = evaluate_lib.evaluate(model, variables, test_set, mesh=mesh,
                                    extract_config=config.extract, workdir=workdir,
                                    tag=f"evaluate_{name}", pictures=config.eval.pictures,
-                                   whitening=white, describe_fn=describe)
+                                   whitening=white, describe_fn=describe,
+                                   rerank=evaluate_lib.rerank_config(config.eval))
     return _summary(workdir, {"after": result}, step)
   if mode == "extract":
     return _extract(config, workdir, model, variables, mesh, test_set, white, describe)

@@ -21,6 +21,7 @@ from retrieval_jax import search
 from retrieval_jax.data import datasets
 from retrieval_jax.data import image_io
 from retrieval_jax.evaluation import pictures as pictures_lib
+from retrieval_jax.evaluation import rerank as rerank_lib
 
 
 def ground_truth(dataset: datasets.RetrievalSet) -> Any:
@@ -64,10 +65,16 @@ def _rotations(dataset: datasets.RetrievalSet, paths: Sequence[str]) -> Optional
   return [int(dataset.rotations.get(p, 0)) for p in paths]
 
 
+def rerank_config(eval_config) -> Dict[str, Any]:
+  """The re-ranking fields of `config.eval` (alpha-QE / alpha-DBA; k = 0 turns one off)."""
+  return {k: eval_config.get(k, d) for k, d in
+          (("qe_k", 0), ("qe_alpha", 3.0), ("dba_k", 0), ("dba_alpha", 3.0))}
+
+
 def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_config,
              workdir: str = "", tag: str = "eval", pictures: int = 0,
-             whitening: Optional[Mapping[str, Any]] = None, describe_fn=None
-             ) -> Dict[str, Any]:
+             whitening: Optional[Mapping[str, Any]] = None, describe_fn=None,
+             rerank: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
   """Descriptors of the set's queries and database -> the evaluator's metrics (+ JSON file).
 
   Args:
@@ -82,6 +89,9 @@ def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_
       its metrics are added with a `_<kind>` suffix and its lines with `+ <kind>`, and the
       pictures show the whitened ranking.
     describe_fn: a compiled `extract.make_describe_fn(model, mesh)` to reuse.
+    rerank: optional {"qe_k", "qe_alpha", "dba_k", "dba_alpha"} (`config.eval`): alpha-DBA
+      then alpha-QE on the final descriptors, reported with a `_rerank` suffix. The
+      pictures show the last variant's ranking.
   Returns:
     The evaluator's metrics and 'lines' (plus the whitened ones).
   """
@@ -98,16 +108,28 @@ def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_
   gt = ground_truth(dataset)
   score = evaluation.get_evaluator(name)
   result = dict(score(q, db, gt, mesh=mesh))
+
+  def add_variant(suffix: str, label: str, q, db):
+    extra = score(q, db, gt, mesh=mesh)
+    result.update({f"{k}_{suffix}": v for k, v in extra.items() if k != "lines"})
+    result["lines"] = list(result["lines"]) + [
+        line.replace(":", f" + {label}:", 1) for line in extra["lines"]]
+
   if whitening is not None:
     kind = whitening.get("kind", "whiten")
     q = learned_whitening.apply(q, whitening, whitening.get("dim", 0))
     db = learned_whitening.apply(db, whitening, whitening.get("dim", 0))
-    white = score(q, db, gt, mesh=mesh)
-    for k, v in white.items():
-      if k != "lines":
-        result[f"{k}_{kind}"] = v
-    result["lines"] = list(result["lines"]) + [
-        line.replace(":", f" + {kind} whitening ({q.shape[1]}D):", 1) for line in white["lines"]]
+    add_variant(kind, f"{kind} whitening ({q.shape[1]}D)", q, db)
+  if rerank and (rerank.get("dba_k", 0) or rerank.get("qe_k", 0)):
+    # On the final (whitened) descriptors: database-side augmentation, then query expansion.
+    if rerank.get("dba_k", 0):
+      db = rerank_lib.alpha_database_augmentation(
+          db, rerank["dba_k"], rerank.get("dba_alpha", 3.0), mesh=mesh)
+    if rerank.get("qe_k", 0):
+      q = rerank_lib.alpha_query_expansion(
+          q, db, rerank["qe_k"], rerank.get("qe_alpha", 3.0), mesh=mesh)
+    add_variant("rerank", f"aQE k={rerank.get('qe_k', 0)} aDBA k={rerank.get('dba_k', 0)}",
+                q, db)
   for line in result["lines"]:
     logging.info("%s %s", tag, line)
   if workdir:

