@@ -317,6 +317,11 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         _check_finite(step + 1, metrics, last_good)
         checkpointing.save(mgr, step + 1, state, inputs.iterator)
         last_good = step + 1
+      if config.train.eval_every and (step + 1) % config.train.eval_every == 0 and step + 1 < total:
+        periodic = _eval(config, workdir, model, state, mesh, f"step{step + 1}")
+        if periodic:
+          writer.write(step + 1, {f"eval/{k}": float(v) for k, v in periodic.items()
+                                  if isinstance(v, (int, float, np.floating))})
     if pending is not None:
       _report(*pending, config, writer, t0, images_done, start, total, last_good, force=True)
   finally:

@@ -115,13 +115,18 @@ def create(config, mesh, num_classes: int = 0, steps_per_epoch: Optional[int] = 
   tx = optim.make_optimizer(config.optim, state.trainable, bn_mode,
                             batch_stats=variables["batch_stats"],
                             steps_per_epoch=steps_per_epoch, total_steps=total_updates)
-  state = state.replace(opt_state=tx.init(state.trainable))
   # Params are float32 whatever `model.dtype` says: bf16 is a compute dtype only.
   for leaf in jax.tree_util.tree_leaves(state.trainable):
     if leaf.dtype != jnp.float32:
       raise TypeError(f"params must be float32 master weights, found {leaf.dtype}")
-  state = jax.device_put(state, sharding_lib.replicated(mesh))
-  return model, tx, state
+  rep = sharding_lib.replicated(mesh)
+  state = jax.device_put(state, rep)
+  # The optimiser state is born on the mesh: its shapes come from eval_shape, and the jitted
+  # init writes it straight into its sharding, never through one host's memory.
+  opt_shapes = jax.eval_shape(tx.init, state.trainable)
+  opt_state = jax.jit(tx.init, out_shardings=jax.tree_util.tree_map(lambda _: rep, opt_shapes))(
+      state.trainable)
+  return model, tx, state.replace(opt_state=opt_state)
 
 
 def abstract_state(state: TrainState) -> Any:

@@ -133,7 +133,8 @@ def test_train_checkpoint_restore_extract_end_to_end(demo_root, tmp_path):
             "--config.data.classes_per_batch=4", "--config.data.images_per_class=2",
             "--config.extract.long_side=96", "--config.extract.batch_size=8",
             "--config.train.num_steps=4", "--config.train.checkpoint_every=2",
-            "--config.train.log_every=1", "--config.eval.pictures=2"]
+            "--config.train.log_every=1", "--config.train.eval_every=2",
+            "--config.eval.pictures=2"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   run = lambda *extra: subprocess.run([sys.executable, "main.py", *common, *extra], cwd=REPO,
                                       env=env, capture_output=True, text=True, timeout=600)
@@ -142,6 +143,9 @@ def test_train_checkpoint_restore_extract_end_to_end(demo_root, tmp_path):
   assert "step 4/4" in out.stderr and "images/s" in out.stderr and "ETA" in out.stderr
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   trained = json.load(open(os.path.join(workdir, "results", "after.json")))
+  periodic = json.load(open(os.path.join(workdir, "results", "step2.json")))
+  logged = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [m["eval/mAP"] for m in logged if "eval/mAP" in m] == [periodic["mAP"]]
 
   out = run("--mode=evaluate")
   assert out.returncode == 0, out.stderr[-3000:]
