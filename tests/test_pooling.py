@@ -399,7 +399,7 @@ def test_registry_and_modules():
   mask = jnp.ones((2, 6, 7), bool).at[1, 4:].set(False)
   cent = _codebook(3, 5)
   dims = {"mac": 5, "spoc": 5, "gem": 5, "rmac": 5, "regional": 5, "seddati": 5,
-          "netvlad": 15, "ms_netvlad": 15}
+          "seddati_cam": 5, "netvlad": 15, "ms_netvlad": 15}
   assert set(dims) == set(pooling.POOLINGS)
   for name, dim in dims.items():
     kwargs = {"num_clusters": 3} if "netvlad" in name else {}

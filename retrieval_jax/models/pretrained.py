@@ -69,12 +69,23 @@ def _vgg16():
   return BackboneSpec(vgg.VGG16, vgg.convert_torchvision_vgg16, 512)
 
 
+def _efficientnet_lite0():
+  from retrieval_jax.models import efficientnet_lite  # pylint: disable=import-outside-toplevel
+  # RetrievalNet normalises `(images / 255 - mean) / std`: TF's (x - 127) / 128 on 0..255 RGB.
+  mean = tuple(m / 255.0 for m in efficientnet_lite.INPUT_MEAN)
+  std = tuple(s / 255.0 for s in efficientnet_lite.INPUT_STD)
+  return BackboneSpec(efficientnet_lite.EfficientNetLite0,
+                      efficientnet_lite.convert_efficientnet_lite0,
+                      efficientnet_lite.EfficientNetLite0.out_features, mean, std)
+
+
 # Lazily imported, so a config only pays for the trunk it uses.
 _BACKBONES: Dict[str, Callable[[], BackboneSpec]] = {
     "mobilenet_v2": _mobilenet_v2,
     "resnet18": _resnet(18), "resnet34": _resnet(34), "resnet50": _resnet(50),
     "resnet101": _resnet(101), "resnet152": _resnet(152),
     "vgg16": _vgg16,
+    "efficientnet_lite0": _efficientnet_lite0,
 }
 
 
