@@ -37,16 +37,17 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
   # Imported here so that `--help` and config errors come before JAX starts.
+  import jax  # pylint: disable=import-outside-toplevel
   from retrieval_jax import cli  # pylint: disable=import-outside-toplevel
   if _DISTRIBUTED.value == "on":
-    import jax  # pylint: disable=import-outside-toplevel
     # Reads the coordinator from TPU metadata, SLURM, or JAX_COORDINATOR_ADDRESS /
     # JAX_NUM_PROCESSES / JAX_PROCESS_ID.
     jax.distributed.initialize()
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, f"config_{_MODE.value}.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f"config_{_MODE.value}.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
   logging.info("mode=%s workdir=%s\n%s", _MODE.value, workdir, config)
   result = cli.run(_MODE.value, config, workdir)
   if result:

@@ -99,9 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.whitening_dataset = ""    # dataset to learn it on; "" = data.name
   c.eval.whitening_split = ""      # "" = "whiten" for SfM-120k/30k, else "train"
   c.eval.whitening_max_pairs = 0   # subsample the pairs (seeded); 0 = all
-  c.eval.whitening_pca_dim = 0
+  c.eval.whitening_pca_dim = 0     # "learned": reduce to this many PCA components first; 0 = no
   c.eval.qe_k = 0                  # alpha query expansion: top-k added to each query; 0 = off
   c.eval.qe_alpha = 3.0
   c.eval.dba_k = 0                 # alpha database-side augmentation (itself included); 0 = off
-  c.eval.dba_alpha = 3.0     # "learned": reduce to this many PCA components first; 0 = no
+  c.eval.dba_alpha = 3.0
   return c

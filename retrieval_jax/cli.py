@@ -159,11 +159,15 @@ def _extract(config, workdir, model, variables, mesh, test_set, white, describe
     folder = os.path.join(workdir, "descriptors", f"{test_set.name}_{part}")
     rot = (None if not test_set.rotations else
            [int(test_set.rotations.get(p, 0)) for p in paths])
+    # Every process runs the sharded extraction; only process 0 writes the shared folder.
+    main_process = sharding_lib.is_main_process()
     d = extract_lib.extract_descriptors(model, variables, paths, bboxes=bbx, rotations=rot,
-                                        mesh=mesh, out_folder=folder, describe_fn=describe,
+                                        mesh=mesh, out_folder=folder if main_process else None,
+                                        describe_fn=describe,
                                         config_json=config.to_json_best_effort(), **kw)
     out[part] = {"path": folder, "shape": list(d.shape)}
-    if white is not None:
+    sharding_lib.sync(f"extract_{part}")
+    if white is not None and main_process:
       wfolder = f"{folder}_{white['kind']}"
       w = extract_lib.apply_to_folder(
           folder, wfolder, lambda x: learned_whitening.apply(x, white, white["dim"]))

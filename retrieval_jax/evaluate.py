@@ -18,6 +18,7 @@ from retrieval_jax import evaluation
 from retrieval_jax import extract
 from retrieval_jax import learned_whitening
 from retrieval_jax import search
+from retrieval_jax import sharding
 from retrieval_jax.data import datasets
 from retrieval_jax.data import image_io
 from retrieval_jax.evaluation import pictures as pictures_lib
@@ -132,7 +133,7 @@ def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_
                 q, db)
   for line in result["lines"]:
     logging.info("%s %s", tag, line)
-  if workdir:
+  if workdir and sharding.is_main_process():
     out = os.path.join(workdir, "results")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{tag}.json"), "w") as f:

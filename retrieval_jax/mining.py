@@ -127,7 +127,8 @@ def _select_in_batch(desc: jnp.ndarray, labels: jnp.ndarray, all_desc: jnp.ndarr
   """
   batch = all_desc.shape[0]
   if not 0 < num_negatives <= batch:
-    raise ValueError(f"num_negatives must be in [1, {batch}], got {num_negatives}")
+    raise ValueError(f"loss.num_negatives must be in [1, {batch}] (the global batch), got "
+                     f"{num_negatives}: lower it or enlarge the batch")
   sim = jax.lax.stop_gradient(desc) @ jax.lax.stop_gradient(all_desc).T  # [b, B]
   anchor_idx = offset + jnp.arange(desc.shape[0], dtype=jnp.int32)
   is_self = jnp.arange(batch, dtype=jnp.int32)[None, :] == anchor_idx[:, None]

@@ -53,3 +53,15 @@ def to_global(batch: Mapping[str, Any], mesh: Mesh) -> Any:
 
 def data_parallelism(mesh: Mesh) -> int:
   return mesh.shape[DATA_AXIS]
+
+
+def is_main_process() -> bool:
+  """Only process 0 writes shared files (results, metrics, descriptors) on multi-host runs."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """All processes reach this point before any goes on (no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)

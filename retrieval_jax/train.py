@@ -53,9 +53,15 @@ def _progress(step, num_steps, metrics, images_per_s, eta_s):
 
 
 class MetricWriter:
-  """Metrics to <workdir>/metrics.jsonl (and TensorBoard when tensorboardX is installed)."""
+  """Metrics to <workdir>/metrics.jsonl (and TensorBoard when tensorboardX is installed).
+
+  Only process 0 writes; the others hold a writer that drops everything.
+  """
 
   def __init__(self, workdir: str):
+    self._f = self._tb = None
+    if not sharding_lib.is_main_process():
+      return
     os.makedirs(workdir, exist_ok=True)
     self._f = open(os.path.join(workdir, "metrics.jsonl"), "a")
     try:
@@ -65,6 +71,8 @@ class MetricWriter:
       self._tb = None
 
   def write(self, step: int, metrics: Dict[str, float]):
+    if self._f is None:
+      return
     self._f.write(json.dumps({"step": step, **metrics}) + "\n")
     self._f.flush()
     if self._tb is not None:
@@ -72,7 +80,8 @@ class MetricWriter:
         self._tb.add_scalar(k, v, step)
 
   def close(self):
-    self._f.close()
+    if self._f is not None:
+      self._f.close()
     if self._tb is not None:
       self._tb.close()
 
@@ -203,7 +212,11 @@ class EpochTupleInputs:
                                      batch_size=batch_size)
     out = None
     for batch in grain_pipeline.train_iterator(ds, num_threads=self.config.data.num_threads):
-      d = np.asarray(self._describe(variables, batch["image"], batch["mask"]))
+      # Every process holds the same whole batch: place it explicitly (a raw numpy argument
+      # to a sharded jit is refused on multi-host runs).
+      placed = [jax.device_put(batch[k], sharding_lib.batch_sharding(self.mesh))
+                for k in ("image", "mask")]
+      d = np.asarray(self._describe(variables, *placed))
       if out is None:
         out = np.zeros((len(indices), d.shape[1]), np.float32)
       keep = batch["index"] >= 0
@@ -235,7 +248,10 @@ class EpochTupleInputs:
       return None  # Next epoch: mined after the restore, with the restored params.
     path = self._path(epoch)
     if not os.path.exists(path):
-      raise FileNotFoundError(f"resuming step {step} (epoch {epoch}) needs its tuples {path}")
+      raise FileNotFoundError(
+          f"resuming step {step} (epoch {epoch}) needs its tuples {path}, written when the "
+          "epoch was mined. Delete the checkpoints after the epoch's start to re-mine it "
+          "from there.")
     self._start_epoch(epoch, tuples_lib.load_tuples(path))
     return self.iterator
 
@@ -318,6 +334,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         checkpointing.save(mgr, step + 1, state, inputs.iterator)
         last_good = step + 1
       if config.train.eval_every and (step + 1) % config.train.eval_every == 0 and step + 1 < total:
+        _check_finite(step + 1, metrics, last_good)
         periodic = _eval(config, workdir, model, state, mesh, f"step{step + 1}")
         if periodic:
           writer.write(step + 1, {f"eval/{k}": float(v) for k, v in periodic.items()
@@ -369,6 +386,13 @@ def _report(step, metrics, config, writer, t0, images_done, start, total, last_g
 
 
 def _write_summary(workdir: str, results: Dict[str, Any]) -> None:
+  """results/train_summary.json; a resumed run keeps the first run's "before" numbers."""
+  if not sharding_lib.is_main_process():
+    return
+  before = os.path.join(workdir, "results", "before.json")
+  if results.get("before") is None and os.path.exists(before):
+    with open(before) as f:
+      results = dict(results, before=json.load(f))
   path = os.path.join(workdir, "results", "train_summary.json")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   keep = {k: {m: v for m, v in (r or {}).items() if isinstance(v, (int, float))}

@@ -123,7 +123,8 @@ class TrainBatchFn:
     global_batch = plan.global_batch
     if global_batch % process_count:
       raise ValueError(
-          f"global batch {global_batch} not divisible by {process_count} processes")
+          f"global batch {global_batch} (data.classes_per_batch x data.images_per_class, or "
+          f"data.batch_size) is not divisible by the {process_count} processes: change it")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     self.plan = plan
