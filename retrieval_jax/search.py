@@ -25,10 +25,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 DATA_AXIS = 'data'
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
-try:  # Optional dependency: never installed by us.
-  import faiss  # pytype: disable=import-error
-except ImportError:  # pragma: no cover - depends on the environment.
-  faiss = None
 
 
 def _scores(q: jax.Array, db: jax.Array, dtype) -> jax.Array:
@@ -170,8 +166,11 @@ class FaissIndex:
         approximate and is trained on `database`).
       use_gpu: move the index to all visible GPUs.
     """
-    if faiss is None:
-      raise ImportError('FaissIndex needs the optional `faiss` package.')
+    try:  # Optional, imported only here: it is slow and noisy to import.
+      import faiss  # pylint: disable=import-outside-toplevel  # pytype: disable=import-error
+    except ImportError as e:
+      raise ImportError('FaissIndex needs the optional `faiss` package: '
+                        'pip install faiss-cpu (or faiss-gpu).') from e
     database = np.ascontiguousarray(database, dtype=np.float32)
     index = faiss.index_factory(database.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     if use_gpu:
