@@ -5,7 +5,6 @@ class of FC(average pool), its weight vector times the last feature maps summed 
 channels, a binary mask `heatmap >= 0.9 average(heatmap)` multiplied with the maps, then the
 modified R-MAC (k x k max-pooling, stride floor(0.4 k), square-sum, sqrt, sum, L2).
 """
-import math
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import pytest
 
 from retrieval_jax.models import pooling
 from retrieval_jax.models import pretrained
+from test_pooling import np_seddati  # the numpy Seddati reference, shared
 
 RNG = np.random.default_rng(0)
 C, K = 6, 9
@@ -36,20 +36,6 @@ def np_cam_mask(x, kernel, bias, top_k=1, threshold=0.9):
       for j in range(w):
         heat[i, j] += sum(kernel[ch, k] * x[i, j, ch] for ch in range(c)) / top_k
   return (heat >= threshold * heat.mean()).astype(np.float64)
-
-
-def np_seddati(x, levels=3):
-  h, w, c = x.shape
-  v = np.zeros(c)
-  for l in range(1, levels + 1):
-    k = max(1, math.ceil(2 * min(h, w) / (l + 1)))
-    s = max(1, math.floor(0.4 * k))
-    acc = np.zeros(c)
-    for i in range(0, h - k + 1, s):
-      for j in range(0, w - k + 1, s):
-        acc += x[i:i + k, j:j + k].max(axis=(0, 1)) ** 2
-    v += np.sqrt(acc)
-  return v / (np.linalg.norm(v) + 1e-6)
 
 
 def np_seddati_cam(x, kernel, bias, top_k=1):
