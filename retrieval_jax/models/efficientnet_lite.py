@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from retrieval_jax.models import layers
-from retrieval_jax.models.resnet import convert_convbn_pairs, require_keys
 
 # The TF EfficientNet-Lite preprocessing: RGB in [0, 255], (x - 127) / 128.
 INPUT_MEAN = (127.0, 127.0, 127.0)
@@ -171,7 +170,8 @@ def convert_efficientnet_lite0(state_dict: Mapping[str, Any]) -> Dict[str, Dict]
     pairs.append(((f"blocks_{i}", "depthwise"), f"{b}._depthwise_conv", f"{b}._bn1"))
     pairs.append(((f"blocks_{i}", "project"), f"{b}._project_conv", f"{b}._bn2"))
   pairs.append((("head",), "_conv_head", "_bn1"))
-  return convert_convbn_pairs(state_dict, pairs, "EfficientNet-Lite0", ignore_prefixes=("_fc.",))
+  return layers.convert_convbn_pairs(state_dict, pairs, "EfficientNet-Lite0",
+                                     ignore_prefixes=("_fc.",))
 
 
 def convert_efficientnet_lite0_classifier(
@@ -182,6 +182,7 @@ def convert_efficientnet_lite0_classifier(
   """
   if "_fc.weight" not in state_dict:
     return None
-  require_keys(state_dict, ["_fc.weight", "_fc.bias"], "EfficientNet-Lite0 classifier")
+  layers.require_keys(state_dict, ["_fc.weight", "_fc.bias"],
+                      "EfficientNet-Lite0 classifier")
   return {"kernel": layers.torch_linear_kernel(state_dict["_fc.weight"]),
           "bias": np.asarray(state_dict["_fc.bias"])}

@@ -16,7 +16,7 @@ Backbone contract (every module in `retrieval_jax/models/` that is a trunk):
 
 Weight layouts: PyTorch convolution kernels are [out, in, kh, kw], Flax's [kh, kw, in, out].
 """
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -151,3 +151,52 @@ def check_all_used(state_dict, used: Sequence[str], ignore_prefixes: Sequence[st
   if left:
     raise ValueError(f"weights not used by the converter ({len(left)}): {left[:8]} ... "
                      "Is the file for a different architecture?")
+
+
+def require_keys(state_dict: Mapping[str, Any], keys: Iterable[str], arch: str) -> None:
+  """Raises a ValueError naming every tensor `arch` needs that `state_dict` lacks.
+
+  Shared by the converters: together with `check_all_used` it turns a file for another
+  architecture into one clear error.
+  """
+  missing = [k for k in keys if k not in state_dict]
+  if missing:
+    present = [k for k in state_dict if not k.endswith("num_batches_tracked")]
+    raise ValueError(f"weights missing for {arch} ({len(missing)} tensors): {missing[:8]} ... "
+                     f"The file has {len(present)} tensors, e.g. {present[:4]}. "
+                     "Is it for a different architecture or prefixed (e.g. 'module.')?")
+
+
+def convert_convbn_pairs(state_dict: Mapping[str, Any],
+                         pairs: Sequence[Tuple[Tuple[str, ...], str, str]],
+                         arch: str, ignore_prefixes: Sequence[str] = ()) -> Dict[str, Dict]:
+  """Converts torch (conv, BatchNorm) pairs into a `ConvBN`-style variable tree.
+
+  Args:
+    state_dict: torch tensors or numpy arrays by torch key.
+    pairs: (flax module path, torch conv prefix, torch BN prefix) for every ConvBN.
+    arch: name used in error messages.
+    ignore_prefixes: torch keys to leave out silently (e.g. the classifier).
+  Returns:
+    {"params": ..., "batch_stats": ...} nested dicts of numpy arrays.
+  Raises:
+    ValueError: tensors missing from, or left unused in, `state_dict`.
+  """
+  needed = []
+  for _, conv, bn in pairs:
+    needed.append(conv + ".weight")
+    needed += [f"{bn}.{n}" for n in ("weight", "bias", "running_mean", "running_var")]
+  require_keys(state_dict, needed, arch)
+  params, stats = {}, {}
+  for path, conv, bn in pairs:
+    p, s = convbn_from_torch(state_dict, conv, bn)
+    _set(params, path, p)
+    _set(stats, path, s)
+  check_all_used(state_dict, needed, ignore_prefixes)
+  return {"params": params, "batch_stats": stats}
+
+
+def _set(tree: Dict, path: Sequence[str], value: Any) -> None:
+  for name in path[:-1]:
+    tree = tree.setdefault(name, {})
+  tree[path[-1]] = value

@@ -7,7 +7,6 @@ from typing import Any, Dict, List, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from retrieval_jax.models import layers
 
@@ -93,33 +92,13 @@ class MobileNetV2(nn.Module):
 
 def convert_torchvision_mobilenet_v2(state_dict, width_mult: float = 1.0) -> Dict[str, Any]:
   """torchvision `mobilenet_v2` state dict -> {"params", "batch_stats"} of `MobileNetV2`."""
-  params, stats, used = {}, {}, []
-
-  def take(name, conv, bn):
-    p, s = layers.convbn_from_torch(state_dict, conv, bn)
-    params[name], stats[name] = p, s
-    used.extend([conv + ".weight"] + [f"{bn}.{k}" for k in
-                                      ("weight", "bias", "running_mean", "running_var")])
-
-  try:
-    take("stem", "features.0.0", "features.0.1")
-    for i, (_, _, _, t) in enumerate(_block_plan(width_mult)):
-      pre = f"features.{i + 1}.conv"
-      names = (["expand"] if t != 1 else []) + ["depthwise"]
-      for j, name in enumerate(names):
-        take_sub = f"{pre}.{j}"
-        take(name, take_sub + ".0", take_sub + ".1")
-      j = len(names)
-      take("project", f"{pre}.{j}", f"{pre}.{j + 1}")
-      # `take` wrote the sub-modules at top level: move them under the block.
-      blk = f"block{i + 1}"
-      params[blk] = {n: params.pop(n) for n in names + ["project"]}
-      stats[blk] = {n: stats.pop(n) for n in names + ["project"]}
-    take("head", "features.18.0", "features.18.1")
-  except KeyError as e:
-    raise ValueError(f"MobileNetV2 weights: missing tensor {e}; expected a torchvision "
-                     "mobilenet_v2 state dict (keys 'features.N...').") from None
-  layers.check_all_used(state_dict, used, ignore_prefixes=("classifier.",))
-  to_np = lambda t: {k: (to_np(v) if isinstance(v, dict) else np.asarray(v, np.float32))
-                     for k, v in t.items()}
-  return {"params": to_np(params), "batch_stats": to_np(stats)}
+  pairs = [(("stem",), "features.0.0", "features.0.1")]
+  for i, (_, _, _, t) in enumerate(_block_plan(width_mult)):
+    pre, blk = f"features.{i + 1}.conv", f"block{i + 1}"
+    # torchvision: [expand ConvBNReLU (t != 1)], depthwise ConvBNReLU, project conv, BN.
+    names = (["expand"] if t != 1 else []) + ["depthwise"]
+    pairs += [((blk, name), f"{pre}.{j}.0", f"{pre}.{j}.1") for j, name in enumerate(names)]
+    pairs.append(((blk, "project"), f"{pre}.{len(names)}", f"{pre}.{len(names) + 1}"))
+  pairs.append((("head",), "features.18.0", "features.18.1"))
+  return layers.convert_convbn_pairs(state_dict, pairs, "MobileNetV2",
+                                     ignore_prefixes=("classifier.",))

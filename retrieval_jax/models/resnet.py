@@ -12,7 +12,7 @@ holding `conv/kernel`, `bn/{scale,bias}` and batch_stats `bn/{mean,var}`):
     layer{1..4}_{j}/conv{1,2,3} <- layer{i}.{j}.conv{k}, layer{i}.{j}.bn{k}
     layer{1..4}_{j}/downsample  <- layer{i}.{j}.downsample.0, .downsample.1
 """
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -153,55 +153,6 @@ def _spec(depth: int) -> Tuple[str, Tuple[int, ...]]:
 # Weight conversion.
 
 
-def require_keys(state_dict: Mapping[str, Any], keys: Iterable[str], arch: str) -> None:
-  """Raises a ValueError naming every tensor `arch` needs that `state_dict` lacks.
-
-  Shared by the converters (vgg.py and efficientnet_lite.py import it): together with
-  `layers.check_all_used` it turns a file for another architecture into one clear error.
-  """
-  missing = [k for k in keys if k not in state_dict]
-  if missing:
-    present = [k for k in state_dict if not k.endswith("num_batches_tracked")]
-    raise ValueError(f"weights missing for {arch} ({len(missing)} tensors): {missing[:8]} ... "
-                     f"The file has {len(present)} tensors, e.g. {present[:4]}. "
-                     "Is it for a different architecture or prefixed (e.g. 'module.')?")
-
-
-def convert_convbn_pairs(state_dict: Mapping[str, Any],
-                         pairs: Sequence[Tuple[Tuple[str, ...], str, str]],
-                         arch: str, ignore_prefixes: Sequence[str] = ()) -> Dict[str, Dict]:
-  """Converts torch (conv, BatchNorm) pairs into a `ConvBN`-style variable tree.
-
-  Args:
-    state_dict: torch tensors or numpy arrays by torch key.
-    pairs: (flax module path, torch conv prefix, torch BN prefix) for every ConvBN.
-    arch: name used in error messages.
-    ignore_prefixes: torch keys to leave out silently (e.g. the classifier).
-  Returns:
-    {"params": ..., "batch_stats": ...} nested dicts of numpy arrays.
-  Raises:
-    ValueError: tensors missing from, or left unused in, `state_dict`.
-  """
-  needed = []
-  for _, conv, bn in pairs:
-    needed.append(conv + ".weight")
-    needed += [f"{bn}.{n}" for n in ("weight", "bias", "running_mean", "running_var")]
-  require_keys(state_dict, needed, arch)
-  params, stats = {}, {}
-  for path, conv, bn in pairs:
-    p, s = layers.convbn_from_torch(state_dict, conv, bn)
-    _set(params, path, p)
-    _set(stats, path, s)
-  layers.check_all_used(state_dict, needed, ignore_prefixes)
-  return {"params": params, "batch_stats": stats}
-
-
-def _set(tree: Dict, path: Sequence[str], value: Any) -> None:
-  for name in path[:-1]:
-    tree = tree.setdefault(name, {})
-  tree[path[-1]] = value
-
-
 def convert_torchvision_resnet(state_dict: Mapping[str, Any], depth: int,
                                stage_sizes: Optional[Sequence[int]] = None) -> Dict[str, Dict]:
   """torchvision `resnet{depth}().state_dict()` -> variables of `ResNet(depth=depth)`.
@@ -232,4 +183,5 @@ def convert_torchvision_resnet(state_dict: Mapping[str, Any], depth: int,
       # the ResNet module decides the same from the channel counts.
       if j == 0 and (i > 0 or kind == "bottleneck"):
         pairs.append(((fl, "downsample"), f"{tv}.downsample.0", f"{tv}.downsample.1"))
-  return convert_convbn_pairs(state_dict, pairs, f"ResNet-{depth}", ignore_prefixes=("fc.",))
+  return layers.convert_convbn_pairs(state_dict, pairs, f"ResNet-{depth}",
+                                     ignore_prefixes=("fc.",))

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from retrieval_jax.models import layers
-from retrieval_jax.models.resnet import require_keys
 
 # Convs per block of configuration "D"; a 2x2 max-pool follows blocks 1-4 (the 5th is dropped).
 VGG16_BLOCKS = (2, 2, 3, 3, 3)
@@ -91,7 +90,7 @@ def convert_torchvision_vgg16(state_dict: Mapping[str, Any]) -> Dict[str, Dict]:
       (e.g. vgg16_bn's BatchNorm, or a final conv of VGG19).
   """
   needed = [f"features.{n}.{t}" for n in VGG16_CONV_INDICES for t in ("weight", "bias")]
-  require_keys(state_dict, needed, "VGG16")
+  layers.require_keys(state_dict, needed, "VGG16")
   params = {}
   for name, n in zip(_conv_names(), VGG16_CONV_INDICES):
     params[name] = {"kernel": layers.torch_conv_kernel(state_dict[f"features.{n}.weight"]),
