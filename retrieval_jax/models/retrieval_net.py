@@ -15,11 +15,6 @@ from retrieval_jax.models import pooling as pooling_lib
 from retrieval_jax.models import pretrained
 
 
-def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
-  """Row-wise L2 normalisation of [B, D] (the reference adds eps to the norm)."""
-  return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + eps)
-
-
 class RetrievalNet(nn.Module):
   """A global-descriptor network.
 
@@ -61,11 +56,11 @@ class RetrievalNet(nn.Module):
       prev, prev_mask = feats["stages"][-2], feats["stage_masks"][-2]
       extra = pooling_lib.build_pooling(self.pooling, name="pool_prev", **pool_kwargs)(
           prev.astype(jnp.float32), prev_mask)
-      pooled = jnp.concatenate([l2_normalize(pooled), l2_normalize(extra)], axis=-1)
-    pooled = l2_normalize(pooled)
+      pooled = jnp.concatenate([pooling_lib.l2n(pooled), pooling_lib.l2n(extra)], axis=-1)
+    pooled = pooling_lib.l2n(pooled)
     descriptor = pooled
     if self.whitening_dim:
-      descriptor = l2_normalize(nn.Dense(self.whitening_dim, name="whiten")(pooled))
+      descriptor = pooling_lib.l2n(nn.Dense(self.whitening_dim, name="whiten")(pooled))
     return {"feature_map": fmap, "pooled": pooled, "descriptor": descriptor}
 
 
