@@ -4,7 +4,6 @@ extract / evaluate restore the latest checkpoint's params (or, with no checkpoin
 `model.pretrained` weights off the shelf), learn the requested post-hoc whitening once
 (`learned_whitening`), and then stream descriptors to disk / score the test set.
 """
-import json
 import os
 from typing import Any, Dict
 
@@ -178,11 +177,7 @@ def _extract(config, workdir, model, variables, mesh, test_set, white, describe
 def _summary(workdir: str, results: Dict[str, Any], step=None) -> Dict[str, Any]:
   """Before/after numbers side by side; the 'before' comes from the training run's file."""
   out = {}
-  before = os.path.join(workdir, "results", "before.json")
-  if "before" not in results and os.path.exists(before):
-    with open(before) as f:
-      results = dict(results, before=json.load(f))
-  for k, r in results.items():
+  for k, r in evaluate_lib.with_saved_before(workdir, results).items():
     if r:
       out[k] = {m: float(v) for m, v in r.items() if isinstance(v, (int, float, np.floating))}
       for line in r.get("lines", []):

@@ -66,6 +66,18 @@ def _rotations(dataset: datasets.RetrievalSet, paths: Sequence[str]) -> Optional
   return [int(dataset.rotations.get(p, 0)) for p in paths]
 
 
+def with_saved_before(workdir: str, results: Dict[str, Any]) -> Dict[str, Any]:
+  """`results` plus the "before training" numbers that the first training run saved.
+
+  A resumed run, or a later --mode=evaluate, does not evaluate the untrained network again.
+  """
+  path = os.path.join(workdir, "results", "before.json")
+  if results.get("before") is None and os.path.exists(path):
+    with open(path) as f:
+      return dict(results, before=json.load(f))
+  return results
+
+
 def rerank_config(eval_config) -> Dict[str, Any]:
   """The re-ranking fields of `config.eval` (alpha-QE / alpha-DBA; k = 0 turns one off)."""
   return {k: eval_config.get(k, d) for k, d in

@@ -389,10 +389,7 @@ def _write_summary(workdir: str, results: Dict[str, Any]) -> None:
   """results/train_summary.json; a resumed run keeps the first run's "before" numbers."""
   if not sharding_lib.is_main_process():
     return
-  before = os.path.join(workdir, "results", "before.json")
-  if results.get("before") is None and os.path.exists(before):
-    with open(before) as f:
-      results = dict(results, before=json.load(f))
+  results = evaluate_lib.with_saved_before(workdir, results)
   path = os.path.join(workdir, "results", "train_summary.json")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   keep = {k: {m: v for m, v in (r or {}).items() if isinstance(v, (int, float))}
