@@ -1,0 +1,110 @@
+"""DelfNet (trunk + local head) and DelgNet (trunk + global head + local head), Flax modules.
+
+Pure functions of their variables, like `RetrievalNet`:
+`model.apply(variables, images, mask, labels=None, train=False)` returns the `LocalHead`
+outputs ({"attention", "local_descriptors", "local_mask", ...}) plus "stage" (the trunk stage
+the head reads, [B, h, w, C]); DelgNet adds RetrievalNet's {"feature_map", "pooled",
+"descriptor"}. Param names are RetrievalNet's (`backbone`, `pool`, `whiten`) plus
+`local_head`, so a DELG checkpoint's global part is a RetrievalNet's variables, and the trunk
+imports from torchvision / timm files exactly as for RetrievalNet.
+"""
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from retrieval_jax.local import heads
+from retrieval_jax.models import layers
+from retrieval_jax.models import pooling as pooling_lib
+from retrieval_jax.models import pooling_ops
+from retrieval_jax.models import pretrained
+
+
+def normalize_images(images: jnp.ndarray, mean: Sequence[float], std: Sequence[float],
+                     mask: Optional[jnp.ndarray]) -> jnp.ndarray:
+  """uint8 (or 0..255 float) RGB -> the weights' normalisation, zero on padding (as torch)."""
+  x = images.astype(jnp.float32) / 255.0
+  x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+  return layers.apply_mask(x, mask)
+
+
+class DelfNet(nn.Module):
+  """Trunk -> stages[-2] -> LocalHead.
+
+  Attributes:
+    backbone, backbone_kwargs, mean, std, dtype: as `RetrievalNet`.
+    num_classes, reduced_dim, attention_hidden, classifier: `heads.LocalHead`'s.
+  """
+  backbone: str = "resnet50"
+  backbone_kwargs: Optional[Mapping[str, Any]] = None
+  num_classes: int = 0
+  reduced_dim: int = 128
+  attention_hidden: int = 512
+  classifier: str = "softmax"
+  mean: Sequence[float] = pretrained.IMAGENET_MEAN
+  std: Sequence[float] = pretrained.IMAGENET_STD
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, images, mask: Optional[jnp.ndarray] = None,
+               labels: Optional[jnp.ndarray] = None, train: bool = False) -> Dict[str, Any]:
+    """images: [B, H, W, 3] uint8; mask: optional [B, H, W] bool; labels: [B] int."""
+    x = normalize_images(images, self.mean, self.std, mask)
+    spec = pretrained.get_backbone(self.backbone)
+    trunk = spec.make(dtype=jnp.dtype(self.dtype), **dict(self.backbone_kwargs or {}),
+                      name="backbone")
+    feats = trunk(x, mask, train)
+    stage, stage_mask = feats["stages"][-2], feats["stage_masks"][-2]
+    out = heads.LocalHead(num_classes=self.num_classes, reduced_dim=self.reduced_dim,
+                          attention_hidden=self.attention_hidden, classifier=self.classifier,
+                          name="local_head")(stage, stage_mask, labels)
+    out["stage"] = stage
+    return out
+
+
+class DelgNet(nn.Module):
+  """DELG: one trunk, RetrievalNet's global head on the last stage, LocalHead on stages[-2].
+
+  The local head sees the stage under stop_gradient (heads.LocalHead), so only the global
+  loss trains the trunk, as in the DELG paper.
+
+  Attributes:
+    backbone, backbone_kwargs, pooling, pooling_kwargs, whitening_dim, mean, std, dtype:
+      as `RetrievalNet` (same submodule names).
+    num_classes, reduced_dim, attention_hidden, classifier: `heads.LocalHead`'s.
+  """
+  backbone: str = "resnet50"
+  backbone_kwargs: Optional[Mapping[str, Any]] = None
+  pooling: str = "gem"
+  pooling_kwargs: Optional[Mapping[str, Any]] = None
+  whitening_dim: int = 0
+  num_classes: int = 0
+  reduced_dim: int = 128
+  attention_hidden: int = 512
+  classifier: str = "softmax"
+  mean: Sequence[float] = pretrained.IMAGENET_MEAN
+  std: Sequence[float] = pretrained.IMAGENET_STD
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, images, mask: Optional[jnp.ndarray] = None,
+               labels: Optional[jnp.ndarray] = None, train: bool = False) -> Dict[str, Any]:
+    """images: [B, H, W, 3] uint8; mask: optional [B, H, W] bool; labels: [B] int."""
+    x = normalize_images(images, self.mean, self.std, mask)
+    spec = pretrained.get_backbone(self.backbone)
+    trunk = spec.make(dtype=jnp.dtype(self.dtype), **dict(self.backbone_kwargs or {}),
+                      name="backbone")
+    feats = trunk(x, mask, train)
+    fmap = feats["feature_map"].astype(jnp.float32)
+    pooled = pooling_lib.build_pooling(self.pooling, name="pool",
+                                       **dict(self.pooling_kwargs or {}))(fmap, feats["mask"])
+    pooled = pooling_ops.l2n(pooled)
+    descriptor = pooled
+    if self.whitening_dim:
+      descriptor = pooling_ops.l2n(nn.Dense(self.whitening_dim, name="whiten")(pooled))
+    stage, stage_mask = feats["stages"][-2], feats["stage_masks"][-2]
+    out = heads.LocalHead(num_classes=self.num_classes, reduced_dim=self.reduced_dim,
+                          attention_hidden=self.attention_hidden, classifier=self.classifier,
+                          name="local_head")(stage, stage_mask, labels)
+    out.update(stage=stage, feature_map=fmap, pooled=pooled, descriptor=descriptor)
+    return out

@@ -1,0 +1,49 @@
+"""The network of a config: a RetrievalNet, or a DelgNet when `config.model.local_head` says so.
+
+Training, restoring and extraction build their model here, so a DELG experiment is one
+config switch (`model.local_head="delg"`): DelgNet has RetrievalNet's global half under the
+same parameter names and output keys ("descriptor", ...) and adds the local head
+(retrieval_jax/local/). Its attention classifier has `model.local_num_classes` outputs, a
+config value, so the parameter shapes never depend on the data that happens to be loaded.
+"""
+from retrieval_jax.local import model as local_model
+from retrieval_jax.models import pretrained
+from retrieval_jax.models import retrieval_net
+
+LOCAL_HEADS = ("", "delg")
+
+
+def from_config(model_config):
+  """The flax module of `config.model` (fields and defaults: configs/common.py)."""
+  kind = model_config.local_head
+  if kind not in LOCAL_HEADS:
+    raise ValueError(f"model.local_head must be one of {LOCAL_HEADS}, got {kind!r}")
+  if not kind:
+    return retrieval_net.from_config(model_config)[0]
+  if model_config.multi_layer:
+    raise ValueError("model.local_head='delg' takes the earlier stage for local features; "
+                     "model.multi_layer=True is not supported with it")
+  spec = pretrained.get_backbone(model_config.backbone)
+  return local_model.DelgNet(
+      backbone=model_config.backbone,
+      backbone_kwargs=dict(model_config.backbone_kwargs or {}),
+      pooling=model_config.pooling, pooling_kwargs=dict(model_config.pooling_kwargs or {}),
+      whitening_dim=int(model_config.whitening_dim),
+      num_classes=int(model_config.local_num_classes),
+      reduced_dim=int(model_config.local_dim),
+      attention_hidden=int(model_config.local_attention_hidden),
+      classifier=model_config.local_classifier,
+      mean=tuple(spec.mean), std=tuple(spec.std), dtype=model_config.dtype)
+
+
+def has_local_head(model) -> bool:
+  return isinstance(model, local_model.DelgNet)
+
+
+def check_classes(model_config, num_labels: int) -> None:
+  """The attention classifier must cover the training label ids (max label + 1)."""
+  if model_config.local_head and int(model_config.local_num_classes) < max(num_labels, 2):
+    raise ValueError(f"model.local_head={model_config.local_head!r} trains an attention "
+                     f"classifier on the training labels 0..{num_labels - 1}: set "
+                     f"--config.model.local_num_classes={num_labels} (it is "
+                     f"{model_config.local_num_classes})")
