@@ -13,6 +13,7 @@ import pytest
 from retrieval_jax import checkpointing
 from retrieval_jax.data import grain_pipeline
 from retrieval_jax.data import image_io
+from retrieval_jax.data import protocol
 from retrieval_jax.data import transforms
 
 
@@ -215,7 +216,9 @@ def test_eval_batches_equal_one_image_at_a_time(tmp_path):
       if i < 0:  # Padding rows are empty.
         assert not batch["mask"][r].any() and not batch["image"][r].any()
         continue
-      want, want_mask, b = transforms.prepare_eval_image(image_io.load_rgb(paths[i]), 48)
+      want = protocol.REFERENCE.resize(image_io.load_rgb(paths[i], exif_transpose=False), 48)
+      b = transforms.pick_bucket(want.shape[0], want.shape[1], buckets)
+      want, want_mask = transforms.pad_to(want, buckets[b])
       assert buckets[b] == (h, w)
       np.testing.assert_array_equal(batch["image"][r], want)
       np.testing.assert_array_equal(batch["mask"][r], want_mask)
@@ -244,7 +247,9 @@ def test_eval_rotations_and_bboxes(tmp_path):
       if i >= 0:
         out[int(i)] = batch["image"][r][batch["mask"][r].any(1)][:, batch["mask"][r].any(0)]
   for i, (bbx, rot) in enumerate(zip(bboxes, [0, 0, 90])):
-    want = transforms.resize_long_side(image_io.load_rgb(paths[i], bbx, rotate=rot), 40)
+    image, full = image_io.load_rgb(paths[i], bbx, rotate=rot, exif_transpose=False,
+                                    with_full_size=True)
+    want = protocol.REFERENCE.resize(image, 40, full if bbx else None)
     np.testing.assert_array_equal(out[i], want)
 
 
@@ -290,9 +295,10 @@ def test_awkward_files_decode_or_are_skipped_and_counted(tmp_path, caplog):
   paths = [files[n] for n in names]
   counter = image_io.SkipCounter()
   got = {}
+  user_folder = protocol.EvalProtocol(exif_transpose=True)
   with caplog.at_level(std_logging.WARNING):
     for batch in grain_pipeline.eval_batches(paths, long_side=64, batch_size=4,
-                                             skipped=counter):
+                                             skipped=counter, protocol=user_folder):
       for r, i in enumerate(batch["index"]):
         if i >= 0:
           got[names[i]] = (batch["image"][r], batch["mask"][r])
@@ -301,12 +307,15 @@ def test_awkward_files_decode_or_are_skipped_and_counted(tmp_path, caplog):
   assert counter.total == 3
   assert dict(counter.counts) == {"truncated": 1, "unidentified": 1, "missing": 1}
   assert "could not be read" in caplog.text and "bad_missing.jpg" in caplog.text
+  buckets = transforms.square_buckets(64)
   for n in good:
-    want, want_mask, _ = transforms.prepare_eval_image(image_io.load_rgb(files[n]), 64)
+    want = user_folder.resize(image_io.load_rgb(files[n]), 64)
+    b = transforms.pick_bucket(want.shape[0], want.shape[1], buckets)
+    want, want_mask = transforms.pad_to(want, buckets[b])
     np.testing.assert_array_equal(got[n][0], want)
     np.testing.assert_array_equal(got[n][1], want_mask)
   assert got["exif6.jpg"][1].any(0).sum() == 48  # Portrait after the EXIF rotation.
-  assert got["one_pixel.png"][1].all()  # Enlarged to the 64 x 64 bucket.
+  assert got["one_pixel.png"][1].sum() == 1  # Never enlarged.
   assert got["wide20000.jpg"][1].any(1).sum() == 1  # 24 * 64 / 20000 rounds to 1 row.
   cmyk, plain = (got[n][0].astype(int) for n in ("cmyk.jpg", "plain.jpg"))
   assert np.abs(cmyk - plain).mean() < 8  # Colours kept, not inverted.

@@ -21,13 +21,16 @@ Ground-truth `.pkl` files are read with a restricted unpickler that accepts only
 containers, numbers, strings and numpy arrays, so a tampered file cannot run code; still,
 take them from the official sources only.
 """
+import collections
 import dataclasses
 import io
 import os
 import pickle
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from retrieval_jax import errors
 
 _REGISTRY: Dict[str, Callable[..., Any]] = {}
 _DEFAULT_SPLIT: Dict[str, str] = {}
@@ -90,7 +93,7 @@ class RetrievalSet:
   rotations: Optional[Dict[str, int]] = None
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(errors.UserError, FileNotFoundError):
   """A dataset file or folder is missing; the message says how to download it."""
 
 
@@ -167,37 +170,83 @@ def check_split(dataset: str, split: str, allowed: Sequence[str]) -> None:
     raise ValueError(f"{dataset}: unknown split {split!r}; expected one of {list(allowed)}")
 
 
-_SAFE_GLOBALS = {
-    ("builtins", n) for n in ("set", "frozenset", "list", "dict", "tuple", "int", "float",
-                             "complex", "str", "bytes", "bytearray", "bool", "slice")
-} | {
-    ("__builtin__", n) for n in ("set", "frozenset", "list", "dict", "tuple")
-} | {
-    ("collections", "OrderedDict"), ("_codecs", "encode"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+def _latin1_encode(text: str = "", encoding: str = "latin1") -> bytes:
+  """`_codecs.encode` as protocol-2 pickles use it for bytes: latin-1 only."""
+  if not isinstance(text, str) or encoding.lower().replace("-", "") not in ("latin1",
+                                                                          "iso88591"):
+    raise pickle.UnpicklingError(f"refusing _codecs.encode(..., {encoding!r}) in a "
+                                 "ground-truth file")
+  return text.encode("latin1")
+
+
+def _plain_bytes(*args) -> bytes:
+  """`bytes()` as protocol-2 pickles use it (empty bytes); never `bytes(huge_int)`."""
+  if not args:
+    return b""
+  if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+    return bytes(args[0])
+  raise pickle.UnpicklingError("refusing bytes(...) with arguments in a ground-truth file")
+
+
+def _numpy_globals() -> Dict[Tuple[str, str], Any]:
+  """numpy's pickle reconstructors under both module names (numpy 1: numpy.core, 2: _core)."""
+  # pylint: disable=protected-access,no-member
+  core = getattr(np, "_core", None) or np.core
+  out = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+  for mod in ("numpy.core", "numpy._core"):
+    out[(f"{mod}.multiarray", "_reconstruct")] = core.multiarray._reconstruct
+    out[(f"{mod}.multiarray", "scalar")] = core.multiarray.scalar
+    out[(f"{mod}.numeric", "_frombuffer")] = core.numeric._frombuffer
+  # pylint: enable=protected-access,no-member
+  # Scalar type classes (a pickled dtype class, e.g. `np.float64`).
+  for name in ("bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+               "uint64", "float16", "float32", "float64", "complex64", "complex128",
+               "str_", "bytes_"):
+    out[("numpy", name)] = getattr(np, name)
+  return out
+
+
+# Exactly these (module, name) pairs may be looked up, each mapped to its object here: no
+# import, no attribute walk, no dotted name. Plain containers and numbers, numpy arrays,
+# dtypes and scalars (the official pkl files of cirtorch / revisitop), and the two helpers
+# that protocol-2 pickles use for bytes.
+_SAFE_GLOBALS: Dict[Tuple[str, str], Any] = {
+    **{(mod, t.__name__): t for mod in ("builtins", "__builtin__")
+       for t in (set, frozenset, list, dict, tuple, int, float, complex, str, bool, slice)},
+    ("builtins", "bytearray"): bytearray,
+    ("__builtin__", "unicode"): str, ("__builtin__", "long"): int,
+    ("builtins", "bytes"): _plain_bytes, ("__builtin__", "bytes"): _plain_bytes,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("_codecs", "encode"): _latin1_encode,
+    **_numpy_globals(),
 }
 
 
 class _SafeUnpickler(pickle.Unpickler):
-  """Unpickler that refuses every global except containers and numpy arrays."""
+  """Unpickler that resolves only the (module, name) pairs of `_SAFE_GLOBALS`."""
 
   def find_class(self, module, name):
-    if (module, name) in _SAFE_GLOBALS:
-      return super().find_class(module, name)
-    if module.startswith("numpy") and name.startswith(("float", "int", "uint", "bool")):
-      return super().find_class(module, name)  # numpy scalar dtype classes
-    raise pickle.UnpicklingError(
-        f"refusing to unpickle {module}.{name}: ground-truth files hold only plain "
-        "containers and arrays")
+    try:
+      return _SAFE_GLOBALS[(module, name)]
+    except (KeyError, TypeError):
+      raise pickle.UnpicklingError(
+          f"refusing to unpickle {module}.{name}: ground-truth files hold only plain "
+          "containers, numbers, strings and numpy arrays; take them from the official "
+          "download") from None
 
 
 def safe_load_pickle(path: str) -> Any:
-  """Reads a ground-truth / db pickle without executing code from it."""
+  """Reads a ground-truth / db pickle without executing code from it.
+
+  Raises:
+    pickle.UnpicklingError: the file asks for anything outside `_SAFE_GLOBALS`.
+  """
   with open(path, "rb") as f:
-    data = f.read()
+    return safe_load_pickle_bytes(f.read())
+
+
+def safe_load_pickle_bytes(data: bytes) -> Any:
+  """`safe_load_pickle` of pickle bytes."""
   try:
     return _SafeUnpickler(io.BytesIO(data)).load()
   except UnicodeDecodeError:

@@ -25,6 +25,7 @@ import grain
 import numpy as np
 
 from retrieval_jax.data import image_io
+from retrieval_jax.data import protocol as protocol_lib
 from retrieval_jax.data import transforms
 
 SAMPLERS = ("balanced", "shuffle")
@@ -108,9 +109,12 @@ class TrainBatchFn:
   """step -> this process's rows of global training batch `step`; shared by both backends.
 
   Images that fail to decode are logged and counted once in `skipped` (each file) and
-  remembered; a row whose image is bad takes the next readable image of the same landmark
-  (and, for the shuffle sampler, if the landmark has none, a seeded other image with its
-  label), so the batch keeps its shape and, for the balanced sampler, its positives.
+  remembered; a row whose image is bad takes the next readable image of the same landmark,
+  so the batch keeps its shape and, for the balanced sampler, its positives. A landmark
+  none of whose images decodes is dropped with a warning and a count (`dropped_labels`):
+  its rows take a seeded readable image of another landmark, with that image's label (a
+  function of the seed, the step, the row and the files only, so every process and a
+  resumed run agree). Training stops only when too few landmarks remain for a batch.
   """
 
   def __init__(self, images: Sequence[str], labels: np.ndarray, plan, *, image_size: int,
@@ -144,6 +148,10 @@ class TrainBatchFn:
     self._sorted_labels = self.labels[self._by_label]
     self._bad = set()
     self._lock = threading.Lock()
+    self.dropped_labels = set()
+    # Landmarks a batch needs (balanced: K distinct ones; shuffle: any one).
+    self._needed = getattr(plan, "classes_per_batch", 1)
+    self._num_labels = len(np.unique(self.labels[self.labels >= 0]))
 
   def element_spec(self) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
     """{key: (shape, dtype)} of one local batch."""
@@ -159,9 +167,7 @@ class TrainBatchFn:
     return self.plan.indices(int(step))[lo:lo + self.local_batch]
 
   def _same_label(self, i: int) -> np.ndarray:
-    lo = np.searchsorted(self._sorted_labels, self.labels[i], side="left")
-    hi = np.searchsorted(self._sorted_labels, self.labels[i], side="right")
-    return self._by_label[lo:hi]
+    return self._same_label_of(self.labels[i])
 
   def _load(self, j: int) -> Optional[np.ndarray]:
     if j in self._bad:
@@ -182,6 +188,38 @@ class TrainBatchFn:
       for j in rng.integers(0, len(self.images), 16):
         if self.labels[j] >= 0:
           yield int(j)
+
+  def _drop_label(self, label: int) -> None:
+    with self._lock:
+      new = label not in self.dropped_labels
+      self.dropped_labels.add(label)
+      n = len(self.dropped_labels)
+    if new:
+      logging.warning("Landmark %d dropped: none of its %d images could be decoded (%d "
+                      "landmarks dropped so far; %s)", label, len(self._same_label_of(label)),
+                      n, self.skipped.summary())
+    if self._num_labels - n < self._needed:
+      raise RuntimeError(
+          f"only {self._num_labels - n} of {self._num_labels} landmarks have a readable "
+          f"image, a batch needs {self._needed}; {n} were dropped because none of their "
+          f"images decodes ({self.skipped.summary()}). Download the training set again.")
+
+  def _same_label_of(self, label: int) -> np.ndarray:
+    lo = np.searchsorted(self._sorted_labels, label, side="left")
+    hi = np.searchsorted(self._sorted_labels, label, side="right")
+    return self._by_label[lo:hi]
+
+  def _other_landmark(self, label: int, step: int, row: int):
+    """A seeded readable image of another landmark: (index, pixels)."""
+    rng = np.random.default_rng([self.seed, step, row, 2])
+    for j in rng.integers(0, len(self.images), 256):
+      j = int(j)
+      if self.labels[j] >= 0 and self.labels[j] != label:
+        image = self._load(j)
+        if image is not None:
+          return j, image
+    raise RuntimeError(f"no readable image found to replace landmark {label} "
+                       f"({self.skipped.summary()}); download the training set again")
 
   def _example(self, image: np.ndarray, rng: np.random.Generator):
     size = self.image_size
@@ -207,8 +245,8 @@ class TrainBatchFn:
         if image is not None:
           break
       else:
-        raise RuntimeError(f"no image of landmark {self.labels[i]} could be decoded "
-                           f"({self.skipped.summary()})")
+        self._drop_label(int(self.labels[i]))
+        j, image = self._other_landmark(int(self.labels[i]), step, row)
       rng = np.random.default_rng([self.seed, step, row])
       out[r], m = self._example(image, rng)
       label[r] = self.labels[j]
@@ -304,7 +342,8 @@ def train_iterator(ds: grain.MapDataset, num_threads: int = 2, prefetch: int = 4
 
 def load_eval_image(path: str, *, long_side: int, buckets: Sequence[Tuple[int, int]],
                     bbox=None, rotate: int = 0, jpeg_draft: bool = False,
-                    skipped: Optional[image_io.SkipCounter] = None
+                    skipped: Optional[image_io.SkipCounter] = None,
+                    protocol: protocol_lib.EvalProtocol = protocol_lib.REFERENCE
                     ) -> Optional[Tuple[np.ndarray, int]]:
   """Decodes one evaluation image, resizes it and picks its bucket; None if unreadable.
 
@@ -314,22 +353,26 @@ def load_eval_image(path: str, *, long_side: int, buckets: Sequence[Tuple[int, i
 
   Args:
     path: image file.
-    long_side: resize target of the longer side.
+    long_side: the evaluation size (bound on the longer side).
     buckets: (H, W) bucket shapes.
     bbox: optional crop box (see `image_io.load_rgb`).
     rotate: extra clockwise rotation in degrees.
     jpeg_draft: let libjpeg decode at a reduced scale that keeps the long side >=
       `long_side` (about 2x faster at 362 px for 1024 px JPEGs; not bit-identical).
     skipped: where a failure is counted (default `image_io.GLOBAL_SKIPS`).
+    protocol: the input rule (`protocol.REFERENCE`, cirtorch's, by default): how a query
+      crop is scaled, enlarging, filter, EXIF.
 
   Returns:
     (resized [h, w, 3] uint8, bucket index) or None.
   """
-  image = image_io.try_load(path, bbox, counter=skipped, rotate=rotate,
-                            max_size=long_side if jpeg_draft else None)
-  if image is None:
+  loaded = image_io.try_load(path, bbox, counter=skipped, rotate=rotate,
+                             max_size=long_side if jpeg_draft else None,
+                             exif_transpose=protocol.exif_transpose, with_full_size=True)
+  if loaded is None:
     return None
-  image = transforms.resize_long_side(image, long_side)
+  image, full_size = loaded
+  image = protocol.resize(image, long_side, full_size if bbox is not None else None)
   return image, transforms.pick_bucket(image.shape[0], image.shape[1], buckets)
 
 
@@ -338,12 +381,16 @@ def eval_batches(paths: Sequence[str], *, long_side: int, batch_size: int,
                  buckets=None, num_threads: int = 2,
                  rotations: Optional[Sequence[int]] = None,
                  skipped: Optional[image_io.SkipCounter] = None,
-                 jpeg_draft: bool = False) -> Iterator[Dict[str, np.ndarray]]:
+                 jpeg_draft: bool = False,
+                 protocol: protocol_lib.EvalProtocol = protocol_lib.REFERENCE
+                 ) -> Iterator[Dict[str, np.ndarray]]:
   """Yields padded, masked batches grouped by size bucket; every readable image exactly once.
 
-  Each image is resized so that its long side is `long_side`, padded at the bottom/right
-  into the smallest bucket that holds it, and batched with images of the same bucket; so
-  a batch holds exactly the pixels that `transforms.prepare_eval_image` gives one image.
+  Each image is resized by `protocol` (by default the reference's: long side bounded by
+  `long_side`, never enlarged, query crops scaled with their whole image's factor, PIL
+  LANCZOS), padded at the bottom/right into the smallest bucket that holds it, and batched
+  with images of the same bucket; so a batch holds exactly the pixels that
+  `load_eval_image` gives one image.
   Each bucket's last batch is padded to `batch_size` with empty rows (index -1, zero
   pixels, mask False), so every batch of a bucket has one static shape. Unreadable images
   (missing, truncated, undecodable) are logged, counted in `skipped` and left out (their
@@ -361,6 +408,7 @@ def eval_batches(paths: Sequence[str], *, long_side: int, batch_size: int,
     skipped: counter of unreadable images (default `image_io.GLOBAL_SKIPS`); the number
       skipped by this call is also logged at the end.
     jpeg_draft: faster reduced-scale JPEG decoding (see `load_eval_image`).
+    protocol: the input rule (see `load_eval_image`).
 
   Yields:
     {"image": uint8 [n, H, W, 3], "mask": bool [n, H, W], "index": int32 [n]}.
@@ -374,7 +422,7 @@ def eval_batches(paths: Sequence[str], *, long_side: int, batch_size: int,
     return i, load_eval_image(paths[i], long_side=long_side, buckets=buckets,
                               bbox=None if bboxes is None else bboxes[i],
                               rotate=0 if rotations is None else int(rotations[i]),
-                              jpeg_draft=jpeg_draft, skipped=counter)
+                              jpeg_draft=jpeg_draft, skipped=counter, protocol=protocol)
 
   loaded = grain.MapDataset.range(len(paths)).map(load)
   pending: Dict[int, List] = {b: [] for b in range(len(buckets))}

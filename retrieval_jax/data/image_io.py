@@ -15,9 +15,13 @@ Decisions (they change pixels, so they are written down here once):
   which would expose whatever colour the transparent pixels happen to store.
 * **Geometry:** `bbx` is given in the stored pixel frame (the frame in which the
   reference code and the Revisited Oxford/Paris annotations crop, since they never apply
-  EXIF orientation). The crop happens first, then the EXIF orientation
-  (`ImageOps.exif_transpose`, on by default), then an optional extra `rotate` (used for
-  the Holidays images whose orientation is wrong without any EXIF tag).
+  EXIF orientation). The crop happens first, exactly as the reference's
+  `img.convert('RGB').crop(bbx)`: PIL rounds each coordinate, and a box reaching past the
+  image is padded with black (only a box that misses the image entirely is an error).
+  Then the EXIF orientation (`exif_transpose`; on by default for user folders, off for
+  the benchmark datasets, whose reference code never applies it, see
+  `retrieval_jax/data/protocol.py`), then an optional extra `rotate` (used for the
+  Holidays images whose orientation is wrong without any EXIF tag).
 * **Large images:** PIL's decompression-bomb limit is raised to `PIL_PIXEL_LIMIT` when
   this module is imported (the default of ~89 Mpx rejects real panoramas); our own
   `max_pixels` bounds memory instead. A JPEG larger than `max_pixels` is decoded at 1/2,
@@ -29,14 +33,16 @@ Decisions (they change pixels, so they are written down here once):
 """
 import collections
 import math
+import os
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
 from PIL import Image
-from PIL import ImageOps
 from PIL import UnidentifiedImageError
+
+from retrieval_jax import errors
 
 # PIL warns above MAX_IMAGE_PIXELS and refuses above twice that. 2**29 (537 Mpx, ~1.6 GB
 # as RGB) lets real 20000 x 20000 scans open; `max_pixels` below bounds what we decode.
@@ -50,7 +56,7 @@ DEFAULT_MAX_PIXELS = 1 << 27
 BBox = Sequence[float]
 
 
-class ImageDecodeError(RuntimeError):
+class ImageDecodeError(errors.UserError, RuntimeError):
   """An image that cannot be decoded; pipelines log and skip it.
 
   Attributes:
@@ -121,17 +127,40 @@ def _jpeg_scale_for(size: Tuple[int, int], max_pixels: Optional[int],
   return scale
 
 
-def _crop(im: Image.Image, bbx: BBox, factor: Tuple[float, float],
-          path: str) -> Image.Image:
+def _crop(arr: np.ndarray, bbx: BBox, factor: Tuple[float, float],
+          path: str) -> np.ndarray:
+  """PIL's `Image.crop(bbx)` of an RGB array: rounded box, black outside the image."""
   x1, y1, x2, y2 = (float(v) for v in bbx)
   fx, fy = factor
+  # PIL's crop rounds each coordinate with Python's round() (half to even).
   box = (int(round(x1 * fx)), int(round(y1 * fy)),
          int(round(x2 * fx)), int(round(y2 * fy)))
-  # Clamp to the image, as the reference's PIL crop would pad with black otherwise.
-  box = (max(box[0], 0), max(box[1], 0), min(box[2], im.width), min(box[3], im.height))
-  if box[2] <= box[0] or box[3] <= box[1]:
-    raise ImageDecodeError(path, "bad_bbx", f"empty crop {tuple(bbx)} of {im.size}")
-  return im.crop(box)
+  h, w = arr.shape[:2]
+  inside = (max(box[0], 0), max(box[1], 0), min(box[2], w), min(box[3], h))
+  if box[2] <= box[0] or box[3] <= box[1] or inside[2] <= inside[0] or inside[3] <= inside[1]:
+    raise ImageDecodeError(path, "bad_bbx", f"empty crop {tuple(bbx)} of {w}x{h}")
+  if inside == box:
+    return np.ascontiguousarray(arr[box[1]:box[3], box[0]:box[2]])
+  out = np.zeros((box[3] - box[1], box[2] - box[0], 3), np.uint8)
+  out[inside[1] - box[1]:inside[3] - box[1], inside[0] - box[0]:inside[2] - box[0]] = (
+      arr[inside[1]:inside[3], inside[0]:inside[2]])
+  return out
+
+
+# EXIF orientation -> PIL transpose, as `ImageOps.exif_transpose`.
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(im: Image.Image) -> int:
+  try:
+    return int(im.getexif().get(0x0112, 1) or 1)
+  except (ValueError, TypeError, OSError, SyntaxError):  # A broken EXIF block: ignore it.
+    return 1
 
 
 def load_rgb(path: str,
@@ -140,7 +169,8 @@ def load_rgb(path: str,
              max_size: Optional[int] = None,
              exif_transpose: bool = True,
              rotate: int = 0,
-             background: Tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+             background: Tuple[int, int, int] = (255, 255, 255),
+             with_full_size: bool = False):
   """Reads an image file as RGB uint8.
 
   Args:
@@ -154,9 +184,11 @@ def load_rgb(path: str,
     exif_transpose: apply the EXIF orientation tag.
     rotate: extra clockwise rotation in degrees (multiple of 90) applied last.
     background: colour that transparent pixels are composited over.
+    with_full_size: also return the (width, height) of the whole decoded image, before
+      the crop (the reference scales a query crop by the whole image's factor).
 
   Returns:
-    [H, W, 3] uint8 array.
+    [H, W, 3] uint8 array; with `with_full_size`, (array, (width, height)).
 
   Raises:
     FileNotFoundError: `path` does not exist (message names the path).
@@ -181,13 +213,14 @@ def load_rgb(path: str,
               path, "too_large",
               f"{im.size[0]}x{im.size[1]} exceeds max_pixels={max_pixels}")
         im.load()
-        if bbx is not None:
-          factor = (im.size[0] / full_size[0], im.size[1] / full_size[1])
-          im = _crop(im, bbx, factor, path)
-        if exif_transpose:
-          # exif_transpose reads the tag from the (possibly cropped) image's info.
-          im = ImageOps.exif_transpose(im) or im
+        decoded_size = im.size
+        orientation = _orientation(im) if exif_transpose else 1
         arr = _to_rgb(im, background)
+        if bbx is not None:
+          factor = (decoded_size[0] / full_size[0], decoded_size[1] / full_size[1])
+          arr = _crop(arr, bbx, factor, path)
+        if orientation in _ORIENTATION:
+          arr = np.asarray(Image.fromarray(arr).transpose(_ORIENTATION[orientation]))
   except FileNotFoundError as e:
     raise FileNotFoundError(f"image file not found: {path}") from e
   except ImageDecodeError:
@@ -199,6 +232,8 @@ def load_rgb(path: str,
   if rotate % 360:
     # np.rot90 turns counter-clockwise for positive k.
     arr = np.ascontiguousarray(np.rot90(arr, k=-(rotate // 90) % 4))
+  if with_full_size:
+    return arr, decoded_size
   return arr
 
 
@@ -208,12 +243,14 @@ class SkipCounter:
   Attributes:
     counts: reason -> number of skipped files.
     examples: reason -> up to `max_examples` skipped paths.
+    entries: every (path, reason) skipped, in order (for `write_skipped_list`).
   """
 
   def __init__(self, max_examples: int = 5, log_first: int = 10):
     self._lock = threading.Lock()
     self.counts: Dict[str, int] = collections.Counter()
     self.examples: Dict[str, List[str]] = collections.defaultdict(list)
+    self.entries: List[Tuple[str, str]] = []
     self._max_examples = max_examples
     self._log_first = log_first
 
@@ -222,6 +259,7 @@ class SkipCounter:
     with self._lock:
       self.counts[reason] += 1
       n = self.counts[reason]
+      self.entries.append((str(path), reason))
       if len(self.examples[reason]) < self._max_examples:
         self.examples[reason].append(str(path))
     if n <= self._log_first:
@@ -240,6 +278,45 @@ class SkipCounter:
       if not self.counts:
         return "no images skipped"
       return ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items()))
+
+
+def skipped_list_text(entries: Sequence[Tuple[str, str]]) -> Optional[str]:
+  """`# N skipped files` then `<reason>\t<image path>` lines; None when there are none.
+
+  Duplicates are listed once, in first-seen order.
+  """
+  seen, lines = set(), []
+  for image, reason in entries:
+    if (image, reason) not in seen:
+      seen.add((image, reason))
+      lines.append(f"{reason}\t{image}\n")
+  if not lines:
+    return None
+  return f"# {len(lines)} skipped files: <reason>\t<path>\n" + "".join(lines)
+
+
+def write_skipped_list(path: str, entries: Sequence[Tuple[str, str]]) -> Optional[str]:
+  """Writes `skipped_list_text(entries)` to a local file (e.g. results/<name>_skipped.txt).
+
+  Every mode writes one where files were skipped, so a number is never reported without
+  the list of the files it silently lacks (`storage.write_text` of the text for buckets).
+
+  Args:
+    path: output file; its folder is created.
+    entries: (image path, reason) pairs, e.g. `SkipCounter.entries`.
+
+  Returns:
+    `path`, or None when there was nothing to write (no file is created then).
+  """
+  text = skipped_list_text(entries)
+  if text is None:
+    return None
+  folder = os.path.dirname(path)
+  if folder:
+    os.makedirs(folder, exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+  return path
 
 
 # Process-wide counter used when `try_load` is given none.

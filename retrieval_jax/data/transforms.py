@@ -8,15 +8,19 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}
 
-def resize_long_side(image: np.ndarray, long_side: int, upscale: bool = True) -> np.ndarray:
-  """Resizes so that max(H, W) == long_side, keeping the aspect ratio (bilinear, antialiased).
+
+def resize_long_side(image: np.ndarray, long_side: int, upscale: bool = True,
+                     resample: str = "bilinear") -> np.ndarray:
+  """Resizes so that max(H, W) == long_side, keeping the aspect ratio (antialiased).
 
   Args:
     image: [H, W, 3] uint8.
     long_side: target length of the longer side.
     upscale: if False, images already smaller than `long_side` are returned unchanged, as
       the reference's `imresize` (PIL `thumbnail`) does for its training images.
+    resample: "bilinear" (default) or "lanczos".
 
   Returns:
     [H', W', 3] uint8 with max(H', W') == long_side (or the input when not upscaled).
@@ -28,7 +32,29 @@ def resize_long_side(image: np.ndarray, long_side: int, upscale: bool = True) ->
   nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
   if (nh, nw) == (h, w):
     return image
-  return np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+  return np.asarray(Image.fromarray(image).resize((nw, nh), RESAMPLE[resample]))
+
+
+def thumbnail(image: np.ndarray, max_side: float, resample: str = "lanczos") -> np.ndarray:
+  """PIL's `Image.thumbnail((max_side, max_side), filter)`: shrinks only, keeps the aspect.
+
+  The reference's `imresize` (cirtorch `datahelpers.py`) is exactly this call with
+  ANTIALIAS (= LANCZOS): the size is floored, an image that already fits is returned
+  unchanged (never enlarged), and PIL's two-step `reducing_gap=2.0` resize is used.
+
+  Args:
+    image: [H, W, 3] uint8.
+    max_side: bound on both sides (a float, as the reference passes for query crops).
+    resample: "lanczos" (the reference) or "bilinear".
+
+  Returns:
+    [H', W', 3] uint8 with max(H', W') <= floor(max_side), or the input when it fits.
+  """
+  if resample not in RESAMPLE:
+    raise ValueError(f"resample must be one of {sorted(RESAMPLE)}, got {resample!r}")
+  im = Image.fromarray(image)
+  im.thumbnail((max_side, max_side), RESAMPLE[resample])
+  return image if im.size == (image.shape[1], image.shape[0]) else np.asarray(im)
 
 
 def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
@@ -88,7 +114,11 @@ def square_buckets(long_side: int) -> Tuple[Tuple[int, int], ...]:
 
 def prepare_eval_image(image: np.ndarray, long_side: int,
                        buckets: Optional[Sequence[Tuple[int, int]]] = None):
-  """Resize to long_side, pad into its bucket. Returns (padded, mask, bucket index)."""
+  """Resize to long_side, pad into its bucket. Returns (padded, mask, bucket index).
+
+  The former evaluation rule (bilinear, enlarging; `protocol.LEGACY`); the pipelines resize
+  by `protocol.EvalProtocol.resize`, cirtorch's rule by default.
+  """
   image = resize_long_side(image, long_side)
   buckets = buckets or square_buckets(long_side)
   b = pick_bucket(image.shape[0], image.shape[1], buckets)

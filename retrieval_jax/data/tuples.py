@@ -22,13 +22,13 @@ Output contract (host-local numpy, this process's rows of the global batch):
 Every element is a pure function of (seed, epoch, step), so resuming mid-epoch with grain's
 iterator state (one integer) gives exactly the batches of an uninterrupted run.
 """
-import os
 from typing import Dict, Optional, Sequence, Tuple
 
 from absl import logging
 import grain
 import numpy as np
 
+from retrieval_jax import storage
 from retrieval_jax.data import image_io
 from retrieval_jax.data import transforms
 
@@ -104,15 +104,12 @@ def negatives_to_images(neg_in_pool: np.ndarray, pool: np.ndarray) -> np.ndarray
 
 def save_tuples(path: str, qidxs: np.ndarray, pidxs: np.ndarray, nidxs: np.ndarray) -> None:
   """Writes an epoch's tuples atomically (a resumed run mid-epoch reads them back)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, qidxs=qidxs, pidxs=pidxs, nidxs=nidxs)
-  os.replace(tmp, path)
+  storage.save_npz(path, qidxs=qidxs, pidxs=pidxs, nidxs=nidxs)  # local folder or bucket
 
 
 def load_tuples(path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  with np.load(path) as f:
-    return f["qidxs"], f["pidxs"], f["nidxs"]
+  f = storage.load_npz(path)
+  return f["qidxs"], f["pidxs"], f["nidxs"]
 
 
 def _load(path: str, size: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -10,11 +10,14 @@ cells are `cell = thumb + 2 * border` wide and separated (and surrounded) by `ga
 pixels. A grid of R rows is `(k + 1) * (cell + gap) + gap` wide and `R * (cell + gap) + gap`
 high; cell c of row r starts at `(gap + c * (cell + gap), gap + r * (cell + gap))`.
 """
+import io
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
+
+from retrieval_jax import storage
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
 Colour = Tuple[int, int, int]
@@ -117,8 +120,9 @@ def results_grid(
 def save_results(path: Union[str, os.PathLike], *args, **kwargs) -> Image.Image:
   """`results_grid(*args, **kwargs)` written to `path` as PNG; returns the image."""
   image = results_grid(*args, **kwargs)
-  os.makedirs(os.path.dirname(os.fspath(path)) or '.', exist_ok=True)
-  image.save(path, format='PNG')
+  buf = io.BytesIO()
+  image.save(buf, format='PNG')
+  storage.write_bytes(path, buf.getvalue())  # a local folder or a gs:// workdir
   return image
 
 

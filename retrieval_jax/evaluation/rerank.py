@@ -14,6 +14,10 @@ first neighbour, with weight 1):
 
     x' = normalise(sum_{i=1..k} max(x.d_i, 0)^alpha d_i),   d_1 = x.
 
+Convention (`config.eval.dba_k`): k COUNTS THE IMAGE ITSELF. The TPAMI paper's "weighted
+sum of itself and its top n_DBA ranked images" is `dba_k = n_DBA + 1`; `dba_k = 1` leaves
+the database unchanged. (alpha-QE's `qe_k` does not count the query: it is n_QE.)
+
 Negative similarities get weight 0 rather than a sign-dependent (or nan, for non-integer
 alpha) power; they are rare inside a top-k list and the papers' alpha=3 then agrees.
 
@@ -85,8 +89,8 @@ def alpha_database_augmentation(
 
   Args:
     database: [Nd, D] L2-normalised database descriptors.
-    k: neighbours per vector, itself included (k <= 1 leaves the database unchanged but
-      normalised).
+    k: neighbours per vector, ITSELF INCLUDED: the paper's n_DBA neighbours is
+      k = n_DBA + 1 (k <= 1 leaves the database unchanged but normalised).
     alpha: weight exponent.
     mesh, dtype, query_batch: passed to `search.knn`.
 

@@ -1,0 +1,186 @@
+"""Config values checked before any compute, each error naming its key.
+
+`validate(config, mode)` runs at the start of every mode. ml_collections checks the key
+names and the scalar types of command-line overrides, not the values: `log_every=0` used
+to end in a ZeroDivisionError after the model was built, `crop_scale=oops` became
+`('oops',)`, `num_steps=0` exited 0 silently, and a backbone without the demo's
+`frozen_blocks` raised a raw TypeError. Every problem found is listed in one
+`ConfigError` (a ValueError), one line per key, with what to do.
+"""
+import dataclasses
+import numbers
+from typing import Any, Callable, List, Sequence
+
+from retrieval_jax import errors
+from retrieval_jax import losses
+from retrieval_jax.data import datasets
+from retrieval_jax.data import grain_pipeline
+from retrieval_jax.data import protocol
+from retrieval_jax.models import pooling
+from retrieval_jax.models import pretrained
+from retrieval_jax.postprocess import whitening
+
+# Tuple fields whose elements must be numbers: key -> (length or None, element check, rule).
+_NUMERIC_TUPLES = {
+    "data.crop_scale": (2, lambda v: 0 < v <= 1, "two area fractions in (0, 1]"),
+    "extract.scales": (None, lambda v: v > 0, "positive scale factors"),
+    "mesh.shape": (None, lambda v: v == -1 or (v > 0 and float(v).is_integer()),
+                   "positive integers or -1"),
+}
+_POSITIVE = ("train.checkpoint_every", "train.log_every", "train.keep_checkpoints",
+             "data.image_size", "data.num_threads", "extract.long_side", "extract.batch_size",
+             "optim.accumulate_steps")
+_NON_NEGATIVE = ("train.num_steps", "train.num_epochs", "train.eval_every",
+                 "train.stop_after", "eval.pictures", "eval.qe_k", "eval.dba_k",
+                 "eval.whitening_dim", "model.whitening_dim", "data.batch_size")
+_DTYPES = ("float32", "bfloat16", "float16")
+_MODE_NEEDS_TRAINING = ("train",)
+
+
+class ConfigError(errors.UserError, ValueError):
+  """Invalid config values; the message has one line per key."""
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+  node = config
+  for part in key.split("."):
+    try:
+      node = node[part]
+    except (KeyError, TypeError, AttributeError):
+      return default
+  return node
+
+
+def _is_number(v: Any) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _walk(node: Any, prefix: str = ""):
+  """(dotted key, value) of every leaf of a ConfigDict / dict."""
+  items = node.items() if hasattr(node, "items") else ()
+  for k, v in items:
+    key = f"{prefix}{k}"
+    if hasattr(v, "items") and not isinstance(v, (str, bytes)):
+      yield from _walk(v, key + ".")
+    else:
+      yield key, v
+
+
+def _module_options(make: Callable[..., Any]) -> List[str]:
+  """The dataclass fields a flax module factory accepts (its keyword options)."""
+  try:
+    module = make()
+  except TypeError:
+    return []
+  return sorted(f.name for f in dataclasses.fields(module)
+                if f.name not in ("parent", "name") and f.init)
+
+
+def _check_kwargs(errors: List[str], key: str, what: str, make: Callable[..., Any],
+                  kwargs: Any) -> None:
+  kwargs = dict(kwargs or {})
+  if not kwargs:
+    return
+  options = _module_options(make)
+  unknown = sorted(set(kwargs) - set(options)) if options else []
+  if unknown:
+    errors.append(f"config.{key}: {', '.join(unknown)} not taken by {what}; its options "
+                  f"are {', '.join(options)}. Remove them from the config (a config file "
+                  "written for another backbone sets them)")
+    return
+  try:
+    make(**kwargs)
+  except (TypeError, ValueError) as e:
+    errors.append(f"config.{key}: {what} rejects {kwargs}: {e}")
+
+
+def _check_name(errors: List[str], key: str, value: Any, known: Sequence[str],
+                allow_empty: bool = False) -> None:
+  if allow_empty and value in ("", None):
+    return
+  if value not in known:
+    errors.append(f"config.{key}={value!r} is not one of {sorted(known)}")
+
+
+def find_problems(config: Any, mode: str = "train") -> List[str]:
+  """All problems of `config` for `mode` ("train", "extract", "evaluate", ...), one per line."""
+  errors: List[str] = []
+  for key in _POSITIVE:
+    v = _get(config, key)
+    if v is not None and (not _is_number(v) or v <= 0):
+      errors.append(f"config.{key}={v!r} must be a positive number")
+  for key in _NON_NEGATIVE:
+    v = _get(config, key)
+    if v is not None and (not _is_number(v) or v < 0):
+      errors.append(f"config.{key}={v!r} must be >= 0")
+  for key, (length, ok, rule) in _NUMERIC_TUPLES.items():
+    v = _get(config, key)
+    if v is None:
+      continue
+    if (not isinstance(v, (tuple, list)) or not v or not all(_is_number(x) for x in v)
+        or (length is not None and len(v) != length) or not all(ok(x) for x in v)):
+      errors.append(f"config.{key}={v!r} must be a tuple of {rule}, e.g. "
+                    f"--config.{key}='{tuple(_get(_reference_defaults(), key, ()))}'")
+  for key, v in _walk(config):
+    if key.split(".")[-1] == "dtype" and v not in _DTYPES:
+      errors.append(f"config.{key}={v!r} is not a dtype name; use one of {list(_DTYPES)}")
+
+  # Names, checked before the model or any data loads.
+  backbone = _get(config, "model.backbone")
+  if backbone is not None:
+    if backbone not in pretrained.backbone_names():
+      errors.append(f"config.model.backbone={backbone!r} is not one of "
+                    f"{pretrained.backbone_names()}")
+    else:
+      spec = pretrained.get_backbone(backbone)
+      _check_kwargs(errors, "model.backbone_kwargs", f"backbone {backbone!r}", spec.make,
+                    _get(config, "model.backbone_kwargs"))
+  pool = _get(config, "model.pooling")
+  if pool is not None:
+    if pool not in pooling.POOLINGS:
+      errors.append(f"config.model.pooling={pool!r} is not one of {pooling.POOLINGS.names()}")
+    else:
+      _check_kwargs(errors, "model.pooling_kwargs", f"pooling {pool!r}",
+                    pooling.POOLINGS.get(pool), _get(config, "model.pooling_kwargs"))
+  loss = _get(config, "loss.name")
+  if loss is not None and mode in _MODE_NEEDS_TRAINING:
+    _check_name(errors, "loss.name", loss, losses.LOSSES.names())
+  known_sets = datasets.names()
+  if mode in _MODE_NEEDS_TRAINING:
+    _check_name(errors, "data.name", _get(config, "data.name"), known_sets)
+  _check_name(errors, "eval.dataset", _get(config, "eval.dataset"), known_sets,
+              allow_empty=True)
+  _check_name(errors, "eval.whitening", _get(config, "eval.whitening"),
+              ("",) + tuple(whitening.KINDS), allow_empty=True)
+  if _get(config, "eval.whitening"):
+    _check_name(errors, "eval.whitening_dataset", _get(config, "eval.whitening_dataset"),
+                known_sets, allow_empty=True)
+  _check_name(errors, "data.sampler", _get(config, "data.sampler"), grain_pipeline.SAMPLERS,
+              allow_empty=True)
+  _check_name(errors, "data.train_resize", _get(config, "data.train_resize"),
+              grain_pipeline.TRAIN_RESIZES, allow_empty=True)
+  extract = _get(config, "extract")
+  if extract is not None:
+    try:
+      protocol.from_config(extract)
+    except ValueError as e:
+      errors.append(f"config.{e}")
+  if mode in _MODE_NEEDS_TRAINING and _get(config, "train.num_steps") == 0 and not _get(
+      config, "train.num_epochs"):
+    errors.append("config.train.num_steps=0: there is nothing to train; give a number of "
+                  "steps, or run --mode=evaluate to evaluate the pretrained network")
+  return errors
+
+
+def validate(config: Any, mode: str = "train") -> None:
+  """Raises ConfigError listing every invalid value of `config` for `mode`."""
+  errors = find_problems(config, mode)
+  if errors:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(errors) if len(errors) > 1
+                      else errors[0])
+
+
+def _reference_defaults() -> Any:
+  """Example values for the messages (the fields' shapes, without importing configs/)."""
+  return {"data": {"crop_scale": (0.5, 1.0)}, "extract": {"scales": (1.0, 2 ** -0.5, 0.5)},
+          "mesh": {"shape": (-1,)}}
