@@ -1,6 +1,7 @@
 """The tf.data backend gives the grain backend's batches; TFDS builders read the raw layout.
 
-Skipped where TensorFlow (or tensorflow-datasets) is not installed: neither is required.
+TensorFlow and tensorflow-datasets come with the `tf` extra, which CI installs
+(launch/setup_env.sh); elsewhere the module is skipped.
 """
 import os
 import pickle
@@ -140,12 +141,14 @@ def test_tfds_builders_keep_original_bytes_and_ground_truth(tmp_path):
   from retrieval_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
   root, data_dir = str(tmp_path / "raw"), str(tmp_path / "tfds")
   _fake_sfm(root)
-  builder = tfds_builders.prepare("retrieval_sfm120k", manual_dir=root, data_dir=data_dir)
+  builder = tfds_builders.prepare("retrieval_sfm120k", manual_dir=root, data_dir=data_dir,
+                                  file_format="tfrecord")  # as_dataset reads TFRecords
   train = list(builder.as_dataset(split="train", decoders=tfds_builders.RAW_IMAGE)
                .as_numpy_iterator())
   assert sorted(int(e["index"]) for e in train) == [0, 1, 2, 3, 4]  # 5 was truncated.
   assert builder.info.splits["val"].num_examples == 3
-  assert builder.info.metadata["train"] == {"qidxs": [0, 2], "pidxs": [1, 3]}
+  assert builder.info.metadata["train"] == {"qidxs": [0, 2], "pidxs": [1, 3],
+                                            "labels": [0, 0, 1, 1, 2, 2]}
   from retrieval_jax.data import datasets  # pylint: disable=g-import-not-at-top
   tset = datasets.get_dataset("retrieval-sfm-120k", root, "train")
   for e in train:
@@ -156,7 +159,7 @@ def test_tfds_builders_keep_original_bytes_and_ground_truth(tmp_path):
 
   paths = _fake_roxford(root)
   builder = tfds_builders.prepare("revisited_oxford_paris/roxford5k", manual_dir=root,
-                                  data_dir=data_dir)
+                                  data_dir=data_dir, file_format="tfrecord")
   (query,) = builder.as_dataset(split="query", decoders=tfds_builders.RAW_IMAGE)
   query = {k: v.numpy() for k, v in query.items()}
   np.testing.assert_array_equal(query["easy"], [1, 2])
@@ -171,3 +174,57 @@ def test_tfds_builders_keep_original_bytes_and_ground_truth(tmp_path):
   exif_rotated = tfds_builders.decode_image(db[1]["image"])
   assert exif_rotated.shape == (48, 36, 3)  # EXIF orientation applied, as image_io does.
   np.testing.assert_array_equal(exif_rotated, image_io.load_rgb(paths[1]))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(sampler="balanced"),
+    dict(sampler="shuffle", batch_size=4, train_resize="long_side"),
+])
+def test_tfds_backend_gives_the_grain_batches(tmp_path, kw):
+  """data.backend=tfds: batches read from the prepared records == grain's from the files,
+  including the replacement of the truncated file (left out of the records)."""
+  pytest.importorskip("tensorflow_datasets")
+  from retrieval_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  root, data_dir = str(tmp_path / "raw"), str(tmp_path / "tfds")
+  _fake_sfm(root)
+  builder = tfds_builders.prepare("retrieval_sfm120k", manual_dir=root, data_dir=data_dir)
+  tset = datasets.get_dataset("retrieval-sfm-120k", root, "train")
+  common = dict(classes_per_batch=2, images_per_class=2, image_size=24, seed=5,
+                num_steps=6, **kw)
+  g_skips, t_skips = image_io.SkipCounter(), image_io.SkipCounter()
+  g = grain_pipeline.train_dataset(tset.images, tset.labels, skipped=g_skips, **common)
+  t = tfds_builders.train_dataset(builder, "train", skipped=t_skips, **common)
+  for step in range(6):
+    _assert_same(t[step], g[step])
+  assert g_skips.total > 0, "the plan never drew the truncated image: the test proves less"
+  assert t_skips.total == g_skips.total == 1
+  # Random access in any order gives the same element (grain may read steps out of order).
+  _assert_same(t[3], g[3])
+
+
+def test_config_data_backend_tfds_feeds_training_the_grain_batches(tmp_path):
+  """`--config.data.backend=tfds`: the trainer's inputs (train/inputs.py) prepare the
+  records under <workdir>/tfds once and yield what data.backend=grain yields."""
+  pytest.importorskip("tensorflow_datasets")
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.train import inputs  # pylint: disable=g-import-not-at-top
+  root, workdir = str(tmp_path / "raw"), str(tmp_path / "work")
+  _fake_sfm(root)
+  config = common.base_config()
+  config.data.name, config.data.root = "retrieval-sfm-120k", root
+  config.data.classes_per_batch, config.data.images_per_class = 2, 2
+  config.data.image_size, config.train.num_steps = 24, 4
+  train_set = datasets.get_dataset("retrieval-sfm-120k", root, "train")
+  got = {}
+  for backend in ("grain", "tfds"):
+    config.data.backend = backend
+    feed = inputs.make_inputs(config, train_set, None, None, workdir)
+    got[backend] = [feed.next_batch(step, None) for step in range(4)]
+  assert os.path.isdir(os.path.join(workdir, "tfds", "retrieval_sfm120k"))
+  for a, b in zip(got["grain"], got["tfds"]):
+    _assert_same(a, b)
+  config.data.name = "demo"
+  with pytest.raises(ValueError, match="data.backend='tfds' has a builder for"):
+    inputs.make_inputs(config, train_set, None, None, workdir)

