@@ -25,7 +25,9 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after compilation.")
 
 def main(argv):
   del argv
-  from retrieval_jax import sharding, train_state, train_step  # pylint: disable=import-outside-toplevel
+  from retrieval_jax import sharding  # pylint: disable=import-outside-toplevel
+  from retrieval_jax.train import state as train_state  # pylint: disable=import-outside-toplevel
+  from retrieval_jax.train import step as train_step  # pylint: disable=import-outside-toplevel
   c = _CONFIG.value
   mesh = sharding.make_mesh(c.mesh.shape, c.mesh.axes)
   model, tx, state = train_state.create(c, mesh)
@@ -38,15 +40,17 @@ def main(argv):
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
   compile_s = time.time() - t
-  t = time.time()
+  t, cpu = time.time(), time.process_time()
   for _ in range(_STEPS.value):
     state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
   per_step = (time.time() - t) / _STEPS.value
+  cpu_per_step = (time.process_time() - cpu) / _STEPS.value
   print(f"devices={jax.device_count()} ({jax.devices()[0].device_kind}) "
         f"backbone={c.model.backbone} image={s} batch={k * m} dtype={c.model.dtype}: "
         f"compile+first step {compile_s:.1f}s, {per_step:.3f}s/step, "
-        f"{k * m / per_step:.1f} images/s")
+        f"{k * m / per_step:.1f} images/s, {k * m / cpu_per_step:.1f} images/CPU-s "
+        f"(load average {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

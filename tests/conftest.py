@@ -2,14 +2,89 @@
 
 * 8 fake CPU devices, so sharded code runs as on a pod slice.
 * A persistent XLA compile cache: compiling dominates these tests on CPU, and repeated shapes
-  reuse their executables across tests and runs (same HLO, same binary: bitwise results are
-  unaffected).
+  reuse their executables across tests, main.py subprocesses, pytest-xdist workers and runs
+  (same HLO, same binary: bitwise results are unaffected). XLA compiles at LLVM level 0.
+* The terminal summary reports how many executables were built, how many came from that
+  cache and the seconds spent (all workers together), so a change that breaks sharing
+  (a new shape, a fresh closure per call) shows in CI's output.
 """
+import collections
+import json
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# LLVM optimisation level 0: the tests' programs are tiny and compiled once each, so
+# compiling, not running, is their cost; at level 0 the suite needs ~25% less CPU time
+# (tests/test_train.py 98 -> 71 CPU-s, test_ukbench_real + test_mobilenet_v2 52 -> 41;
+# BENCHMARKS.md). Results stay IEEE float32 (no fast-math), the bitwise tests compare runs
+# made with the same flags.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "retrieval_jax_test_xla_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Every executable goes to the cache, however quick its compile: the many small ones are
+# what xdist workers and main.py subprocesses would otherwise all compile again.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+from jax import monitoring  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Backend compiles (from scratch or from the persistent cache) and their seconds; cache hits.
+_COMPILE = "/jax/core/compile/backend_compile_duration"
+_HIT = "/jax/compilation_cache/cache_hits"
+_REQUEST = "/jax/compilation_cache/compile_requests_use_cache"
+_STATS = collections.Counter()
+
+
+def _on_event(event: str, **kwargs) -> None:
+  del kwargs
+  if event in (_HIT, _REQUEST):
+    _STATS[event] += 1
+
+
+def _on_duration(event: str, duration_secs: float, **kwargs) -> None:
+  del kwargs
+  if event == _COMPILE:
+    _STATS["executables"] += 1
+    _STATS["compile_s"] += duration_secs
+
+
+monitoring.register_event_listener(_on_event)
+monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+class _WorkerStats:
+  """pytest-xdist: each worker's counts travel to the controller's summary."""
+
+  def __init__(self):
+    self.workers = []
+
+  def pytest_testnodedown(self, node, error):
+    del error
+    stats = getattr(node, "workeroutput", {}).get("xla_compile_stats")
+    if stats:
+      self.workers.append(json.loads(stats))
+
+
+def pytest_configure(config):
+  if config.pluginmanager.hasplugin("xdist"):
+    config.pluginmanager.register(_WorkerStats(), "retrieval_jax_worker_stats")
+
+
+def pytest_sessionfinish(session):
+  if hasattr(session.config, "workeroutput"):  # an xdist worker
+    session.config.workeroutput["xla_compile_stats"] = json.dumps(dict(_STATS))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+  plugin = config.pluginmanager.get_plugin("retrieval_jax_worker_stats")
+  total = collections.Counter(_STATS)
+  for worker in (plugin.workers if plugin else []):
+    total.update(worker)
+  if not total["executables"]:
+    return
+  terminalreporter.write_line(
+      f"XLA executables built in the test processes: {total['executables']} "
+      f"({total['compile_s']:.0f} s), {total[_HIT]} of {total[_REQUEST]} cacheable ones "
+      f"loaded from the persistent cache {os.environ['JAX_COMPILATION_CACHE_DIR']} "
+      "(main.py subprocesses not counted)")

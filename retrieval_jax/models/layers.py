@@ -16,9 +16,11 @@ Backbone contract (every module in `retrieval_jax/models/` that is a trunk):
 
 Weight layouts: PyTorch convolution kernels are [out, in, kh, kw], Flax's [kh, kw, in, out].
 """
+import functools
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -81,6 +83,64 @@ def batch_norm(bn_mode: str, train: bool, dtype: Any, name: str, eps: float = TO
                       dtype=dtype, param_dtype=jnp.float32, name=name, scale_init=scale_init)
 
 
+@functools.partial(jax.jit, static_argnames="stride")
+def _depthwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+  """Grouped convolution, one group per channel (XLA's convolution; GPU/TPU)."""
+  k = kernel.shape[0]
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), torch_padding(k),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=x.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames="stride")
+def _depthwise_taps(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+  """The same convolution as k*k shifted multiply-adds (float32 accumulation).
+
+  XLA's CPU backend runs grouped convolutions ~6-8x slower than this elementwise form,
+  which it fuses into one loop (MobileNetV2 at 1024 px: 0.76 -> 3.3 images per CPU-second,
+  BENCHMARKS.md); the result equals the convolution up to float rounding. jit'd (as
+  `_depthwise_conv`) so that an un-jitted model.apply compiles one program per shape, not
+  one per tap.
+  """
+  k = kernel.shape[0]
+  p = (k - 1) // 2
+  b, h, w, c = x.shape
+  oh, ow = (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1
+  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))).astype(acc_dtype)
+  kernel = kernel.astype(acc_dtype)
+  out = None
+  for i in range(k):
+    for j in range(k):
+      tap = jax.lax.slice(xp, (0, i, j, 0),
+                          (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+                          (1, stride, stride, 1)) * kernel[i, j, 0]
+      out = tap if out is None else out + tap
+  return out.astype(x.dtype)
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise k x k convolution (torch padding, no bias): params as nn.Conv's `kernel`
+  [k, k, 1, C], so converters and checkpoints see no difference.
+
+  On CPU it lowers to shifted multiply-adds (`_depthwise_taps`), elsewhere to XLA's grouped
+  convolution; `jax.lax.platform_dependent` picks per backend, so exported programs keep both.
+  """
+  kernel: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (self.kernel, self.kernel, 1, c), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    return jax.lax.platform_dependent(
+        x, kernel, cpu=functools.partial(_depthwise_taps, stride=self.stride),
+        default=functools.partial(_depthwise_conv, stride=self.stride))
+
+
 class ConvBN(nn.Module):
   """Conv (torch padding, no bias) + BatchNorm (+ optional activation), then the mask.
 
@@ -98,9 +158,12 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, train=False):
-    x = nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
-                padding=torch_padding(self.kernel), feature_group_count=self.groups,
-                use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="conv")(x)
+    if self.groups > 1 and self.groups == x.shape[-1] == self.features:
+      x = DepthwiseConv(self.kernel, self.stride, dtype=self.dtype, name="conv")(x)
+    else:
+      x = nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
+                  padding=torch_padding(self.kernel), feature_group_count=self.groups,
+                  use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="conv")(x)
     x = batch_norm(self.bn_mode, train, self.dtype, "bn", self.bn_eps)(x)
     if self.activation == "relu":
       x = nn.relu(x)
