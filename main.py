@@ -9,7 +9,6 @@ Any config field can be overridden: --config.optim.lr=1e-6. Unknown keys fail wi
 """
 import json
 import logging as pylogging
-import os
 
 from absl import app
 from absl import flags
@@ -19,10 +18,27 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, data cache and results go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "extract", "evaluate"], "What to run.")
+_MODE = flags.DEFINE_string(
+    "mode", "train", "What to run: a mode of retrieval_jax/run.py's MODES (train, evaluate, "
+    "extract, ...); an unknown name fails listing them.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "off", ["off", "on"],
-    "on: jax.distributed.initialize() (TPU pods, multi-node GPU; see launch/).")
+    "on: join a multi-process run (TPU pods, multi-node GPU; see launch/). The coordinator "
+    "comes from the three flags below, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / "
+    "JAX_PROCESS_ID, else jax detects the TPU pod, SLURM or MPI job.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (implies --distributed=on).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, in [0, num_processes).")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout", 300, "Seconds to wait for every process to join.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100,
+    "Seconds after which a silent process counts as dead and the others exit with an error.")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show the traceback of user errors (a missing dataset, a bad config "
+    "value, ...), which otherwise print one message and exit with code 2; also "
+    "RETRIEVAL_JAX_VERBOSE=1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,18 +54,24 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
   # Imported here so that `--help` and config errors come before JAX starts.
   import jax  # pylint: disable=import-outside-toplevel
-  from retrieval_jax import cli  # pylint: disable=import-outside-toplevel
-  if _DISTRIBUTED.value == "on":
-    # Reads the coordinator from TPU metadata, SLURM, or JAX_COORDINATOR_ADDRESS /
-    # JAX_NUM_PROCESSES / JAX_PROCESS_ID.
-    jax.distributed.initialize()
-  config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
-  os.makedirs(workdir, exist_ok=True)
+  from retrieval_jax import run  # pylint: disable=import-outside-toplevel
+  from retrieval_jax import distributed  # pylint: disable=import-outside-toplevel
+  from retrieval_jax import storage  # pylint: disable=import-outside-toplevel
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if _DISTRIBUTED.value == "on" or any(v is not None for v in explicit):
+    distributed.initialize(distributed.resolve(*explicit), _INIT_TIMEOUT.value,
+                           _HEARTBEAT_TIMEOUT.value)
+  # A local path becomes absolute, a URL (gs://bucket/run) stays one; an unwritable workdir
+  # fails here, naming it, before anything is compiled.
+  config, workdir = _CONFIG.value, storage.resolve(_WORKDIR.value)
+  storage.check_writable(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"config_{_MODE.value}.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+    storage.write_text(storage.join(workdir, f"config_{_MODE.value}.json"),
+                       config.to_json_best_effort(indent=1))
   logging.info("mode=%s workdir=%s\n%s", _MODE.value, workdir, config)
-  result = cli.run(_MODE.value, config, workdir)
+  from retrieval_jax import errors  # pylint: disable=import-outside-toplevel
+  result = errors.report_user_errors(run.run, _MODE.value, config, workdir,
+                                     verbose=_VERBOSE.value)
   if result:
     print(json.dumps(result, indent=1))
 

@@ -14,7 +14,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = "demo"            # datasets registry name (retrieval_jax/data/datasets.py)
   c.data.root = ""                # dataset folder; "" = <workdir>/data
   c.data.split = "train"          # training split ("train_clean" for GLDv2-clean)
-  c.data.backend = "grain"
+  c.data.backend = "grain"         # "grain", "tfdata" (same batches) or "tfds" (from records)
+  c.data.tfds_dir = ""             # data.backend="tfds": TFDS records; "" = <workdir>/tfds
   c.data.image_size = 362         # training crop side (the reference's --image-size)
   c.data.crop_scale = (0.5, 1.0)  # random resized crop area range
   c.data.classes_per_batch = 8    # K landmarks per global batch (in-step mining)
@@ -36,7 +37,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pooling_kwargs = ml_collections.ConfigDict({"p_init": 3.0})
   c.model.whitening_dim = 0
   c.model.multi_layer = False
+  # NetVLAD / ms_netvlad codebook before step 0: "" (random unit centres) or "kmeans" (faiss
+  # k-means of the trunk's local features of netvlad_init_images training images).
+  c.model.netvlad_init = ""
+  c.model.netvlad_init_images = 64
   c.model.dtype = "float32"        # trunk compute dtype; "bfloat16" on TPU/GPU
+  # DELG local head (retrieval_jax/local/, networks.py): "" none; "delg": attention (+ the
+  # autoencoder when local_dim > 0) on the trunk's earlier stage, trained with the global loss,
+  # its losses stopped at the trunk.
+  c.model.local_head = ""
+  c.model.local_dim = 128          # autoencoder output = local descriptor size; 0: raw stage
+  c.model.local_attention_hidden = 512
+  c.model.local_classifier = "softmax"  # attention classifier: "softmax", "arcface", "cosface"
+  c.model.local_num_classes = 0    # its classes (>= the training set's labels)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "contrastive"
@@ -48,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.vaccaro_t = 10            # Vaccaro: rank gap beyond which a triplet is "extremely hard"
   c.loss.vaccaro_mode = "mixed"    # "mixed", "semi-hard" or "hard"
   c.loss.semi_hard_prob = 0.5      # Vaccaro "mixed": probability of a semi-hard triplet
+  c.loss.local_attention_weight = 1.0       # DELG: attention CE weight (train.py flags)
+  c.loss.local_reconstruction_weight = 10.0  # DELG: autoencoder MSE weight
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"
@@ -87,21 +102,81 @@ def base_config() -> ml_collections.ConfigDict:
   c.extract.scales = (1.0,)        # e.g. (1, 2 ** -0.5, 0.5) for multi-scale
   c.extract.multiscale_combine = "gem"  # "gem" (the reference: learned p), "mean", "early_fusion"
   c.extract.checkpoint_step = -1   # -1: latest
+  # Evaluation input protocol (retrieval_jax/data/protocol.py); defaults = cirtorch's test.py:
+  c.extract.query_resize = "reference"  # crop scaled as its whole image; or "long_side"
+  c.extract.upscale = False        # never enlarge (PIL thumbnail); True: enlarge to long_side
+  c.extract.resample = "lanczos"   # PIL LANCZOS (= the reference's ANTIALIAS) or "bilinear"
+  c.extract.exif_transpose = "auto"  # "auto": off for benchmark datasets, on for user folders
+  c.extract.multiscale_resize = "interpolate"  # F.interpolate on the device; "decode": re-decode
+  # Local features (model.local_head): DELG's pyramid, top scores, NMS (retrieval_jax/local/).
+  c.extract.local_long_side = 0    # 0: extract.long_side
+  c.extract.local_scales = (0.7071, 1.0, 1.4142)
+  c.extract.local_max_features = 1000
+  c.extract.local_score_threshold = 0.0  # softplus scores are > 0: 0 keeps the top ones
+  c.extract.local_iou = 1.0        # NMS IoU on receptive boxes; 1.0 (DELF's default): none
 
   c.eval = ml_collections.ConfigDict()
   c.eval.dataset = "demo"
   c.eval.split = "test"
   c.eval.root = ""
   c.eval.pictures = 4              # queries drawn with their top results; 0: none
-  # Post-hoc whitening (retrieval_jax/learned_whitening.py), the reference's test.py --whitening:
-  c.eval.whitening = ""            # "" (none), "learned" (Lw from pairs) or "pca"
-  c.eval.whitening_dim = 0         # components kept; 0 = all
+  # Post-hoc whitening (retrieval_jax/postprocess/), the reference's test.py --whitening:
+  c.eval.whitening = ""            # "" (none), "learned" (Lw from pairs), "pca" or "pfa"
+  c.eval.whitening_dim = 0         # components kept; 0 = all ("pfa": features kept, > 0)
   c.eval.whitening_dataset = ""    # dataset to learn it on; "" = data.name
   c.eval.whitening_split = ""      # "" = "whiten" for SfM-120k/30k, else "train"
   c.eval.whitening_max_pairs = 0   # subsample the pairs (seeded); 0 = all
   c.eval.whitening_pca_dim = 0     # "learned": reduce to this many PCA components first; 0 = no
   c.eval.qe_k = 0                  # alpha query expansion: top-k added to each query; 0 = off
   c.eval.qe_alpha = 3.0
-  c.eval.dba_k = 0                 # alpha database-side augmentation (itself included); 0 = off
+  c.eval.dba_k = 0                 # alpha-DBA: neighbours ITSELF INCLUDED (n_DBA + 1); 0 = off
+  c.eval.allow_missing = False     # True: evaluate without missing images (recorded in the result)
   c.eval.dba_alpha = 3.0
+  # Second-stage ranking with local features (retrieval_jax/local/evaluate.py), reported
+  # beside the global-only numbers: "" off, "local" (DELG: RANSAC inliers), "asmk".
+  c.eval.rerank = ""
+  c.eval.rerank_top = 100          # global top-N re-ranked (asmk: -1 ranks by ASMK alone)
+  c.eval.rerank_min_inliers = 15   # verified at >= this many inliers
+  c.eval.rerank_matcher = "ratio"  # "ratio" (Lowe), "mutual_nn", "distance"
+  c.eval.rerank_ratio = 0.9
+  c.eval.rerank_model = "affine"   # RANSAC model: "affine" (DELF) or "homography"
+  c.eval.rerank_backend = "skimage"  # "skimage" or "pydegensac" (homography)
+  c.eval.rerank_residual = 10.0    # RANSAC inlier threshold, pixels
+  c.eval.rerank_max_trials = 1000
+  c.eval.rerank_stop_probability = 1.0  # < 1 lets RANSAC stop early on clear matches
+  c.eval.rerank_threads = 2
+  c.eval.asmk_codebook_size = 65536
+  c.eval.asmk_train_images = 2000  # training images whose local features learn the codebook
+
+  # --mode=export (retrieval_jax/export.py): the network with its input rule for serving.
+  c.export = ml_collections.ConfigDict()
+  c.export.dir = ""                # "" = <workdir>/export
+  c.export.long_side = 0           # 0 = extract.long_side
+  c.export.scales = ()             # () = extract.scales
+  c.export.multiscale_combine = ""  # "" = extract.multiscale_combine ("gem" or "mean")
+  c.export.normalize = True        # L2 the final descriptor
+  c.export.whitening = False       # bake in the post-hoc whitening of eval.whitening
+  c.export.platforms = ("cpu", "cuda", "tpu")  # jax.export / SavedModel lowering platforms
+  c.export.saved_model = True      # also the TF SavedModel (needs the `tf` extra)
+
+  # --mode=describe (retrieval_jax/describe.py): a folder or list file of photos.
+  c.describe = ml_collections.ConfigDict()
+  c.describe.images = ""           # folder (recursive) or text file with one path per line
+  c.describe.out = ""              # "" = <workdir>/describe
+  c.describe.chunk = 1024          # images per resumable unit
+
+  # --mode=search (retrieval_jax/folder_search.py): top-k in a described folder.
+  c.search = ml_collections.ConfigDict()
+  c.search.index = ""              # a describe output folder; "" = <workdir>/describe
+  c.search.query = ""              # an image, a folder or a list file
+  c.search.k = 10
+  c.search.backend = "exact"       # "exact" (device mesh) or "faiss" (index saved once)
+  c.search.faiss_factory = "HNSW32"  # or e.g. "IVF4096,PQ32"
+  c.search.nprobe = 16             # IVF lists visited per query
+  c.search.out = ""                # "" = <workdir>/search
+  c.search.pictures = 20           # queries drawn with their results
+  # Evaluation at scale (roxford5k+1m): also the faiss top-k (factory / nprobe above) with
+  # its mAP and recall@k against the exact top-k.
+  c.eval.search_backend = "exact"  # "exact" or "faiss" (both reported)
+  c.eval.approx_k = 100
   return c

@@ -43,6 +43,7 @@ def get_config():
   c.model.pretrained = "resnet50-0676ba61.pth"  # torchvision ImageNet weights (a path)
   c.model.pooling = "ms_netvlad"
   c.model.pooling_kwargs = {"num_clusters": 64, "alpha": 100.0, "windows": (2, 3)}
+  c.model.netvlad_init = "kmeans"  # the docstring's "k-means initialised" (faiss, before step 0)
   c.loss.name = "vaccaro_triplet"
   c.loss.margin = 0.1
   c.loss.vaccaro_t = 10

@@ -10,11 +10,13 @@ data with the reference pipeline of configs/gem_resnet101.py:
 
 Choices (ours, not a published recipe): tuples (q, p, n_1..n_10), `losses.triplet_tuple_loss`
 (sum over the 10 triplets, margin 0.1, squared distances: NetVLAD's and Vaccaro's form), Adam
-lr 1e-6, 30 epochs. NetVLAD's centroids should start from a k-means of conv5 features
-(`models.pooling.kmeans_init` gives centroids and alpha; pass them through
-`model.pooling_kwargs.centroids_init` / `alpha`): with the default random unit centroids the
-first epochs only sort the codebook out. The descriptor is 64 x 512 = 32768-D; a learned
-whitening to 4096-D (`eval.whitening_dim`) follows NetVLAD's PCA-whitened 4096-D setting.
+lr 1e-6, 30 epochs. NetVLAD's centroids start from a faiss k-means of conv5 features of
+`model.netvlad_init_images` training images (`model.netvlad_init="kmeans"`,
+`postprocess/clustering.py`), as the NetVLAD paper initialises them; the data's suggested
+alpha is logged (set `model.pooling_kwargs.alpha` to use it). With random unit centroids
+(`--config.model.netvlad_init=""`) the first epochs only sort the codebook out. The
+descriptor is 64 x 512 = 32768-D; a learned whitening to 4096-D (`eval.whitening_dim`)
+follows NetVLAD's PCA-whitened 4096-D setting.
 
 Expected result: the NetVLAD paper's off-the-shelf VGG16-NetVLAD (Pittsburgh-trained,
 4096-D whitened) reaches 71.6 Oxford5k / 79.7 Paris6k / 87.5 Holidays mAP (as quoted in
@@ -30,6 +32,7 @@ def get_config():
   c.model.pretrained = "vgg16-397923af.pth"
   c.model.pooling = "netvlad"
   c.model.pooling_kwargs = {"num_clusters": 64, "alpha": 100.0}
+  c.model.netvlad_init = "kmeans"
   c.loss.name = "triplet"
   c.loss.margin = 0.1
   c.loss.num_negatives = 10

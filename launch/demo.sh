@@ -10,6 +10,10 @@ bash launch/setup_env.sh
 . .venv/bin/activate
 WORKDIR=${1:-workdir/demo}
 shift || true
+# Compiled programs are kept in the workdir: the evaluate process (and any rerun) loads the
+# extraction programs the training process compiled instead of compiling them again.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$(realpath -m "$WORKDIR")/xla_cache}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.3}"
 python main.py --config=configs/demo.py --workdir="$WORKDIR" "$@"
 python main.py --config=configs/demo.py --workdir="$WORKDIR" --mode=evaluate "$@"
 python - "$WORKDIR" <<'PY'

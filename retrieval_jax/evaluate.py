@@ -16,13 +16,17 @@ import numpy as np
 
 from retrieval_jax import evaluation
 from retrieval_jax import extract
-from retrieval_jax import learned_whitening
+from retrieval_jax import folder_search
+from retrieval_jax import paths
 from retrieval_jax import search
 from retrieval_jax import sharding
+from retrieval_jax import storage
 from retrieval_jax.data import datasets
 from retrieval_jax.data import image_io
+from retrieval_jax.data import integrity
 from retrieval_jax.evaluation import pictures as pictures_lib
 from retrieval_jax.evaluation import rerank as rerank_lib
+from retrieval_jax.postprocess import whitening as whitening_lib
 
 
 def ground_truth(dataset: datasets.RetrievalSet) -> Any:
@@ -60,10 +64,10 @@ def picture_gnd(dataset: datasets.RetrievalSet, n: int) -> List[Dict[str, np.nda
   return out
 
 
-def _rotations(dataset: datasets.RetrievalSet, paths: Sequence[str]) -> Optional[List[int]]:
+def _rotations(dataset: datasets.RetrievalSet, images: Sequence[str]) -> Optional[List[int]]:
   if not dataset.rotations:
     return None
-  return [int(dataset.rotations.get(p, 0)) for p in paths]
+  return [int(dataset.rotations.get(p, 0)) for p in images]
 
 
 def with_saved_before(workdir: str, results: Dict[str, Any]) -> Dict[str, Any]:
@@ -71,56 +75,88 @@ def with_saved_before(workdir: str, results: Dict[str, Any]) -> Dict[str, Any]:
 
   A resumed run, or a later --mode=evaluate, does not evaluate the untrained network again.
   """
-  path = os.path.join(workdir, "results", "before.json")
-  if results.get("before") is None and os.path.exists(path):
-    with open(path) as f:
-      return dict(results, before=json.load(f))
+  path = storage.join(paths.results_dir(workdir), "before.json")
+  if results.get("before") is None and storage.exists(path):
+    return dict(results, before=json.loads(storage.read_text(path)))
   return results
 
 
 def rerank_config(eval_config) -> Dict[str, Any]:
   """The re-ranking fields of `config.eval` (alpha-QE / alpha-DBA; k = 0 turns one off)."""
-  return {k: eval_config.get(k, d) for k, d in
-          (("qe_k", 0), ("qe_alpha", 3.0), ("dba_k", 0), ("dba_alpha", 3.0))}
+  return {k: eval_config[k] for k in ("qe_k", "qe_alpha", "dba_k", "dba_alpha")}
 
 
 def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_config,
              workdir: str = "", tag: str = "eval", pictures: int = 0,
              whitening: Optional[Mapping[str, Any]] = None, describe_fn=None,
-             rerank: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+             rerank: Optional[Mapping[str, Any]] = None, allow_missing: bool = False,
+             data_root: str = "",
+             approximate: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
   """Descriptors of the set's queries and database -> the evaluator's metrics (+ JSON file).
 
   Args:
     model, variables: the network (a RetrievalNet and its variables).
     dataset: a RetrievalSet.
-    mesh: device mesh (extraction and search are sharded over "data").
+    mesh: device mesh (extraction and search are split over its batch axis).
     extract_config: `config.extract` (long_side, batch_size, scales, multiscale_combine).
     workdir: where results/ goes ("" writes nothing).
     tag: file name stem of the results.
     pictures: draw the top results of this many queries (0: none).
-    whitening: optional {"m", "P", "kind", "dim"} (`learned_whitening.get_or_compute`);
+    whitening: optional {"m", "P", "kind", "dim"} (`whitening_store.get_or_compute`);
       its metrics are added with a `_<kind>` suffix and its lines with `+ <kind>`, and the
       pictures show the whitened ranking.
     describe_fn: a compiled `extract.make_describe_fn(model, mesh)` to reuse.
     rerank: optional {"qe_k", "qe_alpha", "dba_k", "dba_alpha"} (`config.eval`): alpha-DBA
       then alpha-QE on the final descriptors, reported with a `_rerank` suffix. The
       pictures show the last variant's ranking.
+    allow_missing: `config.eval.allow_missing`: evaluate without missing / unreadable
+      images (else they are an error, `data/integrity.py`); the counts go into the result.
+    data_root: the set's data root, for the download command in those errors.
+    approximate: optional {"k", "factory", "nprobe"} (`approximate_config`): for a
+      revisited set, also the mAP of the exact and of the faiss top-k lists and the
+      recall@k of the faiss search (the index is built once under <workdir>/faiss/).
   Returns:
-    The evaluator's metrics and 'lines' (plus the whitened ones).
+    The evaluator's metrics and 'lines' (plus the whitened ones), and "missing_queries" /
+    "missing_db_images" when images were left out.
   """
-  kw = extract.extract_kwargs(extract_config, variables)
+  checked = integrity.check_retrieval_set(dataset, root=data_root, allow_missing=allow_missing)
+  dataset = checked.dataset
+  kw = extract.extract_kwargs(extract_config, variables, model, dataset.name)
   kw["describe_fn"] = describe_fn or extract.make_describe_fn(model, mesh)
+  failed_q, failed_db = image_io.SkipCounter(), image_io.SkipCounter()
   q = extract.extract_descriptors(model, variables, dataset.query_images,
                                   bboxes=dataset.query_bbx,
                                   rotations=_rotations(dataset, dataset.query_images),
-                                  mesh=mesh, **kw)
+                                  mesh=mesh, skipped=failed_q, **kw)
   db = extract.extract_descriptors(model, variables, dataset.db_images,
                                    rotations=_rotations(dataset, dataset.db_images),
-                                   mesh=mesh, **kw)
+                                   mesh=mesh, skipped=failed_db, **kw)
+  try:
+    checked, drop_q, drop_db = integrity.after_extraction(
+        checked, failed_q.entries, failed_db.entries, root=data_root)
+  finally:  # The list of skipped files is written even when they stop the evaluation.
+    _write_skipped(workdir, dataset.name, checked.entries + failed_q.entries
+                   + failed_db.entries)
+  if drop_q or drop_db:
+    dataset = checked.dataset
+    q, db = np.delete(q, drop_q, axis=0), np.delete(db, drop_db, axis=0)
   name = evaluator_name(dataset)
   gt = ground_truth(dataset)
   score = evaluation.get_evaluator(name)
   result = dict(score(q, db, gt, mesh=mesh))
+  if checked.entries:
+    result.update(checked.summary())
+    result["lines"] = list(result["lines"]) + [
+        f"{dataset.name}: evaluated WITHOUT {len(checked.missing_queries)} missing queries "
+        f"and {len(checked.missing_db)} missing database images (eval.allow_missing=True)"]
+
+  if approximate and dataset.gnd is not None and "easy" in dataset.gnd[0]:
+    report = folder_search.revisited_exact_and_approximate(
+        dataset.name, q, db, dataset.gnd, k=int(approximate["k"]), mesh=mesh,
+        index_dir=os.path.join(workdir or ".", "faiss", f"{dataset.name}_{tag}"),
+        factory=approximate["factory"], nprobe=int(approximate["nprobe"]))
+    result["lines"] = list(result["lines"]) + report.pop("lines")
+    result.update(report)
 
   def add_variant(suffix: str, label: str, q, db):
     extra = score(q, db, gt, mesh=mesh)
@@ -130,8 +166,8 @@ def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_
 
   if whitening is not None:
     kind = whitening.get("kind", "whiten")
-    q = learned_whitening.apply(q, whitening, whitening.get("dim", 0))
-    db = learned_whitening.apply(db, whitening, whitening.get("dim", 0))
+    q = whitening_lib.apply(q, whitening, whitening.get("dim", 0))
+    db = whitening_lib.apply(db, whitening, whitening.get("dim", 0))
     add_variant(kind, f"{kind} whitening ({q.shape[1]}D)", q, db)
   if rerank and (rerank.get("dba_k", 0) or rerank.get("qe_k", 0)):
     # On the final (whitened) descriptors: database-side augmentation, then query expansion.
@@ -146,14 +182,21 @@ def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_
   for line in result["lines"]:
     logging.info("%s %s", tag, line)
   if workdir and sharding.is_main_process():
-    out = os.path.join(workdir, "results")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{tag}.json"), "w") as f:
-      json.dump({k: _jsonable(v) for k, v in result.items()}, f, indent=1)
+    out = paths.results_dir(workdir)
+    storage.write_text(storage.join(out, f"{tag}.json"),
+                       json.dumps({k: _jsonable(v) for k, v in result.items()}, indent=1))
     n = min(pictures, len(dataset.query_images))
     if n and (dataset.gnd is not None or dataset.query_labels is not None):
       _pictures(out, tag, q, db, dataset, n)
   return result
+
+
+def _write_skipped(workdir: str, name: str, entries) -> None:
+  """results/<name>_skipped.txt: every image left out (missing, unreadable)."""
+  text = image_io.skipped_list_text(entries)
+  if workdir and text and sharding.is_main_process():
+    out = paths.results_dir(workdir)
+    storage.write_text(storage.join(out, f"{name}_skipped.txt"), text)
 
 
 def _pictures(out: str, tag: str, q: np.ndarray, db: np.ndarray,
@@ -178,9 +221,9 @@ def _pictures(out: str, tag: str, q: np.ndarray, db: np.ndarray,
     except (image_io.ImageDecodeError, FileNotFoundError):
       return np.zeros((8, 8, 3), np.uint8)
 
-  pictures_lib.save_results(os.path.join(out, f"{tag}_top.png"), queries, db_image, ranks,
+  pictures_lib.save_results(storage.join(out, f"{tag}_top.png"), queries, db_image, ranks,
                             gnd, k=8, thumb=96)
-  pictures_lib.save_per_query(os.path.join(out, f"{tag}_queries"), queries, db_image, ranks,
+  pictures_lib.save_per_query(storage.join(out, f"{tag}_queries"), queries, db_image, ranks,
                               gnd, k=8, thumb=96)
 
 
@@ -194,3 +237,12 @@ def _jsonable(v):
   if isinstance(v, (list, tuple)):
     return [_jsonable(x) for x in v]
   return v
+
+
+def approximate_config(config) -> Optional[Dict[str, Any]]:
+  """`evaluate(approximate=...)` from `config.eval.search_backend` ("faiss": report the
+  approximate search too, with `config.search.faiss_factory` / `nprobe`), else None."""
+  if config.eval.get("search_backend", "exact") != "faiss":
+    return None
+  return {"k": int(config.eval.approx_k), "factory": config.search.faiss_factory,
+          "nprobe": int(config.search.nprobe)}

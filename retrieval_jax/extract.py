@@ -10,48 +10,44 @@ Multi-scale descriptors combine the scales in one of two ways:
 * late fusion (cnnimageretrieval-pytorch's `extract_ms`): one descriptor per scale, combined
   by a generalised mean with the learned GeM p, `v = (mean_s v_s^p)^(1/p)`, then L2 (or the
   plain mean, p = 1, where the reference uses it: whitened or non-GeM networks);
-* early fusion (Seddati et al.): the trunk's feature maps of all scales are resized to the
-  largest one's valid size (bilinear, `align_corners=False`, as torch's `interpolate`),
-  summed, and pooled once (`early_fusion=True`).
+* early fusion (Seddati et al.): the trunk's feature maps of all scales
+  (`RetrievalNet.trunk`) are resized to the largest one's valid size (bilinear,
+  `align_corners=False`, as torch's `interpolate`), summed, and pooled once by the model's
+  own `RetrievalNet.head` (`early_fusion=True`).
 
-Storage streams: `DescriptorWriter` preallocates `descriptors.npy` `[N, D]` with
-`np.lib.format.open_memmap` and `extract_descriptors(..., out_folder=...)` writes every batch
-straight into it (multi-scale sums accumulate there too), so a collection of millions of
-images never needs its descriptors in host memory. Small sets keep the in-memory path.
+Storage streams: `extract_descriptors(..., out_folder=...)` writes every batch straight into a
+`descriptor_store.DescriptorWriter` memmap (multi-scale sums accumulate there too), so a
+collection of millions of images never needs its descriptors in host memory. Small sets keep
+the in-memory path.
+
+`described_rows` is the one loop that places batches on the mesh and describes them; the
+epoch-level miner (`train/inputs.py`) describes its images through it too.
 """
-import json
-import os
-import time
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from retrieval_jax import descriptor_store
+from retrieval_jax import progress as progress_lib
 from retrieval_jax import sharding as sharding_lib
 from retrieval_jax.data import grain_pipeline
+from retrieval_jax.data import image_io
+from retrieval_jax.data import interpolate
+from retrieval_jax.data import protocol as protocol_lib
 from retrieval_jax.models import layers
-from retrieval_jax.models import pooling as pooling_lib
-from retrieval_jax.models import pretrained
+from retrieval_jax.models import pooling_ops
 
 # Multi-scale combinations accepted in `config.extract.multiscale_combine`.
 MULTISCALE_COMBINE = ("gem", "mean", "early_fusion")
 
-# Rows handled at once by the host-side passes over a (possibly memory-mapped) [N, D] array.
-_CHUNK = 1 << 15
-
-DESCRIPTORS_FILE = "descriptors.npy"
-IMAGES_FILE = "images.txt"
-CONFIG_FILE = "config.json"
-
-
 def make_describe_fn(model, mesh):
   """jit'd (variables, images [B, H, W, 3], mask [B, H, W]) -> descriptors [B, D].
 
-  The batch is sharded over the mesh's "data" axis, the variables replicated.
+  The batch is split over the mesh's batch axis, the variables replicated.
   """
   batch = sharding_lib.batch_sharding(mesh)
   rep = sharding_lib.replicated(mesh)
@@ -63,24 +59,28 @@ def _round_up(n: int, k: int) -> int:
   return -(-n // k) * k
 
 
-def multiscale_p_from(variables, combine: str = "gem") -> Optional[float]:
+def multiscale_p_from(variables, combine: str = "gem",
+                      pooling: Optional[str] = None) -> Optional[float]:
   """The exponent that combines per-scale descriptors, or None for the plain mean.
 
-  As cnnimageretrieval-pytorch's test.py: the learned GeM p, but only for a GeM network
-  without whitening (whitened descriptors can be negative, where a fractional power is
-  undefined); every other network uses the mean (msp = 1).
+  As cnnimageretrieval-pytorch's test.py (`msp = net.pool.p` iff pooling == 'gem' and not
+  regional and not whitening): the learned GeM p, but only for a plain GeM network without
+  whitening (whitened descriptors can be negative, where a fractional power is undefined);
+  every other network, regional poolings with GeM regions included, uses the mean (msp=1).
 
   Args:
     variables: the model's variables ({"params": ...}).
     combine: "gem" (the reference's rule), "mean" or "early_fusion" (no per-scale
       descriptors to combine: None).
+    pooling: the model's `config.model.pooling` name; any name other than "gem" gives
+      None (None: decided from the variables alone).
   Returns:
     The mean of `params["pool"]["p"]` as a float, or None.
   """
   if combine not in MULTISCALE_COMBINE:
     raise ValueError(f"extract.multiscale_combine must be one of {MULTISCALE_COMBINE}, "
                      f"got {combine!r}")
-  if combine != "gem":
+  if combine != "gem" or (pooling is not None and pooling != "gem"):
     return None
   params = variables["params"]
   if "whiten" in params:
@@ -91,129 +91,96 @@ def multiscale_p_from(variables, combine: str = "gem") -> Optional[float]:
   return float(np.mean(np.asarray(pool["p"])))
 
 
-def extract_kwargs(extract_config, variables) -> Dict[str, Any]:
+def extract_kwargs(extract_config, variables, model=None, dataset: str = "") -> Dict[str, Any]:
   """`extract_descriptors` keyword arguments from `config.extract`.
 
-  Fields read: long_side, batch_size, scales, multiscale_combine ("gem" when absent).
+  Fields read: long_side, batch_size, scales, multiscale_combine and the input protocol's
+  switches (`data/protocol.py`; `dataset` decides `exif_transpose="auto"`). `model` gives
+  the pooling name for the multi-scale exponent.
   """
-  combine = extract_config.get("multiscale_combine", "gem")
+  combine = extract_config.multiscale_combine
   return dict(long_side=int(extract_config.long_side),
               batch_size=int(extract_config.batch_size),
               scales=tuple(float(s) for s in extract_config.scales),
-              multiscale_p=multiscale_p_from(variables, combine),
-              early_fusion=combine == "early_fusion")
+              multiscale_p=multiscale_p_from(variables, combine,
+                                             getattr(model, "pooling", None)),
+              early_fusion=combine == "early_fusion",
+              protocol=protocol_lib.from_config(extract_config, dataset))
 
 
-# ----------------------------------------------------------------------------------------------
-# Streaming storage.
+def described_rows(describe: Callable[..., Any], variables, batches: Iterable[Mapping[str, Any]],
+                   mesh, inputs: Optional[Callable[[Mapping[str, Any]], Tuple[Any, ...]]] = None
+                   ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+  """(rows [n], descriptors [n, D]) of every batch's valid rows (`batch["index"] >= 0`).
 
-
-class DescriptorWriter:
-  """Descriptors `[N, D]` float32 written batch by batch into `<folder>/descriptors.npy`.
-
-  The file is a regular `.npy` preallocated with `np.lib.format.open_memmap` (zero-filled,
-  so unwritten rows, e.g. unreadable images, read as zeros), created on the first `write`
-  once D is known. `close()` flushes and writes `images.txt` (one path per row) and
-  `config.json`; `load_descriptors` treats a folder without `config.json` as incomplete.
+  Args:
+    describe: a compiled describe function (`make_describe_fn`, `make_fused_describe_fn`).
+    variables: the model's variables (replicated).
+    batches: host batches with "index" [B] (-1: padding) and what `inputs` reads.
+    mesh: the device mesh; every input is placed explicitly on its batch sharding (every
+      process holds the same whole batch, and a raw numpy argument to a sharded jit is
+      refused on multi-host runs).
+    inputs: batch -> the describe function's array arguments (pytrees of host arrays);
+      default (image, mask).
   """
-
-  def __init__(self, folder: str, num_rows: int, image_list: Optional[Sequence[str]] = None,
-               config_json: str = "{}", dim: Optional[int] = None):
-    self.folder = folder
-    self.num_rows = int(num_rows)
-    self.image_list = None if image_list is None else list(image_list)
-    if self.image_list is not None and len(self.image_list) != self.num_rows:
-      raise ValueError(f"{len(self.image_list)} image names for {num_rows} rows")
-    self.config_json = config_json
-    self.array: Optional[np.memmap] = None
-    os.makedirs(folder, exist_ok=True)
-    # A previous, complete extraction is invalid from now on.
-    for name in (CONFIG_FILE, IMAGES_FILE):
-      if os.path.exists(os.path.join(folder, name)):
-        os.remove(os.path.join(folder, name))
-    if dim is not None:
-      self.allocate(dim)
-
-  @property
-  def path(self) -> str:
-    return os.path.join(self.folder, DESCRIPTORS_FILE)
-
-  def allocate(self, dim: int) -> np.memmap:
-    """The `[N, dim]` memmap (created on first call)."""
-    if self.array is None:
-      self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32,
-                                             shape=(self.num_rows, int(dim)))
-    elif self.array.shape[1] != dim:
-      raise ValueError(f"descriptor dimension {dim} != {self.array.shape[1]} already written")
-    return self.array
-
-  def write(self, rows: np.ndarray, values: np.ndarray) -> None:
-    """values [n, D] into rows [n] (any order)."""
-    self.allocate(values.shape[1])[np.asarray(rows)] = values
-
-  def close(self) -> np.memmap:
-    """Flushes and writes the image list and config; returns the array (read-only)."""
-    if self.array is None:
-      raise RuntimeError(f"nothing was written to {self.folder}")
-    self.array.flush()
-    if self.image_list is not None:
-      with open(os.path.join(self.folder, IMAGES_FILE), "w") as f:
-        f.write("".join(f"{p}\n" for p in self.image_list))
-    with open(os.path.join(self.folder, CONFIG_FILE), "w") as f:
-      f.write(self.config_json)
-    shape = self.array.shape
-    del self.array
-    self.array = None
-    return np.load(self.path, mmap_mode="r") if shape[0] else np.zeros(shape, np.float32)
+  sharding = sharding_lib.batch_sharding(mesh)
+  inputs = inputs or (lambda batch: (batch["image"], batch["mask"]))
+  trim = mesh.devices.flat[0].platform == "cpu"
+  dp = sharding_lib.data_parallelism(mesh)
+  pending = None  # (index, descriptors still on the device) of the batch in flight
+  for batch in batches:
+    if trim:
+      batch = trim_partial_batch(batch, dp)
+    placed = jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), inputs(batch))
+    # Dispatch returns at once: the device describes this batch while the host fetches the
+    # previous one's result, hands it to the caller and decodes / assembles the next batch.
+    out = describe(variables, *placed)
+    if pending is not None:
+      yield _valid_rows(*pending)
+    pending = (batch["index"], out)
+  if pending is not None:
+    yield _valid_rows(*pending)
 
 
-def save_descriptors(path: str, descriptors: np.ndarray, image_list: Sequence[str],
-                     config_json: str) -> None:
-  """descriptors.npy (memory-mappable) + images.txt + config.json in folder `path`."""
-  writer = DescriptorWriter(path, len(descriptors), image_list, config_json,
-                            dim=descriptors.shape[1])
-  for start in range(0, len(descriptors), _CHUNK):
-    rows = np.arange(start, min(start + _CHUNK, len(descriptors)))
-    writer.write(rows, np.asarray(descriptors[rows], np.float32))
-  writer.close()
+def _valid_rows(index: np.ndarray, out) -> Tuple[np.ndarray, np.ndarray]:
+  keep = index >= 0
+  return index[keep], np.asarray(out)[keep]
 
 
-def load_descriptors(path: str, mmap: bool = True) -> Dict[str, Any]:
-  """{"descriptors": [N, D] (memory-mapped by default), "images": [N] str, "config": dict}."""
-  cfg_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"{path} holds no complete extraction (no {CONFIG_FILE}); "
-                            "was it interrupted? Extract again.")
-  images = []
-  if os.path.exists(os.path.join(path, IMAGES_FILE)):
-    with open(os.path.join(path, IMAGES_FILE)) as f:
-      images = f.read().splitlines()
-  with open(cfg_path) as f:
-    config = json.load(f)
-  return {"descriptors": np.load(os.path.join(path, DESCRIPTORS_FILE),
-                                 mmap_mode="r" if mmap else None),
-          "images": images, "config": config}
+def trim_partial_batch(batch: Mapping[str, Any], multiple: int = 1,
+                       min_pixels: int = 4 << 20) -> Mapping[str, Any]:
+  """A bucket's last, partly empty batch cut to the next power of two rows (>= its images).
+
+  `eval_batches` pads every bucket's last batch to the full batch size, so 3 query crops in
+  a bucket of 16 would cost 16 images of compute. On CPU, where an image costs more than a
+  compile, the batch is cut to 4 rows: at most log2(batch size) extra shapes per bucket.
+  (`described_rows` does this on CPU only: on accelerators a compile costs more than the
+  padding.) Full batches, batches whose padding rows are not all at the end, and cuts that
+  would save fewer than `min_pixels` padded pixels (4 Mpx: about 4 images at 1024 px, more
+  compute than a compile on CPU; never for small test images) are returned unchanged.
+
+  Args:
+    batch: {"index": [B] (-1: padding), "image": [B, H, W, 3], every other value [B, ...]}.
+    multiple: the row count stays a multiple of this (the mesh's data parallelism).
+    min_pixels: the least padding, in pixels, worth a cut.
+  """
+  index = np.asarray(batch["index"])
+  valid = int((index >= 0).sum())
+  size = index.shape[0]
+  rows = _round_up(1 << max(valid - 1, 0).bit_length(), multiple)
+  if rows >= size or valid == 0 or np.any(index[valid:] >= 0):
+    return batch
+  if "image" in batch and (size - rows) * np.prod(batch["image"].shape[1:3]) < min_pixels:
+    return batch  # small images: the padding costs less than another compile
+  return {k: v[:rows] for k, v in batch.items()}
 
 
-# ----------------------------------------------------------------------------------------------
-# Extraction.
-
-
-class _Progress:
-  """Images/s and ETA in the log every `every_s` seconds."""
-
-  def __init__(self, total: int, every_s: float):
-    self.total, self.every_s = total, every_s
-    self.start = self.last = time.time()
-    self.done = 0
-
-  def add(self, n: int) -> None:
-    self.done += n
-    if time.time() - self.last > self.every_s:
-      rate = self.done / max(time.time() - self.start, 1e-9)
-      logging.info("extract: %d/%d images, %.1f images/s, ETA %.0fs", self.done, self.total,
-                   rate, (self.total - self.done) / max(rate, 1e-9))
-      self.last = time.time()
+def _report(progress: progress_lib.Progress, n: int) -> None:
+  """Counts n more images; images/s and ETA in the log every `progress.every_s` seconds."""
+  progress.update(progress.done + n, images=n)
+  if progress.due():
+    logging.info("extract: %d/%d images, %.1f images/s, ETA %.0fs", progress.done,
+                 progress.total, progress.rate(), progress.eta_s())
 
 
 def _finalize(acc: np.ndarray, num_scales: int, p: float, out: np.ndarray) -> None:
@@ -221,13 +188,41 @@ def _finalize(acc: np.ndarray, num_scales: int, p: float, out: np.ndarray) -> No
 
   `acc` may be a memmap, and `out` may be `acc` itself (the streamed path).
   """
-  for start in range(0, acc.shape[0], _CHUNK):
-    v = np.asarray(acc[start:start + _CHUNK], np.float64) / num_scales
+  for start in range(0, acc.shape[0], descriptor_store.CHUNK):
+    v = np.asarray(acc[start:start + descriptor_store.CHUNK], np.float64) / num_scales
     if p != 1:
       v = np.power(np.maximum(v, 0), 1.0 / p)
     norm = np.linalg.norm(v, axis=1, keepdims=True)
     # The reference divides by the norm; unreadable images (zero rows) stay zero.
-    out[start:start + _CHUNK] = v / np.where(norm > 0, norm, 1.0)
+    out[start:start + descriptor_store.CHUNK] = v / np.where(norm > 0, norm, 1.0)
+
+
+
+def make_multiscale_describe_fn(describe: Callable[..., Any], scales: Sequence[float]):
+  """jit'd (variables, images, mask) -> descriptors [B, S, D], one per scale.
+
+  The `long_side` batch is resized on the device to every scale exactly as the reference's
+  `F.interpolate(scale_factor=s, mode="bilinear", align_corners=False)`
+  (`data/interpolate.py`); scale 1 is the batch itself.
+  """
+  scales = tuple(float(s) for s in scales)
+
+  def fn(variables, images, mask):
+    return jnp.stack([describe(variables, *interpolate.rescale_batch(images, mask, s))
+                      for s in scales], axis=1)  # [B, S, D]
+
+  return jax.jit(fn)
+
+
+_MULTISCALE_FNS: Dict[Tuple[int, Tuple[float, ...]], Callable[..., Any]] = {}
+
+
+def _multiscale_fn(describe, scales):
+  key = (id(describe), tuple(scales))
+  if key not in _MULTISCALE_FNS:
+    _MULTISCALE_FNS.clear()  # One network at a time: compiled functions are not kept.
+    _MULTISCALE_FNS[key] = (describe, make_multiscale_describe_fn(describe, scales))
+  return _MULTISCALE_FNS[key][1]
 
 
 def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_side: int,
@@ -236,15 +231,17 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
                         bboxes=None, rotations=None, describe_fn=None,
                         out_folder: Optional[str] = None,
                         image_list: Optional[Sequence[str]] = None, config_json: str = "{}",
-                        num_threads: int = 2, log_every_s: float = 10.0) -> np.ndarray:
+                        num_threads: int = 2, log_every_s: float = 10.0,
+                        protocol: protocol_lib.EvalProtocol = protocol_lib.REFERENCE,
+                        skipped: Optional[image_io.SkipCounter] = None) -> np.ndarray:
   """Descriptors [N, D] (float32, rows L2-normalised) of `paths`, in order.
 
   Args:
     model: a RetrievalNet (or any module whose apply(variables, images, mask) returns
-      {"descriptor": [B, D]}; early fusion needs a RetrievalNet).
+      {"descriptor": [B, D]}; early fusion needs its `trunk` and `head` methods).
     variables: its variables.
     paths: N image files.
-    mesh: the device mesh; batches are sharded over its "data" axis.
+    mesh: the device mesh; batches are split over its batch axis.
     long_side: images are resized so that their longer side is `long_side * scale`.
     batch_size: images per batch (rounded up to a multiple of the data parallelism).
     scales: input scales; more than one gives a multi-scale descriptor.
@@ -254,10 +251,16 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
     rotations: optional per-image clockwise degrees (Holidays orientation fixes).
     describe_fn: a compiled `make_describe_fn` to reuse between calls.
     out_folder: stream the descriptors into `<out_folder>/descriptors.npy` (see
-      `DescriptorWriter`) instead of host memory; the result is then a read-only memmap.
+      `descriptor_store.DescriptorWriter`) instead of host memory; the result is then a
+      read-only memmap.
     image_list, config_json: what `out_folder` records beside the array (default: paths).
     num_threads: decoding threads.
     log_every_s: progress log period.
+    protocol: the input rule (`data/protocol.py`; cirtorch's by default): query crops,
+      enlarging, filter, EXIF, and how the other scales are made ("interpolate": from
+      the `long_side` batch on the device, as the reference; "decode": each scale decoded
+      again at `round(long_side * s)`).
+    skipped: counter of unreadable images (default `image_io.GLOBAL_SKIPS`).
   Returns:
     [N, D] float32. Images that cannot be read get a zero row (logged by the pipeline).
   """
@@ -266,37 +269,40 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
   batch_size = _round_up(batch_size, sharding_lib.data_parallelism(mesh))
   writer = None
   if out_folder is not None:
-    writer = DescriptorWriter(out_folder, n, list(paths) if image_list is None else image_list,
-                              config_json)
+    writer = descriptor_store.DescriptorWriter(
+        out_folder, n, list(paths) if image_list is None else image_list, config_json)
   if early_fusion and len(scales) > 1:
     return _extract_early_fusion(model, variables, paths, mesh=mesh, long_side=long_side,
                                  batch_size=batch_size, scales=scales, bboxes=bboxes,
                                  rotations=rotations, writer=writer, num_threads=num_threads,
-                                 log_every_s=log_every_s)
+                                 log_every_s=log_every_s, protocol=protocol, skipped=skipped)
   describe = describe_fn or make_describe_fn(model, mesh)
   p = 1.0 if multiscale_p is None else float(multiscale_p)
   single = len(scales) == 1
-  batch_sharding = sharding_lib.batch_sharding(mesh)
   acc = None  # [N, D]: the descriptors (one scale) or the sum of their p-th powers.
-  progress = _Progress(n * len(scales), log_every_s)
-  for scale in scales:
-    side = max(1, int(round(long_side * scale)))
-    for batch in grain_pipeline.eval_batches(paths, long_side=side, batch_size=batch_size,
-                                             bboxes=bboxes, rotations=rotations,
-                                             num_threads=num_threads):
-      d = np.asarray(describe(variables, *[jax.device_put(batch[k], batch_sharding)
-                                           for k in ("image", "mask")]))
-      keep = batch["index"] >= 0
-      rows, d = batch["index"][keep], d[keep]
-      if acc is None:
-        acc = (writer.allocate(d.shape[1]) if writer is not None
-               else np.zeros((n, d.shape[1]), np.float32 if single else np.float64))
-      if single:
-        acc[rows] = d
-      else:
-        # Sums of powers accumulate in place, so a streamed run needs no [N, D] in memory.
-        acc[rows] += d if p == 1 else np.maximum(d, 0) ** p
-      progress.add(len(rows))
+  progress = progress_lib.Progress(n * len(scales), every_s=log_every_s)
+  on_device = not single and protocol.multiscale_resize == "interpolate"
+  # "interpolate": one decoding pass at long_side, every scale made on the device; one
+  # descriptor per scale comes back. "decode": one decoding pass per scale.
+  passes = [(long_side, scales)] if on_device else [
+      (max(1, int(round(long_side * s))), (s,)) for s in scales]
+  for side, pass_scales in passes:
+    batches = grain_pipeline.eval_batches(paths, long_side=side, batch_size=batch_size,
+                                          bboxes=bboxes, rotations=rotations,
+                                          num_threads=num_threads, protocol=protocol,
+                                          skipped=skipped)
+    fn = _multiscale_fn(describe, pass_scales) if on_device else describe
+    for rows, ds in described_rows(fn, variables, batches, mesh):
+      for d in (ds.transpose(1, 0, 2) if on_device else (ds,)):  # [S, n, D] on the device.
+        if acc is None:
+          acc = (writer.allocate(d.shape[1]) if writer is not None
+                 else np.zeros((n, d.shape[1]), np.float32 if single else np.float64))
+        if single:
+          acc[rows] = d
+        else:
+          # Sums of powers accumulate in place, so a streamed run needs no [N, D] in memory.
+          acc[rows] += d if p == 1 else np.maximum(d, 0) ** p
+        _report(progress, len(rows))
   if acc is None:
     raise RuntimeError("no image could be read: check the dataset paths")
   if writer is not None:
@@ -308,6 +314,7 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
   out = np.empty(acc.shape, np.float32)
   _finalize(acc, len(scales), p, out)
   return out
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,54 +362,20 @@ def resize_valid(x: jnp.ndarray, mask: jnp.ndarray, target_mask: jnp.ndarray) ->
   Returns:
     [B, H, W, C], zero outside `target_mask`.
   """
-  hs, ws = pooling_lib.valid_sizes(mask)
-  ht, wt = pooling_lib.valid_sizes(target_mask)
+  hs, ws = pooling_ops.valid_sizes(mask)
+  ht, wt = pooling_ops.valid_sizes(target_mask)
   y = _resize_axis(x.astype(jnp.float32), 1, hs, ht, target_mask.shape[1])
   y = _resize_axis(y, 2, ws, wt, target_mask.shape[2])
   return layers.apply_mask(y, target_mask)
 
 
-def _trunk_features(model, variables, images, mask):
-  """The trunk part of `RetrievalNet.__call__`: (feature maps, masks) of the pooled layers."""
-  x = images.astype(jnp.float32) / 255.0
-  x = (x - jnp.asarray(model.mean, jnp.float32)) / jnp.asarray(model.std, jnp.float32)
-  x = layers.apply_mask(x, mask)
-  spec = pretrained.get_backbone(model.backbone)
-  trunk = spec.make(dtype=jnp.dtype(model.dtype), **dict(model.backbone_kwargs or {}))
-  trunk_vars = {col: tree["backbone"] for col, tree in variables.items()
-                if isinstance(tree, Mapping) and "backbone" in tree}
-  feats = trunk.apply(trunk_vars, x, mask, False)
-  maps = [(feats["feature_map"].astype(jnp.float32), feats["mask"])]
-  if model.multi_layer:
-    maps.append((feats["stages"][-2].astype(jnp.float32), feats["stage_masks"][-2]))
-  return maps
-
-
-def _head(model, variables, maps):
-  """The pooling / whitening part of `RetrievalNet.__call__` on given feature maps."""
-  params = variables["params"]
-  kwargs = dict(model.pooling_kwargs or {})
-
-  def pool(name, fmap, mask):
-    module = pooling_lib.build_pooling(model.pooling, **kwargs)
-    return module.apply({"params": params[name]} if name in params else {}, fmap, mask)
-
-  l2n = lambda v: v / (jnp.linalg.norm(v, axis=-1, keepdims=True) + 1e-6)
-  pooled = pool("pool", *maps[0])
-  if model.multi_layer:
-    pooled = jnp.concatenate([l2n(pooled), l2n(pool("pool_prev", *maps[1]))], axis=-1)
-  descriptor = pooled = l2n(pooled)
-  if model.whitening_dim:
-    dense = nn.Dense(model.whitening_dim)
-    descriptor = l2n(dense.apply({"params": params["whiten"]}, pooled))
-  return descriptor
-
 
 def make_fused_describe_fn(model, mesh):
   """jit'd (variables, images tuple, masks tuple) -> early-fused descriptors [B, D].
 
-  `images[0]` / `masks[0]` is the largest scale: the other scales' feature maps are resized
-  to its valid size, summed with it, and the sum is pooled (and whitened) as the model does.
+  `images[0]` / `masks[0]` is the largest scale: the other scales' feature maps
+  (`model.trunk`) are resized to its valid size, summed with it, and the sum goes through
+  the model's own pooling and whitening (`model.head`).
   """
   batch = sharding_lib.batch_sharding(mesh)
   rep = sharding_lib.replicated(mesh)
@@ -410,12 +383,12 @@ def make_fused_describe_fn(model, mesh):
   def describe(variables, images, masks):
     fused = None
     for x, m in zip(images, masks):
-      maps = _trunk_features(model, variables, x, m)
+      maps = model.apply(variables, x, m, method="trunk")
       if fused is None:
         fused = maps
       else:
         fused = [(f + resize_valid(g, gm, fm), fm) for (f, fm), (g, gm) in zip(fused, maps)]
-    return _head(model, variables, fused)
+    return model.apply(variables, fused, method="head")["descriptor"]
 
   return jax.jit(describe, in_shardings=(rep, batch, batch), out_shardings=rep)
 
@@ -447,57 +420,35 @@ def rescale_batch(batch: Mapping[str, np.ndarray], scale: float
 
 
 def _extract_early_fusion(model, variables, paths, *, mesh, long_side, batch_size, scales,
-                          bboxes, rotations, writer, num_threads, log_every_s) -> np.ndarray:
+                          bboxes, rotations, writer, num_threads, log_every_s,
+                          protocol=protocol_lib.REFERENCE, skipped=None) -> np.ndarray:
   """Early-fused multi-scale descriptors (see `make_fused_describe_fn`)."""
   order = sorted(scales, reverse=True)
   top = order[0]
   side = max(1, int(round(long_side * top)))
   describe = make_fused_describe_fn(model, mesh)
-  batch_sharding = sharding_lib.batch_sharding(mesh)
-  out = None
-  progress = _Progress(len(paths), log_every_s)
-  for batch in grain_pipeline.eval_batches(paths, long_side=side, batch_size=batch_size,
-                                           bboxes=bboxes, rotations=rotations,
-                                           num_threads=num_threads):
+
+  def scales_of(batch):
     images, masks = [batch["image"]], [batch["mask"]]
     for s in order[1:]:
       im, m = rescale_batch(batch, s / top)
       images.append(im)
       masks.append(m)
-    put = lambda xs: tuple(jax.device_put(x, batch_sharding) for x in xs)
-    d = np.asarray(describe(variables, put(images), put(masks)))
-    keep = batch["index"] >= 0
+    return tuple(images), tuple(masks)
+
+  out = None
+  progress = progress_lib.Progress(len(paths), every_s=log_every_s)
+  batches = grain_pipeline.eval_batches(paths, long_side=side, batch_size=batch_size,
+                                        bboxes=bboxes, rotations=rotations,
+                                        num_threads=num_threads, protocol=protocol,
+                                        skipped=skipped)
+  for rows, d in described_rows(describe, variables, batches, mesh, inputs=scales_of):
     if out is None:
       out = (writer.allocate(d.shape[1]) if writer is not None
              else np.zeros((len(paths), d.shape[1]), np.float32))
-    out[batch["index"][keep]] = d[keep]
-    progress.add(int(keep.sum()))
+    out[rows] = d
+    _report(progress, len(rows))
   if out is None:
     raise RuntimeError("no image could be read: check the dataset paths")
   return writer.close() if writer is not None else out
 
-
-def iter_chunks(array: np.ndarray, chunk: int = _CHUNK) -> Iterator[Tuple[int, np.ndarray]]:
-  """(start, rows) of a possibly memory-mapped [N, D] array, `chunk` rows at a time."""
-  for start in range(0, array.shape[0], chunk):
-    yield start, np.asarray(array[start:start + chunk])
-
-
-def apply_to_folder(src: str, dst: str, fn, config_json: Optional[str] = None) -> np.ndarray:
-  """Streams a row-wise function (e.g. whitening) over a stored extraction into `dst`.
-
-  Args:
-    src: folder written by `DescriptorWriter` / `save_descriptors`.
-    dst: output folder (same images.txt).
-    fn: [n, D] -> [n, D'] float array, applied chunk by chunk.
-    config_json: recorded in dst (default: src's).
-  Returns:
-    The new [N, D'] array, memory-mapped.
-  """
-  stored = load_descriptors(src)
-  x = stored["descriptors"]
-  writer = DescriptorWriter(dst, x.shape[0], stored["images"] or None,
-                            config_json or json.dumps(stored["config"]))
-  for start, rows in iter_chunks(x):
-    writer.write(np.arange(start, start + len(rows)), np.asarray(fn(rows), np.float32))
-  return writer.close()

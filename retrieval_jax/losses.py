@@ -18,16 +18,19 @@ logits from L2-normalised descriptors and L2-normalised class weights; `margin_s
 is their mean cross-entropy.
 
 Which code a `config.loss.name` selects is in `LOSSES` / `get_loss`; the mined pair losses
-themselves (which descriptors form pairs) live in `mining.py`.
+themselves (which descriptors form pairs) live in `mining/`.
 """
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from retrieval_jax import registry
+from retrieval_jax.models import pooling_ops
 
 # cirtorch's epsilon inside the Euclidean distance of the contrastive loss.
 CONTRASTIVE_EPS = 1e-6
@@ -146,12 +149,6 @@ MARGIN_HEAD_KINDS = ("arcface", "cosface")
 DEFAULT_MARGINS = {"arcface": 0.5, "cosface": 0.35}
 
 
-def l2_normalize(x: jnp.ndarray, axis: int = -1, eps: float = 1e-12) -> jnp.ndarray:
-  """`x / max(||x||, eps)` along `axis`."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
-
-
 def arcface_target_logit(cos: jnp.ndarray, margin: float) -> jnp.ndarray:
   """cos(theta + m) with insightface's fallback (no "easy margin").
 
@@ -227,8 +224,8 @@ class MarginHead(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (descriptors.shape[-1], self.num_classes),
                         jnp.float32)
     # Cosines in float32 whatever the descriptor dtype: the margin acts on small angles.
-    x = l2_normalize(descriptors.astype(jnp.float32), axis=-1)
-    w = l2_normalize(kernel, axis=0)
+    x = pooling_ops.normalize(descriptors.astype(jnp.float32), axis=-1)
+    w = pooling_ops.normalize(kernel, axis=0)
     cos = jnp.clip(x @ w, -1.0, 1.0)
     margin = DEFAULT_MARGINS[self.kind] if self.margin is None else self.margin
     return margin_logits(cos, labels, kind=self.kind, scale=self.scale, margin=margin)
@@ -258,36 +255,38 @@ class LossSpec:
 
   Attributes:
     name: registry key.
-    family: how the train step uses it:
-      "pair": pairs mined in the global batch, `mining.in_batch_mined_loss(loss_name=name)`;
-      "vaccaro": Algorithm 1 of Vaccaro et al., `mining.vaccaro_triplet_loss`;
+    family: how the train step uses it (`train/step.py` dispatches on it, `FAMILIES`):
+      "pair": pairs mined in the global batch, `mining.in_batch.in_batch_mined_loss`, or the
+        reference's per-tuple loss `tuple_fn` on epoch-mined tuples;
+      "vaccaro": Algorithm 1 of Vaccaro et al., `mining.vaccaro.vaccaro_triplet_loss`;
       "margin_softmax": `MarginHead(kind=head_kind)` + `margin_softmax_loss`.
-      `mining.get_batch_loss(name)` returns the callable for the first two families.
     fn: the per-pair / per-triplet function, or `margin_softmax_loss`.
     default_margin: the published default margin.
     head_kind: MarginHead kind for "margin_softmax".
+    tuple_fn: the per-tuple (q, p, n_1..n_k) loss of "pair" losses (epoch mining).
   """
   name: str
   family: str
   fn: Callable[..., jnp.ndarray]
   default_margin: float
   head_kind: Optional[str] = None
+  tuple_fn: Optional[Callable[..., jnp.ndarray]] = None
 
 
-LOSSES: Dict[str, LossSpec] = {
-    "contrastive": LossSpec("contrastive", "pair", contrastive_loss, 0.7),
-    "triplet": LossSpec("triplet", "pair", triplet_loss, 0.1),
-    "vaccaro_triplet": LossSpec("vaccaro_triplet", "vaccaro", triplet_loss, 0.1),
-    "arcface": LossSpec("arcface", "margin_softmax", margin_softmax_loss,
-                        DEFAULT_MARGINS["arcface"], head_kind="arcface"),
-    "cosface": LossSpec("cosface", "margin_softmax", margin_softmax_loss,
-                        DEFAULT_MARGINS["cosface"], head_kind="cosface"),
-}
+FAMILIES = ("pair", "vaccaro", "margin_softmax")
+
+LOSSES: registry.Registry = registry.Registry("loss")
+for _spec in (
+    LossSpec("contrastive", "pair", contrastive_loss, 0.7, tuple_fn=contrastive_tuple_loss),
+    LossSpec("triplet", "pair", triplet_loss, 0.1, tuple_fn=triplet_tuple_loss),
+    LossSpec("vaccaro_triplet", "vaccaro", triplet_loss, 0.1),
+    LossSpec("arcface", "margin_softmax", margin_softmax_loss, DEFAULT_MARGINS["arcface"],
+             head_kind="arcface"),
+    LossSpec("cosface", "margin_softmax", margin_softmax_loss, DEFAULT_MARGINS["cosface"],
+             head_kind="cosface")):
+  LOSSES.register(_spec.name, _spec)
 
 
 def get_loss(name: str) -> LossSpec:
   """The `LossSpec` registered under `name` (see `LOSSES`)."""
-  try:
-    return LOSSES[name]
-  except KeyError:
-    raise ValueError(f"unknown loss {name!r}; known: {sorted(LOSSES)}") from None
+  return LOSSES.get(name)

@@ -2,16 +2,13 @@
 
 `knn` computes `queries @ database.T` in query batches of one static shape (one compile)
 and keeps the top k with `jax.lax.top_k`. With a mesh, the database rows are sharded over
-the "data" axis, so a database larger than one device's memory still works: every device
-scores the query batch against its shard, keeps its own top k, the per-device lists are
-all-gathered and merged with a second top k. Rows padded to make the database divisible by
+the batch axis (`sharding.data_axis`), so a database larger than one device's memory still
+works: every device scores the query batch against its shard, keeps its own top k, the
+per-device lists are all-gathered and merged with a second top k. Rows padded to make the database divisible by
 the device count score -inf and never appear while k <= n_db.
 
 Ties are broken towards the lower database index, in the sharded path too (shards are
 gathered in device order).
-
-`FaissIndex` is an optional approximate/exact backend with the same return convention; it
-exists only where `faiss` can be imported.
 """
 import functools
 import math
@@ -22,15 +19,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-DATA_AXIS = 'data'
+from retrieval_jax import sharding
+
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 
 def _scores(q: jax.Array, db: jax.Array, dtype) -> jax.Array:
-  """[b, D] x [n, D] -> [b, n] float32 scores, inputs cast to `dtype`."""
+  """[b, D] x [n, D] -> [b, n] float32 scores, inputs cast to `dtype`.
+
+  precision=HIGHEST: float32 inputs are multiplied in full float32 on TPU (not bf16 passes)
+  and GPU (not TF32), so exact search ranks as on CPU; bfloat16 inputs are exact anyway.
+  """
   return jnp.einsum('qd,nd->qn', q.astype(dtype), db.astype(dtype),
-                    preferred_element_type=jnp.float32)
+                    preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'dtype'))
@@ -41,10 +43,11 @@ def _topk_single(q, db, *, k, dtype):
 @functools.lru_cache(maxsize=None)
 def _sharded_topk_fn(mesh, k: int, n_valid: int, dtype):
   """Builds the jitted shard_map top-k for one mesh / k / database size."""
+  axis = sharding.data_axis(mesh)
   def local(q, db_shard):
     # q: [b, D] replicated; db_shard: [n_local, D] rows of this device.
     n_local = db_shard.shape[0]
-    offset = jax.lax.axis_index(DATA_AXIS) * n_local
+    offset = jax.lax.axis_index(axis) * n_local
     gidx = offset + jnp.arange(n_local, dtype=jnp.int32)
     s = _scores(q, db_shard, dtype)
     s = jnp.where(gidx[None, :] < n_valid, s, -jnp.inf)  # Padding rows never win.
@@ -54,12 +57,12 @@ def _sharded_topk_fn(mesh, k: int, n_valid: int, dtype):
     # [b, n_dev * k_local], shards in device order, so ties still prefer low indices.
     # 'invarying' tells shard_map the gathered lists are equal on every device, which lets
     # the merged top k leave with a replicated out_spec P().
-    gs = jax.lax.all_gather(ls, DATA_AXIS, axis=1, tiled=True, to='invarying')
-    gi = jax.lax.all_gather(li, DATA_AXIS, axis=1, tiled=True, to='invarying')
+    gs = jax.lax.all_gather(ls, axis, axis=1, tiled=True, to='invarying')
+    gi = jax.lax.all_gather(li, axis, axis=1, tiled=True, to='invarying')
     fs, pos = jax.lax.top_k(gs, k)
     return fs, jnp.take_along_axis(gi, pos, axis=1)
 
-  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS, None)),
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis, None)),
                      out_specs=(P(), P()))
   return jax.jit(fn)
 
@@ -79,7 +82,8 @@ def knn(
     queries: [Nq, D] query descriptors.
     database: [Nd, D] database descriptors.
     k: neighbours per query, 1 <= k <= Nd.
-    mesh: optional mesh with a "data" axis; the database rows are sharded over it.
+    mesh: optional mesh; the database rows are sharded over its batch axis
+      (`sharding.data_axis`).
     dtype: 'float32' or 'bfloat16' for the matmul inputs (accumulation is float32).
     query_batch: queries per compiled call; the last batch is zero-padded to the same
       shape so nothing recompiles.
@@ -103,12 +107,12 @@ def knn(
     db = jnp.asarray(database)
     fn = functools.partial(_topk_single, k=k, dtype=jdtype)
   else:
-    n_dev = mesh.shape[DATA_AXIS]
+    n_dev = sharding.data_parallelism(mesh)
     nd_pad = math.ceil(nd / n_dev) * n_dev
     db = np.asarray(database)
     if nd_pad != nd:
       db = np.concatenate([db, np.zeros((nd_pad - nd, d), db.dtype)], axis=0)
-    db = jax.device_put(db, NamedSharding(mesh, P(DATA_AXIS, None)))
+    db = jax.device_put(db, NamedSharding(mesh, P(sharding.data_axis(mesh), None)))
     sharded = _sharded_topk_fn(mesh, k, nd, jdtype)
     replicated = NamedSharding(mesh, P())
     fn = lambda q, db: sharded(jax.device_put(q, replicated), db)
@@ -149,39 +153,3 @@ def rank_all(
   _, idx = knn(queries, database, database.shape[0], mesh=mesh, dtype=dtype,
                query_batch=query_batch)
   return np.ascontiguousarray(idx.T.astype(np.int64))
-
-
-class FaissIndex:
-  """Optional faiss backend with `knn`'s return convention (inner product).
-
-  Raises ImportError at construction where faiss is not installed.
-  """
-
-  def __init__(self, database: np.ndarray, factory: str = 'Flat', use_gpu: bool = False):
-    """Builds the index.
-
-    Args:
-      database: [Nd, D] descriptors.
-      factory: a `faiss.index_factory` string ('Flat' is exact; e.g. 'IVF1024,PQ32' is
-        approximate and is trained on `database`).
-      use_gpu: move the index to all visible GPUs.
-    """
-    try:  # Optional, imported only here: it is slow and noisy to import.
-      import faiss  # pylint: disable=import-outside-toplevel  # pytype: disable=import-error
-    except ImportError as e:
-      raise ImportError('FaissIndex needs the optional `faiss` package: '
-                        'pip install faiss-cpu (or faiss-gpu).') from e
-    database = np.ascontiguousarray(database, dtype=np.float32)
-    index = faiss.index_factory(database.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    if use_gpu:
-      index = faiss.index_cpu_to_all_gpus(index)
-    if not index.is_trained:
-      index.train(database)
-    index.add(database)
-    self.index = index
-    self.size = database.shape[0]
-
-  def search(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Returns (scores [Nq, k] float32, indices [Nq, k] int32), best first."""
-    s, i = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    return s.astype(np.float32), i.astype(np.int32)

@@ -1,15 +1,21 @@
 """The device mesh and the host->device boundary.
 
-One mesh from config (`config.mesh.shape`, `config.mesh.axes`, batch over "data"); input
-pipelines hand over host-local numpy, `to_global` turns it into global jax.Arrays sharded
-along "data". Params and optimiser state are replicated (retrieval backbones fit one device).
+One mesh from config (`config.mesh.shape`, `config.mesh.axes`); the batch is split over the
+mesh's first axis, `data_axis(mesh)` (named by `config.mesh.axes[0]`, "data" by default):
+every module that shards over the batch (extraction, training, mining, search) asks this
+module for it. Input pipelines hand over host-local numpy, `to_global` turns it into global
+jax.Arrays sharded along that axis. Params and optimiser state are replicated (retrieval
+backbones fit one device).
 """
 from typing import Any, Mapping, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
 import numpy as np
 
+# The default name of the batch axis (configs/common.py's `mesh.axes`); code asks
+# `data_axis(mesh)`, which honours whatever the config names it.
 DATA_AXIS = "data"
 
 
@@ -36,8 +42,13 @@ def make_mesh(shape: Sequence[int] = (-1,), axes: Sequence[str] = (DATA_AXIS,),
               axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
 
+def data_axis(mesh: Mesh) -> str:
+  """The mesh axis the batch (and a sharded database) is split over: the first one."""
+  return mesh.axis_names[0]
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA_AXIS))
+  return NamedSharding(mesh, P(data_axis(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -45,14 +56,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def to_global(batch: Mapping[str, Any], mesh: Mesh) -> Any:
-  """Host-local numpy arrays (this process's rows) -> global arrays sharded over "data"."""
+  """Host-local numpy arrays (this process's rows) -> global arrays split over the batch axis."""
   sharding = batch_sharding(mesh)
   return jax.tree_util.tree_map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), dict(batch))
 
 
 def data_parallelism(mesh: Mesh) -> int:
-  return mesh.shape[DATA_AXIS]
+  return mesh.shape[data_axis(mesh)]
 
 
 def is_main_process() -> bool:
@@ -63,5 +74,4 @@ def is_main_process() -> bool:
 def sync(name: str) -> None:
   """All processes reach this point before any goes on (no-op on one process)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from retrieval_jax.models import cam as cam_lib
 from retrieval_jax.models import pooling
 from retrieval_jax.models import pretrained
 from test_pooling import np_seddati  # the numpy Seddati reference, shared
@@ -71,12 +72,12 @@ def test_cam_mask_and_pool_vs_numpy(top_k):
   kernel, bias = classifier()
   for h, w in SIZES:
     x = relu_maps([(h, w)])[0]
-    got = pooling.cam_mask(x[None], kernel, top_k, class_bias=bias)[0]
+    got = cam_lib.cam_mask(x[None], kernel, top_k, class_bias=bias)[0]
     want = np_cam_mask(x, kernel, bias, top_k)
     np.testing.assert_array_equal(got, want)
     assert 0 < want.sum() <= h * w
     np.testing.assert_allclose(
-        pooling.seddati_cam_rmac(x[None], kernel, top_k, class_bias=bias)[0],
+        cam_lib.seddati_cam_rmac(x[None], kernel, top_k, class_bias=bias)[0],
         np_seddati_cam(x, kernel, bias, top_k), rtol=1e-5, atol=1e-7)
 
 
@@ -87,7 +88,7 @@ def test_cam_selects_the_top_class():
   kernel = np.zeros((C, K), np.float32)
   kernel[3, 7] = 1.0  # class 7 <- channel 3: the top class
   kernel[0, 2] = 0.1  # class 2 <- channel 0: uniform, lower score
-  mask = np.asarray(pooling.cam_mask(x, kernel))[0]
+  mask = np.asarray(cam_lib.cam_mask(x, kernel))[0]
   want = np.zeros((4, 5))
   want[:2, :2] = 1.0
   np.testing.assert_array_equal(mask, want)
@@ -98,8 +99,8 @@ def test_masked_cam_equals_unpadded(jit):
   kernel, bias = classifier()
   maps = relu_maps(SIZES)
   x, mask = padded_batch(maps)
-  fn_mask = lambda a, m: pooling.cam_mask(a, kernel, 2, mask=m, class_bias=bias)
-  fn_pool = lambda a, m: pooling.seddati_cam_rmac(a, kernel, 2, 3, m, bias)
+  fn_mask = lambda a, m: cam_lib.cam_mask(a, kernel, 2, mask=m, class_bias=bias)
+  fn_pool = lambda a, m: cam_lib.seddati_cam_rmac(a, kernel, 2, 3, m, bias)
   if jit:
     fn_mask, fn_pool = jax.jit(fn_mask), jax.jit(fn_pool)
   got_mask, got_pool = fn_mask(x, mask), fn_pool(x, mask)
@@ -107,7 +108,7 @@ def test_masked_cam_equals_unpadded(jit):
   for i, m in enumerate(maps):
     h, w = m.shape[:2]
     np.testing.assert_array_equal(got_mask[i, :h, :w],
-                                  pooling.cam_mask(m[None], kernel, 2, class_bias=bias)[0])
+                                  cam_lib.cam_mask(m[None], kernel, 2, class_bias=bias)[0])
     np.testing.assert_allclose(got_pool[i], np_seddati_cam(m, kernel, bias, 2), rtol=2e-5,
                                atol=1e-6, err_msg=str(m.shape))
 
@@ -121,7 +122,7 @@ def test_cam_module_params_and_registry():
   np.testing.assert_array_equal(variables["params"]["class_kernel"], kernel)
   np.testing.assert_array_equal(variables["params"]["class_bias"], bias)
   np.testing.assert_allclose(mod.apply(variables, x),
-                             pooling.seddati_cam_rmac(x, kernel, 2, class_bias=bias), rtol=1e-6)
+                             cam_lib.seddati_cam_rmac(x, kernel, 2, class_bias=bias), rtol=1e-6)
   # Without an init: shapes [C, num_classes]; the mask stops all gradients to them.
   fresh = pooling.CAMSeddatiPool(num_classes=K)
   shapes = jax.eval_shape(fresh.init, jax.random.PRNGKey(0), x)
@@ -136,11 +137,11 @@ def test_cam_module_params_and_registry():
 def test_cam_classifier_params_from_state_dicts():
   w, b = np.arange(12.0).reshape(3, 4), np.arange(3.0)
   for prefix in ("classifier.1.", "_fc.", "fc."):
-    got = pooling.cam_classifier_params({prefix + "weight": w, prefix + "bias": b, "x": b})
+    got = cam_lib.cam_classifier_params({prefix + "weight": w, prefix + "bias": b, "x": b})
     np.testing.assert_array_equal(got["class_kernel"], w.T)
     np.testing.assert_array_equal(got["class_bias"], b)
   with pytest.raises(ValueError, match="classifier"):
-    pooling.cam_classifier_params({"classifier.6.weight": w})
+    cam_lib.cam_classifier_params({"classifier.6.weight": w})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def test_retrieval_net_efficientnet_lite0_real_weights():
                                    mean=spec.mean, std=spec.std)
   shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.asarray(images))
   variables = pretrained.load_pretrained_into(shapes, net, path)[0]
-  variables["params"]["pool"] = pooling.cam_classifier_params(sd)
+  variables["params"]["pool"] = cam_lib.cam_classifier_params(sd)
   out = net.apply(variables, jnp.asarray(images))
 
   trunk_vars = pretrained.load_backbone_variables("efficientnet_lite0", path)
@@ -187,10 +188,10 @@ def test_retrieval_net_efficientnet_lite0_real_weights():
   head = efficientnet_lite.convert_efficientnet_lite0_classifier(sd)
   prm = variables["params"]["pool"]
   np.testing.assert_array_equal(prm["class_kernel"], head["kernel"])
-  scores = pooling.cam_class_scores(want, prm["class_kernel"], prm["class_bias"])
+  scores = cam_lib.cam_class_scores(want, prm["class_kernel"], prm["class_bias"])
   assert int(jnp.argmax(scores[0])) in (281, 282, 285)  # tabby, tiger cat, Egyptian cat
-  cam = np.asarray(pooling.cam_mask(want, prm["class_kernel"], class_bias=prm["class_bias"]))
+  cam = np.asarray(cam_lib.cam_mask(want, prm["class_kernel"], class_bias=prm["class_bias"]))
   assert 0 < cam.sum() < cam.size
   np.testing.assert_allclose(
-      out["pooled"], pooling.seddati_cam_rmac(want, prm["class_kernel"], 1, 3, None,
+      out["pooled"], cam_lib.seddati_cam_rmac(want, prm["class_kernel"], 1, 3, None,
                                               prm["class_bias"]), rtol=1e-4, atol=1e-5)

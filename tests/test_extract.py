@@ -4,6 +4,7 @@ Real photographs (scikit-image) of several aspect ratios written as JPEGs; the r
 torchvision MobileNetV2 weights and a tiny random ResNet; 8 fake CPU devices (conftest.py).
 References are computed one image at a time, unpadded, without a mask.
 """
+import dataclasses
 import json
 import os
 
@@ -13,15 +14,21 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from retrieval_jax import descriptor_store
 from retrieval_jax import extract
 from retrieval_jax import sharding
 from retrieval_jax.data import image_io
+from retrieval_jax.data import protocol
 from retrieval_jax.data import transforms
 from retrieval_jax.models import mobilenet_v2
-from retrieval_jax.models import pooling as pooling_lib
+from retrieval_jax.models import pooling_ops
 from retrieval_jax.models import retrieval_net
 
 LONG_SIDE = 96  # small, to keep the tests fast; the feature maps are still 2x3 .. 3x3
+# Each scale decoded again at round(96 s), so a multi-scale descriptor combines exactly the
+# single-scale ones (the default, the reference's on-device interpolation, is tested
+# against cirtorch's extract_ms in test_protocol.py).
+DECODE = dataclasses.replace(protocol.REFERENCE, multiscale_resize="decode")
 COS_MIN = 0.9999
 
 
@@ -97,8 +104,10 @@ def one_at_a_time(model, variables, paths, long_side, bboxes=None):
   fn = jax.jit(lambda v, x: model.apply(v, x)["descriptor"])
   out = []
   for i, path in enumerate(paths):
-    image = image_io.load_rgb(path, None if bboxes is None else bboxes[i])
-    image = transforms.resize_long_side(image, long_side)
+    bbx = None if bboxes is None else bboxes[i]
+    image, full = image_io.load_rgb(path, bbx, exif_transpose=False, with_full_size=True)
+    # The evaluation protocol (cirtorch's by default, retrieval_jax/data/protocol.py).
+    image = protocol.REFERENCE.resize(image, long_side, None if bbx is None else full)
     out.append(np.asarray(fn(variables, image[None]))[0])
   return np.stack(out)
 
@@ -118,7 +127,7 @@ def test_photos_cover_all_buckets(photos):
   buckets = transforms.square_buckets(LONG_SIDE)
   used = set()
   for p in photos:
-    image = transforms.resize_long_side(image_io.load_rgb(p), LONG_SIDE)
+    image = protocol.REFERENCE.resize(image_io.load_rgb(p), LONG_SIDE)
     used.add(transforms.pick_bucket(*image.shape[:2], buckets))
   assert used == {0, 1, 2}
 
@@ -190,12 +199,13 @@ def test_multiscale_gem_with_learned_p_matches_numpy(multiscale_setup, photos):
   p = extract.multiscale_p_from(variables, "gem")
   assert p == pytest.approx(2.5)
   got = extract.extract_descriptors(model, variables, photos, mesh=mesh, long_side=LONG_SIDE,
-                                    scales=SCALES, multiscale_p=p, describe_fn=describe)
+                                    scales=SCALES, multiscale_p=p, describe_fn=describe,
+                                    protocol=DECODE)
   np.testing.assert_allclose(got, numpy_multiscale(per_scale, 2.5), atol=1e-6)
   # The combination matters: a plain mean gives a different (also checked) descriptor.
   mean = extract.extract_descriptors(model, variables, photos, mesh=mesh,
                                      long_side=LONG_SIDE, scales=SCALES, multiscale_p=None,
-                                     describe_fn=describe)
+                                     describe_fn=describe, protocol=DECODE)
   np.testing.assert_allclose(mean, numpy_multiscale(per_scale, 1.0), atol=1e-6)
   assert np.abs(mean - got).max() > 1e-4
 
@@ -246,7 +256,7 @@ def test_early_fusion_batched_equals_one_image_reference(photos):
   fmap = jax.jit(lambda v, x: model.apply(v, x)["feature_map"])
   want = []
   for path in photos:
-    big = transforms.resize_long_side(image_io.load_rgb(path), LONG_SIDE)
+    big = protocol.REFERENCE.resize(image_io.load_rgb(path), LONG_SIDE)
     small = np.asarray(Image.fromarray(big).resize(
         (max(1, round(big.shape[1] * 0.5)), max(1, round(big.shape[0] * 0.5))),
         Image.BILINEAR))
@@ -255,13 +265,13 @@ def test_early_fusion_batched_equals_one_image_reference(photos):
     f2 = torch.nn.functional.interpolate(f2, size=f1.shape[:2], mode="bilinear",
                                          align_corners=False)[0].permute(1, 2, 0).numpy()
     fused = jnp.asarray((f1 + f2)[None])
-    v = pooling_lib.gem(fused, variables["params"]["pool"]["p"])
-    want.append(np.asarray(pooling_lib.l2n(v))[0])
+    v = pooling_ops.gem(fused, variables["params"]["pool"]["p"])
+    want.append(np.asarray(pooling_ops.l2n(v))[0])
   assert row_cosines(got, np.stack(want)).min() >= COS_MIN
   # The smaller scale does contribute.
-  single = np.stack([np.asarray(pooling_lib.l2n(pooling_lib.gem(
-      jnp.asarray(fmap(variables, transforms.resize_long_side(image_io.load_rgb(p),
-                                                              LONG_SIDE)[None])),
+  single = np.stack([np.asarray(pooling_ops.l2n(pooling_ops.gem(
+      jnp.asarray(fmap(variables, protocol.REFERENCE.resize(image_io.load_rgb(p),
+                                                            LONG_SIDE)[None])),
       variables["params"]["pool"]["p"])))[0] for p in photos[:1]])
   assert row_cosines(got[:1], single).min() < 0.9999
 
@@ -292,37 +302,38 @@ def test_streamed_extraction_round_trips(multiscale_setup, photos, tmp_path):
                                     out_folder=folder, config_json='{"k": 1}',
                                     describe_fn=describe)
   assert isinstance(got, np.memmap)
-  stored = extract.load_descriptors(folder)
+  stored = descriptor_store.load_descriptors(folder)
   np.testing.assert_array_equal(stored["descriptors"], per_scale[0])
   assert stored["images"] == list(photos) and stored["config"] == {"k": 1}
   # Multi-scale sums accumulate in the file itself.
   ms = extract.extract_descriptors(model, variables, photos, mesh=mesh, long_side=LONG_SIDE,
                                    scales=SCALES, multiscale_p=2.5, describe_fn=describe,
-                                   out_folder=str(tmp_path / "ms"))
+                                   out_folder=str(tmp_path / "ms"), protocol=DECODE)
   np.testing.assert_allclose(ms, numpy_multiscale(per_scale, 2.5), atol=1e-6)
 
 
 def test_descriptor_writer_streams_rows_in_any_order(tmp_path):
   rng = np.random.RandomState(0)
   x = rng.randn(1000, 16).astype(np.float32)
-  writer = extract.DescriptorWriter(str(tmp_path / "d"), 1000,
+  writer = descriptor_store.DescriptorWriter(str(tmp_path / "d"), 1000,
                                     [f"im{i}.jpg" for i in range(1000)], json.dumps({"a": 2}))
   with pytest.raises(FileNotFoundError, match="no complete extraction"):
-    extract.load_descriptors(str(tmp_path / "d"))  # nothing closed yet
+    descriptor_store.load_descriptors(str(tmp_path / "d"))  # nothing closed yet
   for rows in np.array_split(rng.permutation(1000), 7):
     writer.write(rows, x[rows])
   writer.close()
-  stored = extract.load_descriptors(str(tmp_path / "d"))
+  stored = descriptor_store.load_descriptors(str(tmp_path / "d"))
   np.testing.assert_array_equal(stored["descriptors"], x)
   assert stored["images"][999] == "im999.jpg" and stored["config"] == {"a": 2}
   # Row-wise post-processing streams from one folder into another.
-  halved = extract.apply_to_folder(str(tmp_path / "d"), str(tmp_path / "h"),
+  halved = descriptor_store.apply_to_folder(str(tmp_path / "d"), str(tmp_path / "h"),
                                    lambda r: r[:, :8] / 2)
   np.testing.assert_array_equal(halved, x[:, :8] / 2)
-  assert extract.load_descriptors(str(tmp_path / "h"))["images"] == stored["images"]
+  assert descriptor_store.load_descriptors(str(tmp_path / "h"))["images"] == stored["images"]
   # save_descriptors (in-memory arrays) writes the same format.
-  extract.save_descriptors(str(tmp_path / "s"), x, stored["images"], "{}")
-  np.testing.assert_array_equal(extract.load_descriptors(str(tmp_path / "s"))["descriptors"], x)
+  descriptor_store.save_descriptors(str(tmp_path / "s"), x, stored["images"], "{}")
+  np.testing.assert_array_equal(
+      descriptor_store.load_descriptors(str(tmp_path / "s"))["descriptors"], x)
 
 
 def test_unreadable_image_gets_a_zero_row(photos, tmp_path):

@@ -11,11 +11,11 @@ import pytest
 from ml_collections import config_flags
 
 from retrieval_jax import sharding
-from retrieval_jax import train_state
-from retrieval_jax import train_step
 from retrieval_jax.data import datasets
 from retrieval_jax.data import demo
 from retrieval_jax.data import grain_pipeline
+from retrieval_jax.train import state as train_state
+from retrieval_jax.train import step as train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "configs", "demo.py")

@@ -5,25 +5,31 @@ import numpy as np
 import pytest
 
 from configs import common
-from retrieval_jax import learned_whitening
 from retrieval_jax import sharding
-from retrieval_jax import whitening
 from retrieval_jax.data import datasets
+from retrieval_jax.mining import pairs as pairs_lib
+from retrieval_jax.postprocess import whitening
+from retrieval_jax.postprocess import whitening_store
 
 from test_extract import photos, random_variables, tiny_resnet  # pylint: disable=unused-import
+
+
+def _cycle_pairs(train_set, max_pairs=0):
+  return pairs_lib.training_pairs(train_set.labels, train_set.qidxs, train_set.pidxs,
+                                  pairing="cycle", max_pairs=max_pairs)
 
 
 def test_pairs_from_the_dataset_or_from_labels():
   own = datasets.TrainSet("x", ["a"] * 6, np.zeros(6, np.int64), qidxs=np.array([0, 2]),
                           pidxs=np.array([1, 3]))
-  q, p = learned_whitening.training_pairs(own)
+  q, p = _cycle_pairs(own)
   np.testing.assert_array_equal(q, [0, 2])
   np.testing.assert_array_equal(p, [1, 3])
   labels = np.array([5, 5, 5, -1, 7, 7, 9, -1])
-  q, p = learned_whitening.training_pairs(datasets.TrainSet("y", ["a"] * 8, labels))
+  q, p = _cycle_pairs(datasets.TrainSet("y", ["a"] * 8, labels))
   pairs = set(zip(q.tolist(), p.tolist()))
   assert pairs == {(0, 1), (1, 2), (2, 0), (4, 5)}  # a cycle per label; -1 and singletons out
-  q, p = learned_whitening.training_pairs(datasets.TrainSet("y", ["a"] * 8, labels),
+  q, p = _cycle_pairs(datasets.TrainSet("y", ["a"] * 8, labels),
                                           max_pairs=2)
   assert len(q) == 2 and set(zip(q.tolist(), p.tolist())) <= pairs
 
@@ -38,8 +44,8 @@ def _clustered(n_classes, per_class, dim, seed=0):
 
 def test_full_rank_learned_whitening_is_the_reference_one():
   x, labels = _clustered(40, 6, 16)
-  q, p = learned_whitening.training_pairs(datasets.TrainSet("t", [""] * len(x), labels))
-  m, proj = learned_whitening.learn(x, "learned", q, p)
+  q, p = _cycle_pairs(datasets.TrainSet("t", [""] * len(x), labels))
+  m, proj = whitening.learn(x, "learned", q, p)
   m_ref, p_ref = whitening.learn_whitening(x, q, p)
   np.testing.assert_allclose(m, m_ref)
   np.testing.assert_allclose(proj, p_ref)
@@ -49,21 +55,21 @@ def test_full_rank_learned_whitening_is_the_reference_one():
 def test_rank_deficient_learned_whitening_whitens_the_pairs_it_spans(pca_dim):
   """Fewer pairs than dimensions: P [r, D] is finite and P S P^T = I on its r rows."""
   x, labels = _clustered(10, 3, 64)  # 30 pairs in 64-D, spanning 20 (cycles of 3 sum to 0)
-  q, p = learned_whitening.training_pairs(datasets.TrainSet("t", [""] * len(x), labels))
-  m, proj = learned_whitening.learn(x, "learned", q, p, pca_dim=pca_dim)
+  q, p = _cycle_pairs(datasets.TrainSet("t", [""] * len(x), labels))
+  m, proj = whitening.learn(x, "learned", q, p, pca_dim=pca_dim)
   assert np.isfinite(proj).all() and proj.shape[1] == 64
   assert proj.shape[0] == (12 if pca_dim else 20)
   np.testing.assert_allclose(m, x[q].mean(axis=0), atol=1e-12)
   df = (x[q] - x[p]) @ proj.T
   np.testing.assert_allclose(df.T @ df / len(df), np.eye(proj.shape[0]), atol=1e-6)
-  out = learned_whitening.apply(x, {"m": m, "P": proj}, dim=8)
+  out = whitening.apply(x, {"m": m, "P": proj}, dim=8)
   assert out.shape == (len(x), 8) and out.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
 
 
 def test_rank_deficient_pca_whitening_keeps_the_spanned_components():
   x, _ = _clustered(5, 4, 32)  # 20 images in 32-D: rank 19 after centring
-  m, proj = learned_whitening.learn(x, "pca")
+  m, proj = whitening.learn(x, "pca")
   assert proj.shape == (19, 32) and np.isfinite(proj).all()
   y = (x - m) @ proj.T
   np.testing.assert_allclose(y.T @ y / len(x), np.eye(19), atol=1e-6)
@@ -72,8 +78,8 @@ def test_rank_deficient_pca_whitening_keeps_the_spanned_components():
 def test_save_load_round_trip(tmp_path):
   path = str(tmp_path / "w" / "lw.npz")
   m, proj = np.arange(3.0), np.arange(6.0).reshape(2, 3)
-  learned_whitening.save(path, m, proj, {"kind": "learned", "checkpoint_step": 4})
-  got = learned_whitening.load(path)
+  whitening_store.save(path, m, proj, {"kind": "learned", "checkpoint_step": 4})
+  got = whitening_store.load(path)
   np.testing.assert_array_equal(got["m"], m)
   np.testing.assert_array_equal(got["P"], proj)
   assert got["info"] == {"kind": "learned", "checkpoint_step": 4}
@@ -107,7 +113,7 @@ def _config(dataset, kind):
   return c
 
 
-@pytest.mark.parametrize("kind", ["learned", "pca"])
+@pytest.mark.parametrize("kind", ["learned", "pca", "pfa"])
 def test_compute_and_save_then_reuse_until_the_checkpoint_changes(tiny_trainset, kind,
                                                                   tmp_path):
   model = tiny_resnet("gem")
@@ -115,16 +121,21 @@ def test_compute_and_save_then_reuse_until_the_checkpoint_changes(tiny_trainset,
   mesh = sharding.make_mesh()
   workdir = str(tmp_path)
   config = _config(tiny_trainset, kind)
-  w = learned_whitening.get_or_compute(config, workdir, model, variables, mesh, step=7)
-  path = learned_whitening.whitening_path(workdir, kind)
-  assert os.path.basename(path) == {"learned": "lw.npz", "pca": "pca.npz"}[kind]
+  if kind == "pfa":
+    config.eval.whitening_dim = 16
+  w = whitening_store.get_or_compute(config, workdir, model, variables, mesh, step=7)
+  path = whitening_store.whitening_path(workdir, kind)
+  assert os.path.basename(path) == {"learned": "lw.npz", "pca": "pca.npz", "pfa": "pfa.npz"}[kind]
+  if kind == "pfa":  # a selection of 16 distinct features, applied as a projection
+    assert w["P"].shape == (16, 64) and np.array_equal(w["P"].sum(1), np.ones(16))
+    assert len(set(np.argmax(w["P"], 1).tolist())) == 16 and not w["m"].any()
   assert w["info"]["checkpoint_step"] == 7 and w["info"]["num_images"] == 10
   assert w["kind"] == kind and w["m"].shape == (64,) and np.isfinite(w["P"]).all()
   stamp = os.stat(path).st_mtime_ns
-  again = learned_whitening.get_or_compute(config, workdir, model, variables, mesh, step=7)
+  again = whitening_store.get_or_compute(config, workdir, model, variables, mesh, step=7)
   assert os.stat(path).st_mtime_ns == stamp  # reused
   np.testing.assert_array_equal(again["P"], w["P"])
-  learned_whitening.get_or_compute(config, workdir, model, variables, mesh, step=8)
-  assert learned_whitening.load(path)["info"]["checkpoint_step"] == 8  # learned again
+  whitening_store.get_or_compute(config, workdir, model, variables, mesh, step=8)
+  assert whitening_store.load(path)["info"]["checkpoint_step"] == 8  # learned again
   config.eval.whitening = ""
-  assert learned_whitening.get_or_compute(config, workdir, model, variables, mesh, 8) is None
+  assert whitening_store.get_or_compute(config, workdir, model, variables, mesh, 8) is None

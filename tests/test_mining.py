@@ -3,6 +3,7 @@
 The multi-device tests need `XLA_FLAGS=--xla_force_host_platform_device_count=8` set before
 jax is imported (tests/conftest.py does it).
 """
+import ml_collections
 import numpy as np
 import pytest
 
@@ -10,7 +11,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from retrieval_jax import mining
+from retrieval_jax import losses
+from retrieval_jax.mining import collectives
+from retrieval_jax.mining import epoch
+from retrieval_jax.mining import in_batch
+from retrieval_jax.mining import vaccaro
+from retrieval_jax.train import step
 
 EPS = 1e-6
 needs_8_devices = pytest.mark.skipif(
@@ -28,6 +34,27 @@ def _mesh(axis_type=AxisType.Explicit):
 
 def _shard(mesh, *arrays):
   return [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in arrays]
+
+
+def in_batch_mined_indices(descriptors, labels, *, mesh, num_negatives):
+  """The selection `in_batch_mined_loss` makes, run the way the loss runs it (sharded).
+
+  Returns global-index arrays sharded along "data": `neg_idx` [B, k] (most similar first),
+  `neg_valid` [B, k], `hardest_pos` [B], `has_pos` [B].
+  """
+
+  def body(desc, lab, *, axis_name):
+    desc = desc.astype(jnp.float32)
+    sel = in_batch.select_in_batch(desc, lab, collectives.gather(desc, axis_name),
+                                   collectives.gather(lab, axis_name),
+                                   collectives.global_offset(desc.shape[0], axis_name),
+                                   num_negatives)
+    del sel["pos_mask"]
+    return sel
+
+  specs = {k: P("data") for k in ("neg_idx", "neg_valid", "hardest_pos", "has_pos")}
+  return collectives.run_sharded(body, mesh, "data" if mesh is not None else None,
+                                 (descriptors, labels), out_specs=specs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +158,7 @@ CASES = [("contrastive", "all", "sum", 1.2), ("contrastive", "hardest", "mean", 
 def test_hardest_negatives_of_device0_live_on_other_devices():
   mesh = _mesh()
   x, labels = _batch()
-  sel = mining.in_batch_mined_indices(*_shard(mesh, x, labels), mesh=mesh, num_negatives=3)
+  sel = in_batch_mined_indices(*_shard(mesh, x, labels), mesh=mesh, num_negatives=3)
   neg_idx = np.asarray(sel["neg_idx"])
   ref_negs, _, ref_hardest = _reference_selection(x, labels, 3)
   np.testing.assert_array_equal(neg_idx, np.array(ref_negs))
@@ -154,7 +181,7 @@ def test_mined_loss_and_grad_on_8_devices_match_reference(loss_name, positives, 
   kw = dict(loss_name=loss_name, margin=margin, num_negatives=3, positives=positives,
             reduction=reduction)
 
-  loss_fn = jax.jit(lambda d, l: mining.in_batch_mined_loss(d, l, mesh=mesh, **kw))
+  loss_fn = jax.jit(lambda d, l: in_batch.in_batch_mined_loss(d, l, mesh=mesh, **kw))
   loss, metrics = loss_fn(xs, ls)
   ref_loss, ref_metrics = _reference_loss_np(x, labels, **kw)
   np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
@@ -162,7 +189,7 @@ def test_mined_loss_and_grad_on_8_devices_match_reference(loss_name, positives, 
     np.testing.assert_allclose(float(metrics[name]), value, rtol=1e-5, atol=1e-6, err_msg=name)
   np.testing.assert_allclose(float(metrics["frac_anchors_with_positives"]), 31 / 32)
 
-  grad = jax.jit(jax.grad(lambda d: mining.in_batch_mined_loss(d, ls, mesh=mesh, **kw)[0]))(xs)
+  grad = jax.jit(jax.grad(lambda d: in_batch.in_batch_mined_loss(d, ls, mesh=mesh, **kw)[0]))(xs)
   assert grad.sharding.spec[0] == "data"  # gradients stay with the rows' owners
   ref_grad = jax.grad(_reference_loss_jax(x, labels, **kw))(jnp.asarray(x))
   # The planted negatives (devices 1, 3, 5, 7) receive gradient from device 0's anchors,
@@ -172,7 +199,7 @@ def test_mined_loss_and_grad_on_8_devices_match_reference(loss_name, positives, 
   np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-5, atol=2e-6)
 
   # No mesh: same numbers.
-  loss0, metrics0 = mining.in_batch_mined_loss(jnp.asarray(x), jnp.asarray(labels), mesh=None,
+  loss0, metrics0 = in_batch.in_batch_mined_loss(jnp.asarray(x), jnp.asarray(labels), mesh=None,
                                                **kw)
   np.testing.assert_allclose(float(loss0), float(loss), rtol=1e-6)
   for name in metrics:
@@ -185,21 +212,33 @@ def test_auto_axis_mesh_and_one_device_mesh_agree():
   kw = dict(loss_name="contrastive", margin=0.9, num_negatives=4)
   ref, _ = _reference_loss_np(x, labels, positives="all", reduction="sum", **kw)
   mesh = _mesh(AxisType.Auto)
-  loss, _ = jax.jit(lambda d, l: mining.in_batch_mined_loss(d, l, mesh=mesh, **kw))(
+  loss, _ = jax.jit(lambda d, l: in_batch.in_batch_mined_loss(d, l, mesh=mesh, **kw))(
       *_shard(mesh, x, labels))
   np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
   mesh1 = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-  loss1, _ = jax.jit(lambda d, l: mining.in_batch_mined_loss(d, l, mesh=mesh1, **kw))(
+  loss1, _ = jax.jit(lambda d, l: in_batch.in_batch_mined_loss(d, l, mesh=mesh1, **kw))(
       x, labels)
   np.testing.assert_allclose(float(loss1), ref, rtol=1e-5)
+
+
+@needs_8_devices
+def test_batch_axis_named_by_the_config():
+  """A mesh whose batch axis is not called "data" (config.mesh.axes) mines the same loss."""
+  x, labels = _batch(1)
+  kw = dict(loss_name="contrastive", margin=0.9, num_negatives=4)
+  ref, _ = _reference_loss_np(x, labels, positives="all", reduction="sum", **kw)
+  mesh = jax.make_mesh((8,), ("batch",), axis_types=(AxisType.Explicit,))
+  placed = [jax.device_put(a, NamedSharding(mesh, P("batch"))) for a in (x, labels)]
+  loss, _ = jax.jit(lambda d, l: in_batch.in_batch_mined_loss(d, l, mesh=mesh, **kw))(*placed)
+  np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
 
 
 def test_fewer_negatives_than_requested_are_skipped():
   rng = np.random.default_rng(3)
   x = _unit(rng.normal(size=(8, 6)))
   labels = np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int32)  # class 0 anchors: 2 negatives only
-  loss, metrics = mining.in_batch_mined_loss(x, labels, mesh=None, margin=2.5, num_negatives=4)
-  sel = mining.in_batch_mined_indices(x, labels, mesh=None, num_negatives=4)
+  loss, metrics = in_batch.in_batch_mined_loss(x, labels, mesh=None, margin=2.5, num_negatives=4)
+  sel = in_batch_mined_indices(x, labels, mesh=None, num_negatives=4)
   np.testing.assert_array_equal(np.asarray(sel["neg_valid"]).sum(1), [2] * 6 + [4] * 2)
   ref_loss, ref_metrics = _reference_loss_np(x, labels, loss_name="contrastive", margin=2.5,
                                              num_negatives=4, positives="all", reduction="sum")
@@ -210,21 +249,25 @@ def test_fewer_negatives_than_requested_are_skipped():
 def test_bad_arguments_raise():
   x, labels = _batch()
   with pytest.raises(ValueError, match="loss_name"):
-    mining.in_batch_mined_loss(x, labels, mesh=None, loss_name="arcface")
+    in_batch.in_batch_mined_loss(x, labels, mesh=None, loss_name="arcface")
   with pytest.raises(ValueError, match="num_negatives"):
-    mining.in_batch_mined_loss(x, labels, mesh=None, num_negatives=B + 1)
+    in_batch.in_batch_mined_loss(x, labels, mesh=None, num_negatives=B + 1)
   with pytest.raises(ValueError, match="positives"):
-    mining.in_batch_mined_loss(x, labels, mesh=None, positives="random")
+    in_batch.in_batch_mined_loss(x, labels, mesh=None, positives="random")
 
 
-def test_get_batch_loss_dispatch():
+def test_loss_family_dispatch():
+  """The train step's one family dispatch reaches the mined losses with config.loss's fields."""
   x, labels = _batch()
-  direct, _ = mining.in_batch_mined_loss(x, labels, mesh=None, loss_name="triplet", margin=0.1)
-  via, _ = mining.get_batch_loss("triplet")(x, labels, mesh=None, margin=0.1)
+  direct, _ = in_batch.in_batch_mined_loss(x, labels, mesh=None, loss_name="triplet", margin=0.1)
+  loss_config = ml_collections.ConfigDict(dict(name="triplet", margin=0.1, num_negatives=5,
+                                               positives="all", reduction="sum"))
+  via, _ = step.FAMILY_LOSSES.get(losses.get_loss("triplet").family)(
+      x, labels, loss_config=loss_config, mesh=None, head=None, head_params=None, rng=None)
   np.testing.assert_allclose(float(via), float(direct))
-  assert mining.get_batch_loss("vaccaro_triplet") is mining.vaccaro_triplet_loss
-  with pytest.raises(ValueError, match="margin_softmax"):
-    mining.get_batch_loss("arcface")
+  assert set(step.FAMILY_LOSSES) == set(losses.FAMILIES)
+  with pytest.raises(ValueError, match="loss family"):
+    step.FAMILY_LOSSES.get("npair")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,10 +335,10 @@ def test_vaccaro_triplets_match_algorithm1(mode):
   x, labels, coins = _vaccaro_batch()
   t = 4
   raw = _vaccaro_reference(x, labels, t=t, coins=coins, mode=mode, one_per_class=False)
-  got_raw = mining.vaccaro_triplets(x, labels, t=t, mode=mode, coins=coins, one_per_class=False)
+  got_raw = vaccaro.vaccaro_triplets(x, labels, t=t, mode=mode, coins=coins, one_per_class=False)
   assert _as_dict(got_raw) == raw
   kept = _vaccaro_reference(x, labels, t=t, coins=coins, mode=mode)
-  got = mining.vaccaro_triplets(x, labels, t=t, mode=mode, coins=coins)
+  got = vaccaro.vaccaro_triplets(x, labels, t=t, mode=mode, coins=coins)
   assert _as_dict(got) == kept
   assert len({labels[q] for q in kept}) == len(kept)  # one per class
   # Semi-hard: positive ranked just before the negative; hard: the negative is closer.
@@ -315,10 +358,10 @@ def test_vaccaro_triplets_match_algorithm1(mode):
 def test_vaccaro_mixed_needs_rng_and_coins_follow_it():
   x, labels, _ = _vaccaro_batch(1)
   with pytest.raises(ValueError, match="rng"):
-    mining.vaccaro_triplets(x, labels, t=3)
+    vaccaro.vaccaro_triplets(x, labels, t=3)
   key = jax.random.key(7)
   coins = np.asarray(jax.random.bernoulli(key, 0.5, (len(x),)))
-  a = mining.vaccaro_triplets(x, labels, t=3, rng=key)
+  a = vaccaro.vaccaro_triplets(x, labels, t=3, rng=key)
   assert _as_dict(a) == _vaccaro_reference(x, labels, t=3, coins=coins, mode="mixed")
 
 
@@ -337,7 +380,7 @@ def test_vaccaro_loss_on_8_devices_matches_reference():
 
   mesh = _mesh()
   xs, ls = _shard(mesh, x, labels)
-  fn = lambda d: mining.vaccaro_triplet_loss(d, ls, mesh=mesh, margin=margin, t=t,
+  fn = lambda d: vaccaro.vaccaro_triplet_loss(d, ls, mesh=mesh, margin=margin, t=t,
                                              coins=coins)
   loss, metrics = jax.jit(fn)(xs)
   np.testing.assert_allclose(float(loss), float(ref_fn(jnp.asarray(x))), rtol=1e-5)
@@ -347,7 +390,7 @@ def test_vaccaro_loss_on_8_devices_matches_reference():
   grad = jax.jit(jax.grad(lambda d: fn(d)[0]))(xs)
   np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(ref_fn)(jnp.asarray(x))),
                              rtol=1e-5, atol=2e-6)
-  loss0, _ = mining.vaccaro_triplet_loss(x, labels, mesh=None, margin=margin, t=t, coins=coins)
+  loss0, _ = vaccaro.vaccaro_triplet_loss(x, labels, mesh=None, margin=margin, t=t, coins=coins)
   np.testing.assert_allclose(float(loss0), float(loss), rtol=1e-6)
 
 
@@ -385,7 +428,7 @@ def _epoch_data(seed=0, nq=20, npool=300, dim=12, nclusters=40):
 @pytest.mark.parametrize("use_jax", [False, True])
 def test_epoch_negatives_match_brute_force(use_jax):
   q, pool, qc, pc = _epoch_data()
-  got = mining.mine_epoch_negatives(q, pool, qc, pc, num_negatives=5, use_jax=use_jax,
+  got = epoch.mine_epoch_negatives(q, pool, qc, pc, num_negatives=5, use_jax=use_jax,
                                     chunk_size=7)
   np.testing.assert_array_equal(got, _epoch_reference(q, pool, qc, pc, 5))
   scores = q @ pool.T
@@ -402,14 +445,14 @@ def test_epoch_negatives_match_brute_force(use_jax):
 def test_epoch_negatives_many_and_bounded_search():
   q, pool, qc, pc = _epoch_data(1, nclusters=12)
   # 10 of the 11 other clusters: the candidate list must grow past its first size.
-  got = mining.mine_epoch_negatives(q, pool, qc, pc, num_negatives=10)
+  got = epoch.mine_epoch_negatives(q, pool, qc, pc, num_negatives=10)
   np.testing.assert_array_equal(got, _epoch_reference(q, pool, qc, pc, 10))
   # More negatives than admissible clusters: padded with -1.
-  got = mining.mine_epoch_negatives(q, pool, qc, pc, num_negatives=13)
+  got = epoch.mine_epoch_negatives(q, pool, qc, pc, num_negatives=13)
   np.testing.assert_array_equal(got, _epoch_reference(q, pool, qc, pc, 13))
   assert (got[:, 11:] == -1).all() and (got[:, :11] >= 0).all()
   # A bounded search looks only at the pool_topk most similar images.
-  got = mining.mine_epoch_negatives(q, pool, qc, pc, num_negatives=5, pool_topk=6)
+  got = epoch.mine_epoch_negatives(q, pool, qc, pc, num_negatives=5, pool_topk=6)
   scores = q @ pool.T
   top6 = np.argsort(-scores, axis=1, kind="stable")[:, :6]
   for i, row in enumerate(got):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from configs import common
-from retrieval_jax import optim
+from retrieval_jax.train import optim
 from retrieval_jax.models import retrieval_net
 
 

@@ -6,7 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from retrieval_jax.models import netvlad
 from retrieval_jax.models import pooling
+from retrieval_jax.models import pooling_ops
+from retrieval_jax.models import rmac_grid
+from retrieval_jax.postprocess import clustering
 
 RNG = np.random.default_rng(0)
 
@@ -143,31 +147,31 @@ SIZES = [(7, 7), (7, 10), (10, 7), (4, 13), (13, 4), (1, 6), (2, 2), (3, 11)]
 
 def test_global_poolings_vs_numpy():
   x = RNG.random((2, 4, 5, 3)).astype(np.float32)
-  np.testing.assert_allclose(pooling.mac(x), x.max(axis=(1, 2)), rtol=1e-6)
-  np.testing.assert_allclose(pooling.spoc(x), x.mean(axis=(1, 2)), rtol=1e-6)
+  np.testing.assert_allclose(pooling_ops.mac(x), x.max(axis=(1, 2)), rtol=1e-6)
+  np.testing.assert_allclose(pooling_ops.spoc(x), x.mean(axis=(1, 2)), rtol=1e-6)
   for b in range(2):
-    np.testing.assert_allclose(pooling.gem(x, 3.0)[b], np_gem(x[b], 3.0), rtol=1e-5)
-    np.testing.assert_allclose(pooling.gem(x, 2.5, eps=0.3)[b], np_gem(x[b], 2.5, 0.3),
+    np.testing.assert_allclose(pooling_ops.gem(x, 3.0)[b], np_gem(x[b], 3.0), rtol=1e-5)
+    np.testing.assert_allclose(pooling_ops.gem(x, 2.5, eps=0.3)[b], np_gem(x[b], 2.5, 0.3),
                                rtol=1e-5)
 
 
 def test_gem_special_cases():
   x = RNG.random((2, 4, 4, 6)).astype(np.float32) + 0.05
-  np.testing.assert_allclose(pooling.gem(x, 1.0), pooling.spoc(x), rtol=1e-5)
-  np.testing.assert_allclose(pooling.gem(x, 200.0), pooling.mac(x), rtol=0.03)
+  np.testing.assert_allclose(pooling_ops.gem(x, 1.0), pooling_ops.spoc(x), rtol=1e-5)
+  np.testing.assert_allclose(pooling_ops.gem(x, 200.0), pooling_ops.mac(x), rtol=0.03)
   p = np.array([1.0, 2.0, 3.0, 4.0, 6.0, 10.0], np.float32)
-  per_channel = pooling.gem(x, p)
+  per_channel = pooling_ops.gem(x, p)
   for ch in range(6):
-    np.testing.assert_allclose(per_channel[:, ch], pooling.gem(x[..., ch:ch + 1], p[ch])[:, 0],
+    np.testing.assert_allclose(per_channel[:, ch], pooling_ops.gem(x[..., ch:ch + 1], p[ch])[:, 0],
                                rtol=1e-5)
   np.testing.assert_allclose(per_channel[0], np_gem(x[0], p), rtol=1e-5)
 
 
 def test_bfloat16_input_computes_in_float32():
   x = RNG.random((1, 3, 3, 4)).astype(np.float32)
-  out = pooling.gem(jnp.asarray(x, jnp.bfloat16))
+  out = pooling_ops.gem(jnp.asarray(x, jnp.bfloat16))
   assert out.dtype == jnp.float32
-  np.testing.assert_allclose(out, pooling.gem(np.asarray(jnp.asarray(x, jnp.bfloat16),
+  np.testing.assert_allclose(out, pooling_ops.gem(np.asarray(jnp.asarray(x, jnp.bfloat16),
                                                          np.float32)), rtol=1e-6)
 
 
@@ -176,8 +180,8 @@ def test_masked_global_poolings_equal_unpadded(jit):
   maps = relu_maps(SIZES)
   x, mask = padded_batch(maps)
   x = x.at[0, -1, -1, 0].set(jnp.nan)  # NaN in padding must not leak either
-  fns = {"mac": pooling.mac, "spoc": pooling.spoc,
-         "gem": lambda a, m: pooling.gem(a, 3.0, mask=m)}
+  fns = {"mac": pooling_ops.mac, "spoc": pooling_ops.spoc,
+         "gem": lambda a, m: pooling_ops.gem(a, 3.0, mask=m)}
   for name, fn in fns.items():
     f = jax.jit(fn) if jit else fn
     got = f(x, mask)
@@ -192,7 +196,7 @@ def test_masked_global_poolings_equal_unpadded(jit):
 @pytest.mark.parametrize("h,w", [(7, 7), (7, 10), (10, 7), (4, 13), (13, 4), (30, 40),
                                  (40, 30), (5, 9), (1, 1), (2, 17), (64, 48)])
 def test_rmac_regions_vs_reference(h, w):
-  boxes = pooling.rmac_regions(h, w, 3)
+  boxes = rmac_grid.rmac_regions(h, w, 3)
   ref = torch_rmac_boxes(h, w, 3)
   assert [tuple(b) for b in boxes.tolist()] == ref
   assert np.all(boxes[:, 2] <= h) and np.all(boxes[:, 3] <= w) and np.all(boxes >= 0)
@@ -200,15 +204,15 @@ def test_rmac_regions_vs_reference(h, w):
 
 def test_rmac_regions_counts():
   # Square map: 1 + 4 + 9 regions plus the global one; a 4:3 map adds one column per level.
-  assert len(pooling.rmac_regions(30, 30)) == 1 + 1 + 4 + 9
-  assert len(pooling.rmac_regions(30, 40)) == 1 + 2 + 6 + 12
-  assert len(pooling.rmac_regions(40, 30)) == 1 + 2 + 6 + 12
+  assert len(rmac_grid.rmac_regions(30, 30)) == 1 + 1 + 4 + 9
+  assert len(rmac_grid.rmac_regions(30, 40)) == 1 + 2 + 6 + 12
+  assert len(rmac_grid.rmac_regions(40, 30)) == 1 + 2 + 6 + 12
 
 
 def test_rmac_regions_all_small_sizes_vs_reference():
   for h in range(1, 26):
     for w in range(1, 26):
-      got = [tuple(b) for b in pooling.rmac_regions(h, w, 3).tolist()]
+      got = [tuple(b) for b in rmac_grid.rmac_regions(h, w, 3).tolist()]
       assert got == torch_rmac_boxes(h, w, 3), (h, w)
 
 
@@ -219,11 +223,11 @@ def test_traced_rmac_grid_equals_static_grid():
   hv, wv = jnp.asarray(hv.ravel(), jnp.int32), jnp.asarray(wv.ravel(), jnp.int32)
   per_level = []
   for level in (1, 2, 3):
-    fn = jax.jit(jax.vmap(lambda a, b, lv=level: pooling._rmac_level_weights(a, b, lv, n, n, 3)))
+    fn = jax.jit(jax.vmap(lambda a, b, lv=level: rmac_grid.rmac_level_weights(a, b, lv, n, n, 3)))
     per_level.append([np.asarray(t) for t in fn(hv, wv)])
   for e, (h, w) in enumerate(zip(np.asarray(hv), np.asarray(wv))):
     expected = {}
-    boxes = pooling.rmac_regions(int(h), int(w), 3)[1:]
+    boxes = rmac_grid.rmac_regions(int(h), int(w), 3)[1:]
     for t, l, b, _ in boxes.tolist():
       expected[(b - t, t, l)] = expected.get((b - t, t, l), 0) + 1
     got = {}
@@ -247,19 +251,19 @@ def test_rmac_values_vs_cirtorch():
     reg = xt[:, :, t:b, l:r]
     v = v + l2(mp(reg, (reg.size(-2), reg.size(-1))))
   ref = l2(v).squeeze(-1).squeeze(-1).numpy()
-  np.testing.assert_allclose(pooling.rmac(x), ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(pooling_ops.rmac(x), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_regional_gem_spoc_vs_numpy():
   x = relu_maps([(6, 9)], c=4)[0]
   np.testing.assert_allclose(
-      pooling.regional_pool(x[None], pool="gem", p=3.0)[0],
+      pooling_ops.regional_pool(x[None], pool="gem", p=3.0)[0],
       np_regional(x, 3, lambda r: np_gem(r, 3.0)), rtol=1e-5)
   np.testing.assert_allclose(
-      pooling.regional_pool(x[None], pool="spoc")[0],
+      pooling_ops.regional_pool(x[None], pool="spoc")[0],
       np_regional(x, 3, lambda r: r.mean(axis=(0, 1))), rtol=1e-5)
   with pytest.raises(ValueError):
-    pooling.regional_pool(x[None], pool="max")
+    pooling_ops.regional_pool(x[None], pool="max")
 
 
 NP_POOLS = {"mac": lambda r: r.max(axis=(0, 1)),
@@ -272,7 +276,7 @@ NP_POOLS = {"mac": lambda r: r.max(axis=(0, 1)),
 def test_masked_regional_equals_unpadded(pool, jit):
   maps = relu_maps(SIZES + [(13, 13)] if jit else SIZES[2:6])  # eager: slow dispatch
   x, mask = padded_batch(maps)
-  fn = lambda a, m: pooling.regional_pool(a, 3, pool, 3.0, mask=m)
+  fn = lambda a, m: pooling_ops.regional_pool(a, 3, pool, 3.0, mask=m)
   got = (jax.jit(fn) if jit else fn)(x, mask)
   for i, m in enumerate(maps):
     ref = np_regional(m.astype(np.float64), 3, NP_POOLS[pool])
@@ -284,7 +288,7 @@ def test_masked_regional_equals_unpadded(pool, jit):
 def test_masked_rmac_gradients_are_finite():
   maps = relu_maps([(3, 5), (5, 3)], c=2)
   x, mask = padded_batch(maps)
-  g = jax.jit(jax.grad(lambda a: jnp.sum(pooling.rmac(a, 2, mask=mask) * jnp.arange(2.0))))(x)
+  g = jax.jit(jax.grad(lambda a: jnp.sum(pooling_ops.rmac(a, 2, mask=mask) * jnp.arange(2.0))))(x)
   assert np.all(np.isfinite(g))
   assert float(jnp.abs(jnp.where(mask[..., None], 0.0, g)).max()) == 0.0  # no grad to padding
 
@@ -296,20 +300,20 @@ def test_masked_rmac_gradients_are_finite():
 def test_seddati_vs_numpy():
   for h, w in [(6, 9), (10, 10), (3, 14), (1, 4)]:
     x = relu_maps([(h, w)])[0]
-    np.testing.assert_allclose(pooling.seddati_rmac(x[None])[0], np_seddati(x), rtol=1e-5)
+    np.testing.assert_allclose(pooling_ops.seddati_rmac(x[None])[0], np_seddati(x), rtol=1e-5)
 
 
 def test_seddati_kernels():
   # min side 20: k = ceil(40/2)=20, ceil(40/3)=14, ceil(40/4)=10; s = floor(0.4 k).
-  assert pooling.seddati_kernels(20, 30) == [(20, 8), (14, 5), (10, 4)]
-  assert pooling.seddati_kernels(1, 5) == [(1, 1), (1, 1), (1, 1)]
+  assert pooling_ops.seddati_kernels(20, 30) == [(20, 8), (14, 5), (10, 4)]
+  assert pooling_ops.seddati_kernels(1, 5) == [(1, 1), (1, 1), (1, 1)]
 
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_masked_seddati_equals_unpadded(jit):
   maps = relu_maps(SIZES + [(13, 13)])
   x, mask = padded_batch(maps)
-  fn = lambda a, m: pooling.seddati_rmac(a, 3, mask=m)
+  fn = lambda a, m: pooling_ops.seddati_rmac(a, 3, mask=m)
   got = (jax.jit(fn) if jit else fn)(x, mask)
   for i, m in enumerate(maps):
     np.testing.assert_allclose(got[i], np_seddati(m), rtol=2e-5, atol=1e-6, err_msg=str(m.shape))
@@ -327,25 +331,25 @@ def _codebook(k=4, c=5):
 def test_netvlad_vs_numpy():
   x = RNG.standard_normal((2, 3, 4, 5)).astype(np.float32)
   cent = _codebook()
-  got = pooling.netvlad(x, cent, alpha=7.0)
+  got = netvlad.netvlad(x, cent, alpha=7.0)
   assert got.shape == (2, 4 * 5)
   for b in range(2):
     ref = np_vlad(list(x[b].reshape(-1, 5)), cent.astype(np.float64), 7.0)
     np.testing.assert_allclose(got[b], ref, rtol=1e-4, atol=1e-6)
   # Decoupled form initialised from the codebook equals the tied one.
-  prm = pooling.netvlad_params(cent, 7.0, decoupled=True)
+  prm = netvlad.netvlad_params(cent, 7.0, decoupled=True)
   np.testing.assert_allclose(
-      pooling.netvlad(x, cent, 0.0, assign_kernel=prm["assign_kernel"],
+      netvlad.netvlad(x, cent, 0.0, assign_kernel=prm["assign_kernel"],
                       assign_bias=prm["assign_bias"]), got, rtol=1e-5, atol=1e-6)
 
 
 def test_multiscale_netvlad_vs_numpy():
   x = RNG.standard_normal((1, 4, 5, 5)).astype(np.float32)
   cent = _codebook()
-  desc, valid = pooling.multiscale_column_features(x, (2, 3))
+  desc, valid = netvlad.multiscale_column_features(x, (2, 3))
   assert desc.shape == (1, 3 * 4 + 2 * 3, 5) and valid is None
   ref = np_vlad(np_columns(x[0], (2, 3)), cent.astype(np.float64), 5.0)
-  np.testing.assert_allclose(pooling.multiscale_netvlad(x, cent, 5.0)[0], ref, rtol=1e-4,
+  np.testing.assert_allclose(netvlad.multiscale_netvlad(x, cent, 5.0)[0], ref, rtol=1e-4,
                              atol=1e-6)
 
 
@@ -353,8 +357,8 @@ def test_masked_netvlads_equal_unpadded():
   maps = [RNG.standard_normal((h, w, 5)).astype(np.float32) for h, w in SIZES if min(h, w) >= 2]
   x, mask = padded_batch(maps)
   cent = _codebook()
-  fns = {"netvlad": lambda a, m: pooling.netvlad(a, cent, 6.0, mask=m),
-         "ms_netvlad": lambda a, m: pooling.multiscale_netvlad(a, cent, 6.0, (2, 3), mask=m)}
+  fns = {"netvlad": lambda a, m: netvlad.netvlad(a, cent, 6.0, mask=m),
+         "ms_netvlad": lambda a, m: netvlad.multiscale_netvlad(a, cent, 6.0, (2, 3), mask=m)}
   windows = {"netvlad": (1,), "ms_netvlad": (2, 3)}
   for name, fn in fns.items():
     got = jax.jit(fn)(x, mask)
@@ -367,7 +371,7 @@ def test_kmeans_init():
   # Three well separated directions: k-means finds them and alpha is positive and finite.
   dirs = np.eye(6)[:3] * 5
   desc = np.concatenate([d + 0.1 * RNG.standard_normal((40, 6)) for d in dirs])
-  cent, alpha = pooling.kmeans_init(desc, 3, seed=1)
+  cent, alpha = clustering.kmeans_init(desc, 3, seed=1)
   assert cent.shape == (3, 6) and cent.dtype == np.float32
   assert np.isfinite(alpha) and alpha > 0
   # Each true direction has a centroid close to it (descriptors are normalised first).
@@ -389,7 +393,7 @@ def test_gem_module_params():
     mod = pooling.GeM(p_init=2.0, per_channel=per_channel)
     variables = mod.init(jax.random.PRNGKey(0), x)
     assert variables["params"]["p"].shape == shape
-    np.testing.assert_allclose(mod.apply(variables, x), pooling.gem(x, 2.0), rtol=1e-6)
+    np.testing.assert_allclose(mod.apply(variables, x), pooling_ops.gem(x, 2.0), rtol=1e-6)
   fixed = pooling.GeM(p_init=3.0, trainable=False)
   assert not fixed.init(jax.random.PRNGKey(0), x)
 
@@ -414,11 +418,11 @@ def test_registry_and_modules():
   mod = pooling.NetVLAD(num_clusters=3, alpha=4.0, centroids_init=cent)
   variables = mod.init(jax.random.PRNGKey(0), x)
   np.testing.assert_array_equal(variables["params"]["centroids"], cent)
-  np.testing.assert_allclose(mod.apply(variables, x), pooling.netvlad(x, cent, 4.0), rtol=1e-6)
+  np.testing.assert_allclose(mod.apply(variables, x), netvlad.netvlad(x, cent, 4.0), rtol=1e-6)
   dec = pooling.MultiScaleNetVLAD(num_clusters=3, alpha=4.0, centroids_init=cent, decoupled=True)
   variables = dec.init(jax.random.PRNGKey(0), x)
   assert set(variables["params"]) == {"centroids", "assign_kernel", "assign_bias"}
-  np.testing.assert_allclose(dec.apply(variables, x), pooling.multiscale_netvlad(x, cent, 4.0),
+  np.testing.assert_allclose(dec.apply(variables, x), netvlad.multiscale_netvlad(x, cent, 4.0),
                              rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError):
     pooling.NetVLAD(num_clusters=4, centroids_init=cent).init(jax.random.PRNGKey(0), x)
@@ -426,5 +430,5 @@ def test_registry_and_modules():
 
 def test_normalize_of_a_zero_vector_has_a_finite_gradient():
   """An empty NetVLAD cluster has a zero residual; its gradient must not be NaN."""
-  g = jax.grad(lambda x: pooling._normalize(x).sum())(jnp.zeros((3,)))  # pylint: disable=protected-access
+  g = jax.grad(lambda x: pooling_ops.normalize(x).sum())(jnp.zeros((3,)))
   assert np.isfinite(np.asarray(g)).all()

@@ -7,7 +7,6 @@ the torch network's descriptors.
 """
 import json
 import os
-import pickle
 import struct
 import sys
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_reference as tr  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from retrieval_jax import errors  # pylint: disable=g-import-not-at-top
 from retrieval_jax.models import pretrained  # pylint: disable=g-import-not-at-top
 from retrieval_jax.models import resnet  # pylint: disable=g-import-not-at-top
 from retrieval_jax.models import retrieval_net  # pylint: disable=g-import-not-at-top
@@ -144,7 +144,7 @@ def test_load_pretrained_into_model_variables_and_config_check(cirtorch_resnet):
   wrong = model.clone(pooling="mac")
   with pytest.raises(ValueError, match="--config.model.pooling=gem"):
     pretrained.load_pretrained_into(shapes, wrong, path)
-  # The trunk alone, as train_state.init_variables and the .npz converter read it.
+  # The trunk alone, as restore.init_variables and the .npz converter read it.
   trunk = pretrained.load_backbone_variables("resnet18", path)
   np.testing.assert_array_equal(trunk["params"]["stem"]["conv"]["kernel"],
                                 variables["params"]["backbone"]["stem"]["conv"]["kernel"])
@@ -173,7 +173,8 @@ class NotData:
 def test_checkpoint_with_objects_is_refused(tmp_path):
   path = str(tmp_path / "evil.pth")
   torch.save({"state_dict": {}, "meta": {"architecture": "resnet18", "x": NotData()}}, path)
-  with pytest.raises(pickle.UnpicklingError):
+  # Refused as "not a weight file", never with torch's advice to set weights_only=False.
+  with pytest.raises(errors.NotAWeightFileError, match="Python objects other than tensors"):
     pretrained.load_cirtorch(path)
 
 
@@ -252,13 +253,11 @@ def test_safetensors_reader_dtypes_and_deep_stem_refusal(tmp_path):
 
 def test_fine_tuning_starts_from_a_cirtorch_checkpoint(cirtorch_resnet):
   """model.pretrained = a cirtorch file: training starts with its trunk, GeM p and whitening."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from retrieval_jax import train_state  # pylint: disable=import-outside-toplevel
+  from retrieval_jax import restore  # pylint: disable=import-outside-toplevel
   net, path = cirtorch_resnet
   model = retrieval_net.RetrievalNet(backbone="resnet18", backbone_kwargs={"width": 8},
                                      pooling="gem", whitening_dim=64)
-  variables = train_state.init_variables(model, 64, jax.random.key(0),
-                                         ml_collections.ConfigDict({"pretrained": path}))
+  variables = restore.init_variables(model, 64, jax.random.key(0), path)
   np.testing.assert_allclose(np.asarray(variables["params"]["pool"]["p"]).ravel(),
                              net.pool.p.detach().numpy().ravel(), rtol=1e-6)
   np.testing.assert_allclose(variables["params"]["whiten"]["kernel"],

@@ -13,15 +13,18 @@ import pytest
 
 from configs import demo as demo_config
 from retrieval_jax import checkpointing
-from retrieval_jax import cli
+from retrieval_jax import restore
 from retrieval_jax import sharding
-from retrieval_jax import train
-from retrieval_jax import train_state
-from retrieval_jax import train_step
 from retrieval_jax.data import datasets
 from retrieval_jax.data import demo
 from retrieval_jax.data import grain_pipeline
 from retrieval_jax.data import tuples
+from retrieval_jax.mining import pairs as pairs_lib
+from retrieval_jax.models import retrieval_net
+from retrieval_jax.train import inputs as inputs_lib
+from retrieval_jax.train import loop as train_loop
+from retrieval_jax.train import state as train_state
+from retrieval_jax.train import step as train_step
 
 
 TINY_BACKBONE = {"bn_mode": "frozen_stats", "width": 8, "stage_sizes": (1, 1, 1, 1)}
@@ -76,13 +79,13 @@ def test_interrupted_run_resumes_bitwise(demo_root, tmp_path, mode):
   # Epoch mode: 3 steps per epoch (16 // 5), so step 4 is inside the second epoch.
   n, k = (4, 2) if mode == "in_batch" else (5, 4)
   full = str(tmp_path / "full")
-  train.train_and_evaluate(tiny_config(demo_root, **{"train.num_steps": n}, **extra), full)
+  train_loop.train_and_evaluate(tiny_config(demo_root, **{"train.num_steps": n}, **extra), full)
   part = str(tmp_path / "part")
-  out = train.train_and_evaluate(
+  out = train_loop.train_and_evaluate(
       tiny_config(demo_root, **{"train.num_steps": n, "train.stop_after": k}, **extra), part)
   assert out["after"] is None
   assert checkpointing.manager(part).latest_step() == k
-  train.train_and_evaluate(tiny_config(demo_root, **{"train.num_steps": n}, **extra), part)
+  train_loop.train_and_evaluate(tiny_config(demo_root, **{"train.num_steps": n}, **extra), part)
   a, b = checkpointing.read_state(full, n), checkpointing.read_state(part, n)
   assert int(a["step"]) == int(b["step"]) == n
   assert _leaves_equal(a["params"], b["params"])
@@ -153,12 +156,12 @@ def test_train_step_traces_once(demo_root):
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoint(demo_root, tmp_path):
   workdir = str(tmp_path)
-  train.train_and_evaluate(tiny_config(demo_root, **{"train.num_steps": 2}), workdir)
+  train_loop.train_and_evaluate(tiny_config(demo_root, **{"train.num_steps": 2}), workdir)
   good = checkpointing.read_state(workdir, 2)
   c = tiny_config(demo_root, **{"train.num_steps": 6, "optim.lr": 1e30,
                                 "train.checkpoint_every": 1})
-  with pytest.raises(train.NonFiniteLossError) as err:
-    train.train_and_evaluate(c, workdir)
+  with pytest.raises(train_loop.NonFiniteLossError) as err:
+    train_loop.train_and_evaluate(c, workdir)
   message = str(err.value)
   assert "at step 3" in message and "(step 2) is kept" in message and "optim.lr" in message
   assert checkpointing.manager(workdir).latest_step() == 2
@@ -194,16 +197,16 @@ def test_bfloat16_compute_keeps_float32_master_params(demo_root):
 
 
 def test_training_pairs_from_labels():
-  q, p = tuples.training_pairs(np.array([0, 0, 1, 1, 1, 2, -1, -1]))
+  q, p = pairs_lib.training_pairs(np.array([0, 0, 1, 1, 1, 2, -1, -1]))
   pairs = set(zip(q.tolist(), p.tolist()))
   assert pairs == {(0, 1), (1, 0), (2, 3), (2, 4), (3, 2), (3, 4), (4, 2), (4, 3)}
-  q2, p2 = tuples.training_pairs(np.zeros(4), np.array([3, 1]), np.array([0, 2]))
+  q2, p2 = pairs_lib.training_pairs(np.zeros(4), np.array([3, 1]), np.array([0, 2]))
   assert q2.tolist() == [3, 1] and p2.tolist() == [0, 2]
 
 
 def test_tuple_dataset_is_deterministic_and_padded(demo_root):
   train_set = datasets.get_dataset("demo", demo_root, "train")
-  q, p = tuples.training_pairs(train_set.labels)
+  q, p = pairs_lib.training_pairs(train_set.labels)
   n = np.arange(12 * 2).reshape(12, 2)
   make = lambda epoch: tuples.tuple_dataset(
       train_set.images, q[:12], p[:12], n, tuples_per_step=5, image_size=32, seed=0,
@@ -224,7 +227,7 @@ def test_epoch_mining_picks_hardest_negatives_of_distinct_clusters(demo_root, tm
   mesh = sharding.make_mesh()
   train_set = datasets.get_dataset("demo", demo_root, "train")
   model, _, state = train_state.create(c, mesh)
-  inputs = train.make_inputs(c, train_set, mesh, model, str(tmp_path))
+  inputs = inputs_lib.make_inputs(c, train_set, mesh, model, str(tmp_path))
   qidxs, pidxs, nidxs = inputs.mine(0, state.variables)
   labels = np.asarray(train_set.labels)
   assert qidxs.shape == (16,) and nidxs.shape == (16, 2)
@@ -255,7 +258,7 @@ def test_arcface_head_trains_beside_the_model_and_is_dropped_at_extraction(demo_
                                 "loss.scale": 16.0, "data.sampler": "shuffle",
                                 "data.batch_size": 16, "train.num_steps": 3,
                                 "optim.lr": 1e-3})
-  train.train_and_evaluate(c, workdir)
+  train_loop.train_and_evaluate(c, workdir)
   state = checkpointing.read_state(workdir)
   num_classes = len(np.unique(datasets.get_dataset("demo", demo_root, "train").labels))
   kernel = state["head"]["kernel"]
@@ -263,7 +266,8 @@ def test_arcface_head_trains_beside_the_model_and_is_dropped_at_extraction(demo_
   mesh = sharding.make_mesh()
   _, tx, fresh = train_state.create(c, mesh, num_classes=num_classes)
   assert not np.allclose(np.asarray(fresh.head["kernel"]), kernel)  # the head was trained
-  _, variables, step = cli.restore_model(c, workdir, mesh)
+  _, variables, step, source = restore.restore_model(c, workdir, mesh)
+  assert source == restore.CHECKPOINT
   assert step == 3 and set(variables) == {"params", "batch_stats"}
   np.testing.assert_array_equal(np.asarray(variables["params"]["pool"]["p"]),
                                 state["params"]["pool"]["p"])
@@ -273,7 +277,7 @@ def test_vaccaro_triplet_loss_trains(demo_root, tmp_path):
   c = tiny_config(demo_root, **{"loss.name": "vaccaro_triplet", "loss.margin": 0.1,
                                 "loss.vaccaro_t": 4, "data.classes_per_batch": 8,
                                 "train.num_steps": 2})
-  train.train_and_evaluate(c, str(tmp_path))
+  train_loop.train_and_evaluate(c, str(tmp_path))
   lines = open(os.path.join(tmp_path, "metrics.jsonl")).read().splitlines()
   assert len(lines) == 2 and all('"num_triplets"' in line for line in lines)
   state = checkpointing.read_state(str(tmp_path))
@@ -305,16 +309,16 @@ def test_five_tuples_per_step_equal_one_tuple_accumulated_five_times(demo_root, 
   common = dict(EPOCH, **{"optim.name": "sgd", "optim.lr": 0.05, "optim.momentum": 0.9,
                           "optim.weight_decay": 1e-4})
   wide = str(tmp_path / "wide")
-  train.train_and_evaluate(tiny_config(demo_root, **common, **{"train.num_steps": 2}), wide)
+  train_loop.train_and_evaluate(tiny_config(demo_root, **common, **{"train.num_steps": 2}), wide)
   accumulated = str(tmp_path / "acc")
-  train.train_and_evaluate(tiny_config(
+  train_loop.train_and_evaluate(tiny_config(
       demo_root, **dict(common, **{"data.tuples_per_batch": 1, "optim.accumulate_steps": 5,
                                    "train.num_steps": 10})), accumulated)
   a = checkpointing.read_state(wide)["params"]
   b = checkpointing.read_state(accumulated)["params"]
-  init = train_state.init_variables(
-      train_state.retrieval_net.from_config(tiny_config(demo_root).model)[0], 32,
-      jax.random.key(0), tiny_config(demo_root).model)["params"]
+  init = restore.init_variables(
+      retrieval_net.from_config(tiny_config(demo_root).model)[0], 32,
+      jax.random.key(0), tiny_config(demo_root).model.pretrained)["params"]
   moved_leaves = 0
   for x, y, x0 in zip(*(jax.tree_util.tree_leaves(t) for t in (a, b, init))):
     moved = np.abs(np.asarray(x) - np.asarray(x0)).max()

@@ -1,10 +1,11 @@
 """Whitening and feature selection against direct numpy derivations of the formulas."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retrieval_jax import whitening
+from retrieval_jax.postprocess import whitening
 
 RNG = np.random.default_rng(0)
 
@@ -104,12 +105,12 @@ def test_apply_whitening():
                              rtol=1e-12)
 
 
-def test_whiten_module_from_params():
+def test_whitening_params_make_the_models_whiten_layer_a_learned_whitening():
   x, _, qidxs, pidxs = pairs_data()
   m, p = whitening.learn_whitening(x, qidxs, pidxs)
   params = whitening.whitening_params(m, p, 4)
   assert params["kernel"].shape == (6, 4) and params["bias"].shape == (4,)
-  mod = whitening.Whiten(features=4)
+  mod = nn.Dense(4)  # RetrievalNet's "whiten" layer
   shapes = jax.eval_shape(mod.init, jax.random.PRNGKey(0), jnp.zeros((1, 6)))
   assert jax.tree.map(lambda a: a.shape, shapes["params"]) == {"kernel": (6, 4), "bias": (4,)}
   out = mod.apply({"params": params}, jnp.asarray(x, jnp.float32))

@@ -29,11 +29,14 @@ import dataclasses
 import json
 import os
 import struct
+import zipfile
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from absl import logging
 import numpy as np
 from flax import traverse_util
+
+from retrieval_jax import errors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -132,7 +135,26 @@ def read_torch_checkpoint(path: str) -> Any:
     raise ImportError(f"reading {path} needs a CPU torch (pip install torch), or convert it "
                       "once elsewhere with `python -m retrieval_jax.models.pretrained`") from e
   with torch.serialization.safe_globals(_numpy_safe_globals()):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+      return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except
+      # torch's own message may advise weights_only=False, i.e. running the file's code:
+      # it is never passed on.
+      text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      if "weights_only" in str(e) or "Weights only" in str(e):
+        text = ("it holds Python objects other than tensors, numbers and strings, which are "
+                "refused (loading them could run code from the file)")
+      raise errors.NotAWeightFileError(_not_a_weight_file(path, text)) from None
+
+
+_WEIGHT_FORMATS = ("model.pretrained takes a torchvision / timm state dict (.pth, .bin, "
+                   ".safetensors), a cnnimageretrieval-pytorch checkpoint, or an .npz "
+                   "converted by `python -m retrieval_jax.models.pretrained BACKBONE SRC "
+                   "DST.npz`")
+
+
+def _not_a_weight_file(path: str, reason: str) -> str:
+  return f"{path} is not a weight file ({reason}). {_WEIGHT_FORMATS}"
 
 
 def _to_numpy_tree(obj: Any) -> Any:
@@ -156,9 +178,17 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
   Format: 8-byte little-endian header size, a JSON header {name: {dtype, shape,
   data_offsets}}, then the raw little-endian tensor bytes. BF16 becomes float32.
   """
-  with open(path, "rb") as f:
-    (header_len,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(header_len))
+  try:
+    with open(path, "rb") as f:
+      (header_len,) = struct.unpack("<Q", f.read(8))
+      if header_len > os.path.getsize(path) - 8:
+        raise ValueError(f"header length {header_len} past the end of the file")
+      header = json.loads(f.read(header_len))
+    if not isinstance(header, dict):
+      raise ValueError("the header is not a JSON object")
+  except (struct.error, ValueError, UnicodeDecodeError) as e:
+    raise errors.NotAWeightFileError(
+        _not_a_weight_file(path, f"not a .safetensors file: {e}")) from None
   data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
   out = {}
   for name, info in header.items():
@@ -216,8 +246,24 @@ def save_npz(variables: Mapping[str, Any], path: str) -> None:
 
 
 def load_npz(path: str) -> Dict[str, Any]:
-  with np.load(path) as f:
-    return traverse_util.unflatten_dict({k: f[k] for k in f.files}, sep="/")
+  """An .npz of `save_npz` -> the nested variables; anything else is NotAWeightFileError."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"weight file not found: {path}")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      flat = {k: f[k] for k in f.files}
+  except (ValueError, OSError, EOFError, AttributeError, TypeError,
+          zipfile.BadZipFile) as e:
+    raise errors.NotAWeightFileError(
+        _not_a_weight_file(path, f"not an .npz archive of arrays: {e}")) from None
+  foreign = sorted(k for k in flat if not k.startswith(("params/", "batch_stats/")))
+  if not flat or foreign:
+    raise errors.NotAWeightFileError(
+        f"{path} is an .npz file but not one converted by retrieval_jax: its arrays are "
+        f"named {(foreign or ['(none)'])[:3]}, ours 'params/...' and 'batch_stats/...'. "
+        "Convert the original weights once with `python -m retrieval_jax.models.pretrained "
+        "BACKBONE SRC DST.npz`")
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def load_backbone_variables(backbone: str, path: str) -> Dict[str, Any]:

@@ -2,17 +2,24 @@
 
 Pure function of its variables: `model.apply(variables, images, mask, train=...)` returns
   {"feature_map": [B, h, w, C], "pooled": [B, D0] (L2-normalised), "descriptor": [B, D]}.
+The two halves are methods of their own, `trunk` (images -> feature maps) and `head` (maps ->
+descriptor), which multi-scale early fusion calls apart: `model.apply(v, x, m,
+method=RetrievalNet.trunk)`.
 Images come in as uint8 (or float 0..255) RGB `[B, H, W, 3]`; the weights' mean/std
 normalisation happens here, on the device.
 """
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from retrieval_jax.models import layers
 from retrieval_jax.models import pooling as pooling_lib
+from retrieval_jax.models import pooling_ops
 from retrieval_jax.models import pretrained
+
+# Feature maps and their validity masks, as `RetrievalNet.trunk` returns them.
+Maps = List[Tuple[jnp.ndarray, Optional[jnp.ndarray]]]
 
 
 class RetrievalNet(nn.Module):
@@ -23,7 +30,7 @@ class RetrievalNet(nn.Module):
     backbone_kwargs: extra trunk attributes (e.g. bn_mode, width for tiny test variants).
     pooling: pooling name (pooling.POOLINGS); pooling_kwargs: its attributes (e.g. p_init).
     whitening_dim: 0 for none, else the output size of a trainable whitening layer
-      (initialisable from a learned whitening; see whitening.whitening_params).
+      (initialisable from a learned whitening; see postprocess.whitening.whitening_params).
     multi_layer: concatenate the pooled last two stages (Seddati et al.) before whitening.
     mean, std: input normalisation of the trunk's weights (0..1 RGB scale).
     dtype: compute dtype of the trunk ("float32" or "bfloat16"); params stay float32 and
@@ -39,41 +46,76 @@ class RetrievalNet(nn.Module):
   std: Sequence[float] = pretrained.IMAGENET_STD
   dtype: str = "float32"
 
+  def __call__(self, images, mask: Optional[jnp.ndarray] = None, train: bool = False
+               ) -> Dict[str, jnp.ndarray]:
+    return self._forward(images, mask, train, None, False)
+
+  def trunk(self, images, mask: Optional[jnp.ndarray] = None, train: bool = False) -> Maps:
+    """Normalised images -> the feature maps that `head` pools, with their masks.
+
+    Args:
+      images: uint8 (or float 0..255) RGB [B, H, W, 3].
+      mask: optional [B, H, W] bool validity mask (padding at the bottom/right).
+      train: BatchNorm mode flag of the trunk.
+    Returns:
+      [(feature map [B, h, w, C] float32, mask [B, h, w] or None)], plus the previous
+      stage's map and mask with `multi_layer`.
+    """
+    return self._forward(images, mask, train, None, True)
+
+  def head(self, maps: Maps) -> Dict[str, jnp.ndarray]:
+    """Pooling, L2, optional whitening and L2 of `trunk`'s maps (or of fused ones).
+
+    Returns:
+      {"feature_map": maps[0][0], "pooled": [B, D0] L2-normalised, "descriptor": [B, D]}.
+    """
+    return self._forward(None, None, False, maps, False)
+
   @nn.compact
-  def __call__(self, images, mask: Optional[jnp.ndarray] = None, train: bool = False):
-    x = images.astype(jnp.float32) / 255.0
-    x = (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
-    x = layers.apply_mask(x, mask)  # Padding is zero *after* normalisation, as torch pads.
-    spec = pretrained.get_backbone(self.backbone)
-    trunk = spec.make(dtype=jnp.dtype(self.dtype), **dict(self.backbone_kwargs or {}),
-                      name="backbone")
-    feats = trunk(x, mask, train)
+  def _forward(self, images, mask, train: bool, maps: Optional[Maps], trunk_only: bool):
+    """The one compact body (submodule names "backbone", "pool", "pool_prev", "whiten"):
+    images -> maps (unless `maps` are given), then, unless `trunk_only`, maps -> head."""
+    if maps is None:
+      x = images.astype(jnp.float32) / 255.0
+      x = (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+      x = layers.apply_mask(x, mask)  # Padding is zero *after* normalisation, as torch pads.
+      spec = pretrained.get_backbone(self.backbone)
+      trunk = spec.make(dtype=jnp.dtype(self.dtype), **dict(self.backbone_kwargs or {}),
+                        name="backbone")
+      feats = trunk(x, mask, train)
+      maps = [(feats["feature_map"].astype(jnp.float32), feats["mask"])]
+      if self.multi_layer:
+        maps.append((feats["stages"][-2].astype(jnp.float32), feats["stage_masks"][-2]))
+      if trunk_only:
+        return maps
     pool_kwargs = dict(self.pooling_kwargs or {})
-    fmap = feats["feature_map"].astype(jnp.float32)
-    pooled = pooling_lib.build_pooling(self.pooling, name="pool", **pool_kwargs)(
-        fmap, feats["mask"])
+    pooled = pooling_lib.build_pooling(self.pooling, name="pool", **pool_kwargs)(*maps[0])
     if self.multi_layer:
-      prev, prev_mask = feats["stages"][-2], feats["stage_masks"][-2]
       extra = pooling_lib.build_pooling(self.pooling, name="pool_prev", **pool_kwargs)(
-          prev.astype(jnp.float32), prev_mask)
-      pooled = jnp.concatenate([pooling_lib.l2n(pooled), pooling_lib.l2n(extra)], axis=-1)
-    pooled = pooling_lib.l2n(pooled)
+          *maps[1])
+      pooled = jnp.concatenate([pooling_ops.l2n(pooled), pooling_ops.l2n(extra)], axis=-1)
+    pooled = pooling_ops.l2n(pooled)
     descriptor = pooled
     if self.whitening_dim:
-      descriptor = pooling_lib.l2n(nn.Dense(self.whitening_dim, name="whiten")(pooled))
-    return {"feature_map": fmap, "pooled": pooled, "descriptor": descriptor}
+      descriptor = pooling_ops.l2n(nn.Dense(self.whitening_dim, name="whiten")(pooled))
+    return {"feature_map": maps[0][0], "pooled": pooled, "descriptor": descriptor}
+
+
+def dummy_images(image_size: int) -> jnp.ndarray:
+  """The uint8 [1, S, S, 3] batch that model init and shape inference trace with."""
+  return jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
 
 
 def from_config(model_config) -> Tuple[RetrievalNet, pretrained.BackboneSpec]:
-  """Builds a RetrievalNet from `config.model` (see configs/common.py)."""
+  """Builds a RetrievalNet from `config.model` (fields and defaults: configs/common.py)."""
   spec = pretrained.get_backbone(model_config.backbone)
   net = RetrievalNet(
       backbone=model_config.backbone,
-      backbone_kwargs=dict(model_config.get("backbone_kwargs", {}) or {}),
+      backbone_kwargs=dict(model_config.backbone_kwargs or {}),
       pooling=model_config.pooling,
-      pooling_kwargs=dict(model_config.get("pooling_kwargs", {}) or {}),
-      whitening_dim=int(model_config.get("whitening_dim", 0)),
-      multi_layer=bool(model_config.get("multi_layer", False)),
+      pooling_kwargs=dict(model_config.pooling_kwargs or {}),
+      whitening_dim=int(model_config.whitening_dim),
+      multi_layer=bool(model_config.multi_layer),
       mean=tuple(spec.mean), std=tuple(spec.std),
-      dtype=model_config.get("dtype", "float32"))
+      dtype=model_config.dtype)
   return net, spec

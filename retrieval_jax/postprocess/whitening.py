@@ -1,4 +1,4 @@
-"""Descriptor post-processing: learned (pairs) and PCA whitening, PFA feature selection.
+"""Whitening maths: learned (pairs) and PCA whitening, PFA feature selection (numpy).
 
 Layout: here `X` is `[N, D]`, one descriptor per ROW (as everything else in this library).
 cnnimageretrieval-pytorch's `cirtorch/utils/whiten.py`, which the learning functions
@@ -6,19 +6,26 @@ transcribe, stores descriptors as COLUMNS `[D, N]`; code ported from it must tra
 The projection `P` keeps the reference's convention: `P @ (x - m)` whitens a column vector,
 i.e. `(X - m) @ P.T` for our rows, and `P[:dim]` keeps the `dim` leading components.
 
-The learning functions are numpy, float64 (they run once, offline, on the host). The `Whiten`
-Flax head applies a learned whitening inside the network; `whitening_params` converts.
-"""
-import logging
-from typing import Dict, Optional, Sequence, Tuple
+The learning functions are numpy, float64 (they run once, offline, on the host).
+`learn` / `apply` are what the pipeline calls (with the small-training-set subspace rule);
+`whitening_params` turns a whitening into the params of the model's "whiten" Dense layer.
+Storing whitenings beside checkpoints: `whitening_store.py`.
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
+Small training sets (`learn`): when the pair differences (learned) or the images (PCA) span
+fewer than D dimensions, the covariance is singular and its inverse square root would blow
+up directions that carry no data. The whitening is then learned in the subspace they span
+(numerical rank r < D), so P is [r, D]; with SfM-120k's ~90k pairs this never triggers.
+"""
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from absl import logging
 import numpy as np
 
-from retrieval_jax.models.pooling import kmeans
+from retrieval_jax.postprocess import clustering
 
+KINDS = ("learned", "pca", "pfa")
+# Eigenvalues below this fraction of the largest count as zero (float32 descriptors).
+_RANK_TOL = 1e-9
 # whitenapply's row normalisation adds this to the norm.
 _APPLY_EPS = 1e-6
 
@@ -146,7 +153,7 @@ def select_features_pfa(x: np.ndarray, num_features: int, q: Optional[int] = Non
   cov = xc.T @ xc / max(x.shape[0] - 1, 1)
   _, eigvec = _sorted_eigh(cov)
   rows = eigvec[:, :q]  # [D, q]: A_q, one row per feature
-  centers, labels = kmeans(rows, num_features, seed=seed, iters=iters)
+  centers, labels = clustering.kmeans(rows, num_features, seed=seed, iters=iters)
   chosen = []
   for j in range(num_features):
     members = np.flatnonzero(labels == j)
@@ -177,22 +184,80 @@ def whitening_params(m: np.ndarray, p: np.ndarray, dim: Optional[int] = None
           "bias": (-(proj @ np.asarray(m, np.float64))).astype(np.float32)}
 
 
-class Whiten(nn.Module):
-  """A linear whitening head: [B, D] -> [B, features] (no normalisation; the model adds it).
+# ----------------------------------------------------------------------------------------------
+# What the pipeline learns and applies (small training sets: in the subspace the data span).
 
-  Params "kernel" [D, features] and "bias" [features] (as `nn.Dense`), so that
-  `whitening_params(m, P, features)` initialises it to a learned whitening.
+
+def _subspace(cov: np.ndarray) -> np.ndarray:
+  """[D, r] orthonormal basis of the range of a PSD matrix (eigenvalues > tol * max)."""
+  eigval, eigvec = np.linalg.eigh((cov + cov.T) / 2)
+  order = eigval.argsort()[::-1]
+  eigval, eigvec = eigval[order], eigvec[:, order]
+  r = int(np.sum(eigval > _RANK_TOL * max(eigval[0], 1e-300)))
+  return eigvec[:, :max(r, 1)]
+
+
+def learn(x: np.ndarray, kind: str, qidxs: Optional[Sequence[int]] = None,
+          pidxs: Optional[Sequence[int]] = None, pca_dim: int = 0, num_features: int = 0
+          ) -> Tuple[np.ndarray, np.ndarray]:
+  """m [D] and P [r, D] (r <= D, see the module docstring) from descriptors x [N, D].
+
+  Args:
+    x: [N, D] descriptors, one per row.
+    kind: "learned" (needs qidxs / pidxs, row indices of matching pairs), "pca", or "pfa"
+      (Seddati et al.'s PFA feature selection, `select_features_pfa`, as a projection:
+      m = 0 and P the selected rows of the identity, so applying it keeps those features
+      and L2-normalises them).
+    pca_dim: "learned" only: learn it on the `pca_dim` leading principal components of x
+      (a regulariser for small training sets; 0: on everything the pairs span).
+    num_features: "pfa" only: how many features to keep (> 0).
+  Returns:
+    (m, P) float64, to apply as `P[:dim] (x - m)`; rows of P by decreasing importance.
   """
-  features: int
-  use_bias: bool = True
+  x = np.asarray(x, np.float64)
+  if kind == "learned":
+    q, p = np.asarray(qidxs), np.asarray(pidxs)
+    if pca_dim and pca_dim < x.shape[1]:
+      xc = x - x.mean(axis=0)
+      eigval, eigvec = np.linalg.eigh(xc.T @ xc)
+      basis = eigvec[:, np.argsort(eigval)[::-1][:pca_dim]]
+      logging.info("learned whitening on the %d leading principal components", pca_dim)
+    else:
+      df = x[q] - x[p]
+      basis = _subspace(df.T @ df / len(df))  # [D, r]
+      if basis.shape[1] == x.shape[1]:
+        return learn_whitening(x, q, p)
+      logging.info("learned whitening: the %d pairs span %d of %d dimensions; learning it "
+                   "there", len(q), basis.shape[1], x.shape[1])
+    # Learned on the projected rows y = x B (m_y = B^T m, the projected query mean):
+    # P_y (y - m_y) = P_y B^T (x - m), so P = P_y B^T with m the query mean itself.
+    _, p_y = learn_whitening(x @ basis, q, p)
+    return x[q].mean(axis=0), p_y @ basis.T
+  if kind == "pca":
+    xc = x - x.mean(axis=0)
+    basis = _subspace(xc.T @ xc / len(x))
+    r = basis.shape[1]
+    if r < x.shape[1]:
+      logging.info("PCA whitening: %d images span %d of %d dimensions; keeping those", len(x),
+                   r, x.shape[1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+      m, proj = learn_pca_whitening(x)
+    return m, proj[:r]
+  if kind == "pfa":
+    if not 0 < num_features <= x.shape[1]:
+      raise ValueError(f"PFA feature selection keeps eval.whitening_dim features: set it in "
+                       f"(0, {x.shape[1]}], got {num_features}")
+    chosen = select_features_pfa(x, num_features)
+    return np.zeros(x.shape[1]), np.eye(x.shape[1])[chosen]
+  raise ValueError(f"whitening kind must be one of {KINDS}, got {kind!r}")
 
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    x = jnp.asarray(x, jnp.float32)
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (x.shape[-1], self.features), jnp.float32)
-    # Full float32: on TPU the default matmul precision would round the projection to bf16.
-    y = jnp.dot(x, kernel, precision=jax.lax.Precision.HIGHEST)
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    return y
+
+def apply(x: np.ndarray, w: Dict[str, Any], dim: int = 0) -> np.ndarray:
+  """Whitened descriptors [N, min(dim, r)] float32, rows L2-normalised."""
+  m, proj = np.asarray(w["m"]), np.asarray(w["P"])
+  if dim and dim > proj.shape[0]:
+    logging.warning("whitening_dim %d > the %d learned components; keeping %d", dim,
+                    proj.shape[0], proj.shape[0])
+  return apply_whitening(x, m, proj, dim or None).astype(np.float32)
+
+

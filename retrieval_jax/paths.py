@@ -1,0 +1,43 @@
+"""Where things live in a workdir (and the data root that defaults into it).
+
+  <workdir>/data/          datasets, unless `config.data.root` names a folder
+  <workdir>/checkpoints/   orbax checkpoints (checkpointing.py)
+  <workdir>/results/       evaluation JSON and pictures (evaluate.py)
+  <workdir>/descriptors/   extracted descriptors (run.py's extract mode)
+  <workdir>/whitening/     post-hoc whitening (postprocess/whitening_store.py)
+  <workdir>/tuples/        epoch-mined tuples (train/inputs.py)
+"""
+import hashlib
+import os
+import tempfile
+
+from absl import logging
+
+from retrieval_jax import storage
+
+
+def data_root(config, workdir: str) -> str:
+  """`config.data.root`, or `<workdir>/data` when it is empty.
+
+  Datasets are read from a local (or mounted, e.g. gcsfuse) folder: with a bucket workdir
+  (gs://...) the default data folder is a local cache named after it, and a bucket as
+  `data.root` is refused with what to do instead.
+  """
+  root = config.data.root
+  if root and storage.is_remote(root):
+    raise ValueError(f"data.root={root}: datasets are read from a local or mounted folder; "
+                     "copy the dataset to local disk or mount the bucket (gcsfuse) and give "
+                     "that path. (Workdirs, checkpoints and results may be gs://.)")
+  if root:
+    return root
+  if storage.is_remote(workdir):
+    tag = hashlib.sha1(workdir.encode()).hexdigest()[:12]
+    local = os.path.join(tempfile.gettempdir(), "retrieval_jax_data", tag)
+    logging.info("workdir %s is a bucket: datasets go to the local cache %s "
+                 "(set data.root to choose the folder)", workdir, local)
+    return local
+  return os.path.join(workdir, "data")
+
+
+def results_dir(workdir: str) -> str:
+  return storage.join(workdir, "results")
