@@ -9,11 +9,15 @@ Any config field can be overridden: --config.optim.lr=1e-6. Unknown keys fail wi
 """
 import json
 import logging as pylogging
+import re
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from retrieval_jax import errors  # imports nothing else: JAX starts in main()
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -40,6 +44,31 @@ _VERBOSE = flags.DEFINE_bool(
     "value, ...), which otherwise print one message and exit with code 2; also "
     "RETRIEVAL_JAX_VERBOSE=1.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _parse_flags(argv):
+  """absl's flag parsing; a bad flag or config key prints one line naming it and exits 2.
+
+  ml_collections reports an unknown `--config.<key>` as a bare AttributeError / KeyError of
+  the last path part, so the message names the whole argument. RETRIEVAL_JAX_VERBOSE=1 or
+  --verbose re-raises with the traceback.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    if errors.verbose_requested("--verbose" in argv[1:]):
+      raise
+    detail = " ".join(str(e).split()) or type(e).__name__
+    key = re.search(r"[A-Za-z_]\w*", detail)
+    if isinstance(e, (AttributeError, KeyError)) and key:
+      bad = [a.split("=")[0].lstrip("-") for a in argv[1:] if a.lstrip("-").startswith(
+          "config.") and key.group() in a.split("=")[0].split(".")]
+      hint = re.search(r"Did you mean \W*(\w+)", detail)
+      detail = (f"unknown config key {bad[0] if bad else key.group()!r}"
+                f"{f' (did you mean {hint.group(1)!r}?)' if hint else ''}; the keys and "
+                "their defaults are in configs/common.py")
+    print(f"error: {detail}", file=sys.stderr)
+    raise SystemExit(errors.EXIT_CODE) from None
 
 
 class _QuietLibraryInfo(pylogging.Filter):
@@ -69,7 +98,6 @@ def main(argv):
     storage.write_text(storage.join(workdir, f"config_{_MODE.value}.json"),
                        config.to_json_best_effort(indent=1))
   logging.info("mode=%s workdir=%s\n%s", _MODE.value, workdir, config)
-  from retrieval_jax import errors  # pylint: disable=import-outside-toplevel
   result = errors.report_user_errors(run.run, _MODE.value, config, workdir,
                                      verbose=_VERBOSE.value)
   if result:
@@ -77,4 +105,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -16,8 +16,8 @@ from retrieval_jax import losses
 from retrieval_jax.data import datasets
 from retrieval_jax.data import grain_pipeline
 from retrieval_jax.data import protocol
+from retrieval_jax.models import backbones
 from retrieval_jax.models import pooling
-from retrieval_jax.models import pretrained
 from retrieval_jax.postprocess import whitening
 
 # Tuple fields whose elements must be numbers: key -> (length or None, element check, rule).
@@ -128,11 +128,11 @@ def find_problems(config: Any, mode: str = "train") -> List[str]:
   # Names, checked before the model or any data loads.
   backbone = _get(config, "model.backbone")
   if backbone is not None:
-    if backbone not in pretrained.backbone_names():
+    if backbone not in backbones.backbone_names():
       errors.append(f"config.model.backbone={backbone!r} is not one of "
-                    f"{pretrained.backbone_names()}")
+                    f"{backbones.backbone_names()}")
     else:
-      spec = pretrained.get_backbone(backbone)
+      spec = backbones.get_backbone(backbone)
       _check_kwargs(errors, "model.backbone_kwargs", f"backbone {backbone!r}", spec.make,
                     _get(config, "model.backbone_kwargs"))
   pool = _get(config, "model.pooling")

@@ -106,7 +106,7 @@ def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_
       its metrics are added with a `_<kind>` suffix and its lines with `+ <kind>`, and the
       pictures show the whitened ranking.
     describe_fn: a compiled `extract.make_describe_fn(model, mesh)` to reuse.
-    rerank: optional {"qe_k", "qe_alpha", "dba_k", "dba_alpha"} (`config.eval`): alpha-DBA
+    rerank: optional {"qe_k", "qe_alpha", "dba_k", "dba_alpha"} (`rerank_config`): alpha-DBA
       then alpha-QE on the final descriptors, reported with a `_rerank` suffix. The
       pictures show the last variant's ranking.
     allow_missing: `config.eval.allow_missing`: evaluate without missing / unreadable
@@ -169,16 +169,15 @@ def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_
     q = whitening_lib.apply(q, whitening, whitening.get("dim", 0))
     db = whitening_lib.apply(db, whitening, whitening.get("dim", 0))
     add_variant(kind, f"{kind} whitening ({q.shape[1]}D)", q, db)
-  if rerank and (rerank.get("dba_k", 0) or rerank.get("qe_k", 0)):
+  if rerank and (rerank["dba_k"] or rerank["qe_k"]):
     # On the final (whitened) descriptors: database-side augmentation, then query expansion.
-    if rerank.get("dba_k", 0):
+    if rerank["dba_k"]:
       db = rerank_lib.alpha_database_augmentation(
-          db, rerank["dba_k"], rerank.get("dba_alpha", 3.0), mesh=mesh)
-    if rerank.get("qe_k", 0):
+          db, rerank["dba_k"], rerank["dba_alpha"], mesh=mesh)
+    if rerank["qe_k"]:
       q = rerank_lib.alpha_query_expansion(
-          q, db, rerank["qe_k"], rerank.get("qe_alpha", 3.0), mesh=mesh)
-    add_variant("rerank", f"aQE k={rerank.get('qe_k', 0)} aDBA k={rerank.get('dba_k', 0)}",
-                q, db)
+          q, db, rerank["qe_k"], rerank["qe_alpha"], mesh=mesh)
+    add_variant("rerank", f"aQE k={rerank['qe_k']} aDBA k={rerank['dba_k']}", q, db)
   for line in result["lines"]:
     logging.info("%s %s", tag, line)
   if workdir and sharding.is_main_process():
@@ -242,7 +241,7 @@ def _jsonable(v):
 def approximate_config(config) -> Optional[Dict[str, Any]]:
   """`evaluate(approximate=...)` from `config.eval.search_backend` ("faiss": report the
   approximate search too, with `config.search.faiss_factory` / `nprobe`), else None."""
-  if config.eval.get("search_backend", "exact") != "faiss":
+  if config.eval.search_backend != "faiss":
     return None
   return {"k": int(config.eval.approx_k), "factory": config.search.faiss_factory,
           "nprobe": int(config.search.nprobe)}

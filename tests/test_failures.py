@@ -9,6 +9,8 @@ import json
 import logging as std_logging
 import os
 import pickle
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,7 @@ from retrieval_jax.data import image_io
 from retrieval_jax.data import integrity
 from retrieval_jax.models import pretrained
 from retrieval_jax.models import retrieval_net
+from retrieval_jax.models import weight_files
 from retrieval_jax.train import loop as train_loop
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "revisited")
@@ -434,9 +437,9 @@ def test_foreign_npz_is_named_as_such_and_ours_loads(tmp_path):
                      r"are named \['conv1_W', 'conv1_b'\]"):
     pretrained.load_backbone_variables("resnet18", str(foreign))
   ours = tmp_path / "ours.npz"
-  pretrained.save_npz({"params": {"conv": {"kernel": np.ones((2, 2))}},
+  weight_files.save_npz({"params": {"conv": {"kernel": np.ones((2, 2))}},
                        "batch_stats": {"bn": {"mean": np.zeros(2)}}}, str(ours))
-  back = pretrained.load_npz(str(ours))
+  back = weight_files.load_npz(str(ours))
   np.testing.assert_array_equal(back["params"]["conv"]["kernel"], np.ones((2, 2)))
 
 
@@ -546,3 +549,33 @@ def test_allow_missing_evaluates_without_them_and_records_it(tmp_path, tiny_net)
   assert listed[0] == "# 3 skipped files: <reason>\t<path>"
   assert {line.split("\t")[1].rsplit("/", 1)[1] for line in listed[1:]} == {
       "q_2.jpg", "a_2.jpg", "b_2.jpg"}
+
+
+# ---------------------------------------------------------------------------------------
+# A mistyped flag or config key: one line naming it, exit code 2, before JAX is imported.
+
+_MAIN_IN_PROCESS = """
+import runpy, sys
+sys.argv = ["main.py"] + sys.argv[1:]
+try:
+  runpy.run_path("main.py", run_name="__main__")
+except SystemExit as e:
+  print("exit", e.code, "jax imported" if "jax" in sys.modules else "jax not imported")
+"""
+
+
+@pytest.mark.parametrize("arg,named", [
+    ("--config.nope=1", "unknown config key 'config.nope'"),
+    ("--config.optim.lrr=1", "unknown config key 'config.optim.lrr' (did you mean 'lr'?)"),
+    ("--nosuchflag=3", "Unknown command line flag 'nosuchflag'"),
+])
+def test_bad_flag_prints_one_line_and_exits_2_before_jax(tmp_path, arg, named):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "-c", _MAIN_IN_PROCESS, "--config=configs/demo.py",
+       f"--workdir={tmp_path / 'wd'}", arg],
+      cwd=repo, capture_output=True, text=True, timeout=120)
+  assert out.stdout.strip() == "exit 2 jax not imported", out.stdout + out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], out.stderr
+  assert not os.path.exists(tmp_path / "wd")

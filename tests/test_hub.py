@@ -12,9 +12,11 @@ import threading
 import numpy as np
 import pytest
 
-from retrieval_jax.data import download
+from retrieval_jax.data import transfer
+from retrieval_jax.models import backbones
 from retrieval_jax.models import hub
 from retrieval_jax.models import pretrained
+from retrieval_jax.models import weight_files
 
 FILE = "mobilenet_v2-b0353104.pth"
 
@@ -94,7 +96,7 @@ def _table(url, folder):
 def test_table_names_carry_sha256_prefixes():
   for name, model in hub.MODELS.items():
     assert len(model.sha256_prefix) >= 7, name
-    pretrained.get_backbone(model.backbone)  # every backbone exists
+    backbones.get_backbone(model.backbone)  # every backbone exists
   assert hub.get("imagenet-mobilenet_v2").sha256_prefix == "b0353104"
   with pytest.raises(ValueError, match="known: "):
     hub.get("no-such-net")
@@ -115,7 +117,7 @@ def test_interrupted_download_resumes_verifies_converts_and_is_reused(server, we
     assert a.read() == b.read()
   # The .npz is the converted trunk, loadable without torch, equal to a direct conversion.
   want = pretrained.load_backbone_variables("mobilenet_v2", weights)
-  got = pretrained.load_npz(path)
+  got = weight_files.load_npz(path)
   flat_w = dict(_flat(want))
   flat_g = dict(_flat(got))
   assert flat_g.keys() == flat_w.keys() and len(flat_g) > 100
@@ -140,7 +142,7 @@ def _flat(tree, prefix=""):
 
 def test_corrupted_download_is_refused_and_removed(server, tmp_path):
   table = _table(server.url, "bad")
-  with pytest.raises(download.ChecksumError, match="b0353104"):
+  with pytest.raises(transfer.ChecksumError, match="b0353104"):
     hub.fetch("mnv2", cache=str(tmp_path), models=table, retry_wait=0.0)
   left = [os.path.join(d, f) for d, _, fs in os.walk(str(tmp_path)) for f in fs]
   assert left == []  # neither the file, nor a .part, nor a converted .npz

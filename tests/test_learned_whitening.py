@@ -11,7 +11,8 @@ from retrieval_jax.mining import pairs as pairs_lib
 from retrieval_jax.postprocess import whitening
 from retrieval_jax.postprocess import whitening_store
 
-from test_extract import photos, random_variables, tiny_resnet  # pylint: disable=unused-import
+from test_extract import photos  # pylint: disable=unused-import
+from tiny_models import random_variables, tiny_resnet
 
 
 def _cycle_pairs(train_set, max_pairs=0):

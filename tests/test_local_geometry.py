@@ -17,7 +17,7 @@ import pytest
 from retrieval_jax.local import keypoints as kp_lib
 from retrieval_jax.local import model as model_lib
 from retrieval_jax.local import receptive_field as rf_lib
-from retrieval_jax.models import pretrained
+from retrieval_jax.models import backbones
 
 # Hand derivations: rf += (k - 1) * jump, jump *= s, start -= pad * jump.
 HAND = {
@@ -84,7 +84,7 @@ def _positive_variables(shapes):
 
 
 def _trunk(backbone, kwargs):
-  return pretrained.get_backbone(backbone).make(**kwargs)
+  return backbones.get_backbone(backbone).make(**kwargs)
 
 
 # (backbone, kwargs, image side, method, probe): "grad" probes the pixels influencing

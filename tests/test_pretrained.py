@@ -24,9 +24,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch_reference as tr  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from retrieval_jax import errors  # pylint: disable=g-import-not-at-top
+from retrieval_jax.models import cirtorch  # pylint: disable=g-import-not-at-top
 from retrieval_jax.models import pretrained  # pylint: disable=g-import-not-at-top
 from retrieval_jax.models import resnet  # pylint: disable=g-import-not-at-top
 from retrieval_jax.models import retrieval_net  # pylint: disable=g-import-not-at-top
+from retrieval_jax.models import weight_files  # pylint: disable=g-import-not-at-top
 
 torch.set_num_threads(2)
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -113,7 +115,7 @@ def cirtorch_resnet(tmp_path_factory):
 
 def test_cirtorch_resnet_gem_whiten_gives_the_torch_descriptor(cirtorch_resnet):
   net, path = cirtorch_resnet
-  imported = pretrained.load_cirtorch(path)
+  imported = cirtorch.load_cirtorch(path)
   assert (imported.backbone, imported.pooling, imported.whitening_dim) == ("resnet18", "gem", 64)
   assert imported.pooling_kwargs["p_init"] == pytest.approx(2.7)
   np.testing.assert_allclose(imported.variables["params"]["whiten"]["kernel"],
@@ -156,7 +158,7 @@ def test_cirtorch_vgg16_mac_gives_the_torch_descriptor(tmp_path):
   net = CirtorchNet(list(vgg.features.children())[:-1], MAC()).eval()
   path = str(tmp_path / "vgg.pth")
   save_cirtorch(path, net, meta_of("vgg16", "mac", False, 64))
-  imported = pretrained.load_cirtorch(path)
+  imported = cirtorch.load_cirtorch(path)
   assert imported.whitening_dim == 0 and imported.whitening == {}
   assert "pool" not in imported.variables["params"]
   model = retrieval_net.RetrievalNet(backbone="vgg16", backbone_kwargs={"width": 8},
@@ -175,7 +177,7 @@ def test_checkpoint_with_objects_is_refused(tmp_path):
   torch.save({"state_dict": {}, "meta": {"architecture": "resnet18", "x": NotData()}}, path)
   # Refused as "not a weight file", never with torch's advice to set weights_only=False.
   with pytest.raises(errors.NotAWeightFileError, match="Python objects other than tensors"):
-    pretrained.load_cirtorch(path)
+    cirtorch.load_cirtorch(path)
 
 
 @pytest.mark.parametrize("meta_extra,keys,match", [
@@ -189,7 +191,7 @@ def test_unsupported_cirtorch_networks_fail_clearly(cirtorch_resnet, meta_extra,
   sd = {k: v.numpy() for k, v in net.state_dict().items()}
   sd.update({k: np.zeros(3, np.float32) for k in keys})
   with pytest.raises(ValueError, match=match):
-    pretrained.convert_cirtorch(sd, meta_of("resnet18", "gem", True, 64, **meta_extra))
+    cirtorch.convert_cirtorch(sd, meta_of("resnet18", "gem", True, 64, **meta_extra))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +242,7 @@ def test_safetensors_reader_dtypes_and_deep_stem_refusal(tmp_path):
   path = str(tmp_path / "t.safetensors")
   write_safetensors(path, {"a": x, "b": x, "n": np.arange(4, dtype=np.int64),
                            "h": x.astype(np.float16)}, bf16=("b",))
-  got = pretrained.read_safetensors(path)
+  got = weight_files.read_safetensors(path)
   np.testing.assert_array_equal(got["a"], x)
   np.testing.assert_allclose(got["b"], x, rtol=1e-2)  # bfloat16 keeps 8 bits of mantissa
   np.testing.assert_array_equal(got["n"], np.arange(4))

@@ -8,10 +8,11 @@ rparis6k, oxford5k, paris6k, revisitop1m, holidays, ukbench, gldv2. The URLs are
 of the reference scripts (cirtorch `download.py`, revisitop `download.py`, the GLDv2
 `download-dataset.sh`, the INRIA Holidays and UKBench pages).
 
-Every file is downloaded to `<file>.part`, resumed with an HTTP Range request after an
-interruption (a server that ignores Range restarts it from zero), checked, and only then
-renamed into place, so a failed or corrupt download never leaves a file a loader would
-read. Checks:
+This module holds the dataset file tables (`plan`) and the command line; the transport is
+`transfer.py`, the extraction `archives.py`. Every file is downloaded to `<file>.part`,
+resumed with an HTTP Range request after an interruption (a server that ignores Range
+restarts it from zero), checked, and only then renamed into place, so a failed or corrupt
+download never leaves a file a loader would read. Checks:
   * the byte count announced by the server (Content-Length / Content-Range), always;
   * SHA-256 / MD5 / size from `CHECKSUMS` when known. We know none of the official
     files' digests (the reference scripts publish none), so the table is empty and only
@@ -24,20 +25,14 @@ skips them, and deleted unless --keep-archives.
 """
 import argparse
 import dataclasses
-import hashlib
-import http.client
 import os
-import shutil
 import sys
-import tarfile
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
-import urllib.error
-import urllib.parse
-import urllib.request
-import zipfile
 
 from absl import logging
+
+from retrieval_jax.data import archives
+from retrieval_jax.data import transfer
 
 CIRTORCH_URL = "http://cmp.felk.cvut.cz/cnnimageretrieval/data"
 OXFORD_URL = "http://www.robots.ox.ac.uk/~vgg/data/oxbuildings"
@@ -55,14 +50,6 @@ CHECKSUMS: Dict[str, Dict[str, object]] = {}
 DATASETS = ("retrieval-sfm-120k", "retrieval-sfm-30k", "roxford5k", "rparis6k",
             "oxford5k", "paris6k", "revisitop1m", "holidays", "ukbench", "gldv2")
 GLDV2_SPLITS = {"train": 500, "index": 100, "test": 20}
-
-
-class ChecksumError(RuntimeError):
-  """A downloaded file does not match its expected size or digest (it was deleted)."""
-
-
-class DownloadError(RuntimeError):
-  """A file could not be downloaded after the allowed retries."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,245 +177,6 @@ def plan(name: str, splits: Optional[Sequence[str]] = None,
   raise ValueError(f"unknown dataset {name!r}; known: {list(DATASETS)}")
 
 
-# ----------------------------------------------------------------------------------------
-# Downloading.
-
-
-def _digest(path: str, algo: str) -> str:
-  h = hashlib.new(algo)
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def verify_file(path: str, sha256: Optional[str] = None, md5: Optional[str] = None,
-                size: Optional[int] = None) -> None:
-  """Raises ChecksumError unless `path` has the given size / digests."""
-  if size is not None and os.path.getsize(path) != size:
-    raise ChecksumError(f"{path}: size {os.path.getsize(path)} != expected {size}")
-  if sha256 is not None and _digest(path, "sha256") != sha256.lower():
-    raise ChecksumError(f"{path}: SHA-256 mismatch (expected {sha256})")
-  if md5 is not None and _digest(path, "md5") != md5.lower():
-    raise ChecksumError(f"{path}: MD5 mismatch (expected {md5})")
-
-
-def _fetch_text(url: str, timeout: float) -> str:
-  with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (fixed URLs)
-    return r.read().decode("utf-8", "replace")
-
-
-def _total_from_headers(resp, offset: int) -> Optional[int]:
-  """Full file size from Content-Range ('bytes a-b/total') or Content-Length."""
-  cr = resp.headers.get("Content-Range")
-  if cr and "/" in cr and not cr.endswith("/*"):
-    return int(cr.rsplit("/", 1)[1])
-  cl = resp.headers.get("Content-Length")
-  if cl is not None:
-    return offset + int(cl)
-  return None
-
-
-def _transfer(url: str, part: str, timeout: float, chunk_size: int) -> None:
-  """One attempt: appends to `part` from its current size; raises on a short read."""
-  offset = os.path.getsize(part) if os.path.exists(part) else 0
-  scheme = urllib.parse.urlparse(url).scheme
-  headers = {"User-Agent": "retrieval_jax-download"}
-  if offset and scheme in ("http", "https"):
-    headers["Range"] = f"bytes={offset}-"
-  elif offset:
-    offset = 0  # no resume for ftp / file: start over
-  req = urllib.request.Request(url, headers=headers)
-  try:
-    resp = urllib.request.urlopen(req, timeout=timeout)  # noqa: S310
-  except urllib.error.HTTPError as e:
-    if e.code == 416 and offset:
-      # Range past the end: the .part may already be complete.
-      total = _total_from_headers(e, 0) if e.headers.get("Content-Range") else None
-      if total == offset:
-        return
-      os.remove(part)
-    raise
-  with resp:
-    status = getattr(resp, "status", 200)
-    if offset and status != 206:
-      logging.info("%s: server ignored the Range request; restarting", url)
-      offset = 0
-    if status == 206:
-      cr = resp.headers.get("Content-Range", "")
-      start = int(cr.split()[1].split("-")[0]) if cr.startswith("bytes ") else -1
-      if start != offset:
-        raise DownloadError(f"{url}: asked for bytes from {offset}, got {cr!r}")
-    total = _total_from_headers(resp, offset)
-    written = offset
-    last_log = time.monotonic()
-    with open(part, "ab" if offset else "wb") as f:
-      while True:
-        block = resp.read(chunk_size)
-        if not block:
-          break
-        f.write(block)
-        written += len(block)
-        if time.monotonic() - last_log > 10:
-          last_log = time.monotonic()
-          logging.info("%s: %.1f / %s MB", os.path.basename(part[:-5]), written / 1e6,
-                       f"{total / 1e6:.1f}" if total else "?")
-  if total is not None and written != total:
-    raise DownloadError(f"{url}: connection closed at {written} of {total} bytes")
-
-
-def download_file(url: str, dest: str, *, sha256: Optional[str] = None,
-                  md5: Optional[str] = None, size: Optional[int] = None,
-                  retries: int = 3, timeout: float = 60.0,
-                  chunk_size: int = 1 << 20, retry_wait: float = 2.0) -> str:
-  """Downloads `url` to `dest` (resumable, verified, atomic rename).
-
-  Args:
-    url: http(s) URL (ftp and file URLs work without resume).
-    dest: destination path; the transfer goes to `dest + '.part'`.
-    sha256, md5, size: expected values, checked when given.
-    retries: extra attempts after a failed or short transfer (each resumes).
-    timeout: socket timeout in seconds.
-    chunk_size: read size in bytes.
-    retry_wait: seconds between attempts.
-
-  Returns:
-    `dest`.
-
-  Raises:
-    ChecksumError: the completed file does not match; the `.part` file is deleted.
-    DownloadError / urllib.error.URLError: every attempt failed; the `.part` is kept
-      for a later resume.
-  """
-  checked = sha256 is not None or md5 is not None or size is not None
-  if os.path.exists(dest):
-    if not checked:
-      return dest  # only complete, verified files are ever renamed to `dest`
-    try:
-      verify_file(dest, sha256=sha256, md5=md5, size=size)
-      return dest
-    except ChecksumError as e:
-      logging.warning("%s; downloading it again", e)
-      os.remove(dest)
-  os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-  part = dest + ".part"
-  if size is not None and os.path.exists(part) and os.path.getsize(part) > size:
-    os.remove(part)
-  for attempt in range(retries + 1):
-    if size is not None and os.path.exists(part) and os.path.getsize(part) == size:
-      break
-    try:
-      _transfer(url, part, timeout, chunk_size)
-      break
-    except (DownloadError, urllib.error.URLError, OSError,
-            http.client.HTTPException) as e:
-      if isinstance(e, urllib.error.HTTPError) and e.code in (403, 404, 410):
-        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
-      if attempt == retries:
-        raise DownloadError(f"{url}: failed after {retries + 1} attempts: {e}") from e
-      logging.warning("%s: %s; retrying (%d/%d)", url, e, attempt + 1, retries)
-      time.sleep(retry_wait)
-  try:
-    verify_file(part, sha256=sha256, md5=md5, size=size)
-  except ChecksumError:
-    os.remove(part)  # never keep a corrupt file around, not even for resuming
-    raise
-  os.replace(part, dest)
-  return dest
-
-
-# ----------------------------------------------------------------------------------------
-# Extraction.
-
-
-def _check_member_path(name: str, archive: str) -> None:
-  norm = os.path.normpath(name)
-  if os.path.isabs(name) or norm == ".." or norm.startswith(".." + os.sep) or (
-      len(name) > 1 and name[1] == ":"):
-    raise ValueError(f"{archive}: unsafe path in archive: {name!r}")
-
-
-def _extract_to(archive: str, out_dir: str) -> None:
-  if tarfile.is_tarfile(archive):
-    with tarfile.open(archive) as tar:
-      members = tar.getmembers()
-      for m in members:
-        _check_member_path(m.name, archive)
-        if m.issym() or m.islnk():
-          # Symlink targets are relative to the member's folder, hard links to the root.
-          base = os.path.dirname(m.name) if m.issym() else ""
-          target = os.path.normpath(os.path.join(base, m.linkname))
-          if os.path.isabs(m.linkname) or target == ".." or target.startswith(
-              ".." + os.sep):
-            raise ValueError(f"{archive}: link escapes the archive: {m.name!r}")
-        if m.isdev():
-          raise ValueError(f"{archive}: device file in archive: {m.name!r}")
-      if hasattr(tarfile, "data_filter"):
-        tar.extractall(out_dir, members=members, filter="data")
-      else:
-        tar.extractall(out_dir, members=members)  # paths checked above
-  elif zipfile.is_zipfile(archive):
-    with zipfile.ZipFile(archive) as zf:
-      for name in zf.namelist():
-        _check_member_path(name, archive)
-      zf.extractall(out_dir)
-  else:
-    raise ValueError(f"{archive}: not a tar or zip archive")
-
-
-def _merge_move(src: str, dst: str) -> None:
-  """Moves the tree `src` into `dst`, merging folders that already exist."""
-  os.makedirs(dst, exist_ok=True)
-  for entry in os.listdir(src):
-    s, d = os.path.join(src, entry), os.path.join(dst, entry)
-    if os.path.isdir(s) and not os.path.islink(s) and os.path.isdir(d):
-      _merge_move(s, d)
-    else:
-      os.replace(s, d)
-
-
-def extract_archive(archive: str, dest_dir: str, flatten: bool = False) -> List[str]:
-  """Extracts a tar / tar.gz / tgz / zip archive into `dest_dir`.
-
-  Args:
-    archive: the archive file.
-    dest_dir: output folder (created; existing content is kept and merged).
-    flatten: put every regular file directly in `dest_dir`, dropping the archive's
-      folders (two files with one name raise ValueError).
-
-  Returns:
-    Paths of the files now in `dest_dir` that came from the archive.
-  """
-  os.makedirs(dest_dir, exist_ok=True)
-  tmp = os.path.join(dest_dir, f".tmp-extract-{os.path.basename(archive)}")
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
-  os.makedirs(tmp)
-  try:
-    _extract_to(archive, tmp)
-    files = []
-    for dirpath, _, filenames in os.walk(tmp):
-      for fn in filenames:
-        files.append(os.path.join(dirpath, fn))
-    if flatten:
-      out = []
-      for src in sorted(files):
-        dst = os.path.join(dest_dir, os.path.basename(src))
-        if dst in out:
-          raise ValueError(f"{archive}: two files named {os.path.basename(src)!r}")
-        os.replace(src, dst)
-        out.append(dst)
-      return out
-    _merge_move(tmp, dest_dir)
-    return [os.path.join(dest_dir, os.path.relpath(f, tmp)) for f in files]
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------
-# Datasets.
-
-
 def _marker(root: str, res: Resource) -> str:
   return os.path.join(root, res.extract_to, f".extracted-{os.path.basename(res.dest)}")
 
@@ -442,14 +190,14 @@ def fetch(res: Resource, root: str, keep_archives: bool = False,
     return
   md5 = res.md5
   if md5 is None and res.md5_url is not None and not os.path.exists(dest):
-    md5 = _fetch_text(res.md5_url, timeout).split()[0]
+    md5 = transfer.fetch_text(res.md5_url, timeout).split()[0]
   logging.info("Downloading %s -> %s", res.url, dest)
-  download_file(res.url, dest, sha256=res.sha256, md5=md5, size=res.size,
-                timeout=timeout, retries=retries)
+  transfer.download_file(res.url, dest, sha256=res.sha256, md5=md5, size=res.size,
+                         timeout=timeout, retries=retries)
   if res.extract_to:
     out = os.path.join(root, res.extract_to)
     logging.info("Extracting %s -> %s", dest, out)
-    extract_archive(dest, out, flatten=res.flatten)
+    archives.extract_archive(dest, out, flatten=res.flatten)
     with open(_marker(root, res), "w") as f:
       f.write(res.url + "\n")
     if not keep_archives:

@@ -22,7 +22,7 @@ Output contract (host-local numpy, this process's rows of the global batch):
 Every element is a pure function of (seed, epoch, step), so resuming mid-epoch with grain's
 iterator state (one integer) gives exactly the batches of an uninterrupted run.
 """
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 from absl import logging
 import grain
@@ -33,38 +33,6 @@ from retrieval_jax.data import image_io
 from retrieval_jax.data import transforms
 
 _READ_ERRORS = (image_io.ImageDecodeError, FileNotFoundError, OSError)
-
-
-def training_pairs(labels: np.ndarray, qidxs: Optional[np.ndarray] = None,
-                   pidxs: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
-  """The (query, positive) pool: the dataset's own pairs, else every same-label ordered pair.
-
-  SfM-120k ships its pairs (`qidxs`, `pidxs`, chosen from the 3D models); a set with only
-  labels (the demo, GLDv2) gets all ordered pairs (i, j), i != j, of images with one label
-  (labels < 0 mean "no cluster" and form no pair).
-
-  Args:
-    labels: [N] int cluster / landmark id per image.
-    qidxs, pidxs: optional [P] query / positive image indices.
-
-  Returns:
-    (qpool [P] int64, ppool [P] int64).
-  """
-  if qidxs is not None and pidxs is not None:
-    return np.asarray(qidxs, np.int64), np.asarray(pidxs, np.int64)
-  labels = np.asarray(labels)
-  q, p = [], []
-  for c in np.unique(labels[labels >= 0]):
-    members = np.flatnonzero(labels == c)
-    if len(members) < 2:
-      continue
-    a, b = np.meshgrid(members, members, indexing="ij")
-    keep = a != b
-    q.append(a[keep])
-    p.append(b[keep])
-  if not q:
-    raise ValueError("no label has two images: epoch-level tuples need (query, positive) pairs")
-  return np.concatenate(q).astype(np.int64), np.concatenate(p).astype(np.int64)
 
 
 def epoch_queries(num_pairs: int, qsize: int, seed: int, epoch: int) -> np.ndarray:

@@ -24,9 +24,8 @@ alpha) power; they are rare inside a top-k list and the papers' alpha=3 then agr
 Descriptors are rows, `[N, D]`; neighbours come from `search.knn`, so the mesh / dtype /
 batching options are those of `knn`. Outputs are float32 numpy arrays.
 """
-from typing import Optional
+from typing import Any, Dict
 
-import jax
 import numpy as np
 
 from retrieval_jax import search
@@ -45,16 +44,21 @@ def _weighted_sum(database: np.ndarray, scores: np.ndarray, indices: np.ndarray,
   return np.einsum('nk,nkd->nd', w, database[indices].astype(np.float64))
 
 
-def alpha_query_expansion(
-    queries: np.ndarray,
-    database: np.ndarray,
-    k: int,
-    alpha: float = 3.,
-    *,
-    mesh: Optional[jax.sharding.Mesh] = None,
-    dtype: str = 'float32',
-    query_batch: int = 1024,
-) -> np.ndarray:
+def _reweighted(queries: np.ndarray, database: np.ndarray, k: int, alpha: float,
+                add_queries: bool, knn_options: Dict[str, Any]) -> np.ndarray:
+  """normalise([queries +] sum of the top-k database rows weighted max(s, 0)^alpha), float32.
+
+  queries [N, D] float32, database [Nd, D] float32 -> [N, D].
+  """
+  s, i = search.knn(queries, database, k, **knn_options)
+  out = _weighted_sum(database, s, i, alpha)
+  if add_queries:
+    out = queries.astype(np.float64) + out
+  return _l2n(out).astype(np.float32)
+
+
+def alpha_query_expansion(queries: np.ndarray, database: np.ndarray, k: int,
+                          alpha: float = 3., **knn_options: Any) -> np.ndarray:
   """alpha-QE of the queries against the database.
 
   Args:
@@ -62,37 +66,26 @@ def alpha_query_expansion(
     database: [Nd, D] L2-normalised database descriptors.
     k: number of top database vectors added to each query (0 disables QE).
     alpha: weight exponent.
-    mesh, dtype, query_batch: passed to `search.knn`.
+    **knn_options: `mesh`, `dtype`, `query_batch` of `search.knn`.
 
   Returns:
     [Nq, D] float32 expanded, L2-normalised queries.
   """
   queries = np.asarray(queries, np.float32)
-  database = np.asarray(database, np.float32)
   if k <= 0:
     return _l2n(queries).astype(np.float32)
-  s, i = search.knn(queries, database, k, mesh=mesh, dtype=dtype, query_batch=query_batch)
-  out = queries.astype(np.float64) + _weighted_sum(database, s, i, alpha)
-  return _l2n(out).astype(np.float32)
+  return _reweighted(queries, np.asarray(database, np.float32), k, alpha, True, knn_options)
 
 
-def alpha_database_augmentation(
-    database: np.ndarray,
-    k: int,
-    alpha: float = 3.,
-    *,
-    mesh: Optional[jax.sharding.Mesh] = None,
-    dtype: str = 'float32',
-    query_batch: int = 1024,
-) -> np.ndarray:
+def alpha_database_augmentation(database: np.ndarray, k: int, alpha: float = 3.,
+                                **knn_options: Any) -> np.ndarray:
   """alpha-DBA: every database vector becomes the weighted mean of its top-k neighbours.
 
   Args:
     database: [Nd, D] L2-normalised database descriptors.
     k: neighbours per vector, ITSELF INCLUDED: the paper's n_DBA neighbours is
       k = n_DBA + 1 (k <= 1 leaves the database unchanged but normalised).
-    alpha: weight exponent.
-    mesh, dtype, query_batch: passed to `search.knn`.
+    alpha, **knn_options: as in `alpha_query_expansion`.
 
   Returns:
     [Nd, D] float32 augmented, L2-normalised database.
@@ -100,5 +93,4 @@ def alpha_database_augmentation(
   database = np.asarray(database, np.float32)
   if k <= 1:
     return _l2n(database).astype(np.float32)
-  s, i = search.knn(database, database, k, mesh=mesh, dtype=dtype, query_batch=query_batch)
-  return _l2n(_weighted_sum(database, s, i, alpha)).astype(np.float32)
+  return _reweighted(database, database, k, alpha, False, knn_options)

@@ -14,10 +14,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from retrieval_jax.local import heads
+from retrieval_jax.models import backbones
 from retrieval_jax.models import layers
 from retrieval_jax.models import pooling as pooling_lib
 from retrieval_jax.models import pooling_ops
-from retrieval_jax.models import pretrained
 
 
 def normalize_images(images: jnp.ndarray, mean: Sequence[float], std: Sequence[float],
@@ -41,8 +41,8 @@ class DelfNet(nn.Module):
   reduced_dim: int = 128
   attention_hidden: int = 512
   classifier: str = "softmax"
-  mean: Sequence[float] = pretrained.IMAGENET_MEAN
-  std: Sequence[float] = pretrained.IMAGENET_STD
+  mean: Sequence[float] = backbones.IMAGENET_MEAN
+  std: Sequence[float] = backbones.IMAGENET_STD
   dtype: str = "float32"
 
   @nn.compact
@@ -50,7 +50,7 @@ class DelfNet(nn.Module):
                labels: Optional[jnp.ndarray] = None, train: bool = False) -> Dict[str, Any]:
     """images: [B, H, W, 3] uint8; mask: optional [B, H, W] bool; labels: [B] int."""
     x = normalize_images(images, self.mean, self.std, mask)
-    spec = pretrained.get_backbone(self.backbone)
+    spec = backbones.get_backbone(self.backbone)
     trunk = spec.make(dtype=jnp.dtype(self.dtype), **dict(self.backbone_kwargs or {}),
                       name="backbone")
     feats = trunk(x, mask, train)
@@ -82,8 +82,8 @@ class DelgNet(nn.Module):
   reduced_dim: int = 128
   attention_hidden: int = 512
   classifier: str = "softmax"
-  mean: Sequence[float] = pretrained.IMAGENET_MEAN
-  std: Sequence[float] = pretrained.IMAGENET_STD
+  mean: Sequence[float] = backbones.IMAGENET_MEAN
+  std: Sequence[float] = backbones.IMAGENET_STD
   dtype: str = "float32"
 
   @nn.compact
@@ -91,7 +91,7 @@ class DelgNet(nn.Module):
                labels: Optional[jnp.ndarray] = None, train: bool = False) -> Dict[str, Any]:
     """images: [B, H, W, 3] uint8; mask: optional [B, H, W] bool; labels: [B] int."""
     x = normalize_images(images, self.mean, self.std, mask)
-    spec = pretrained.get_backbone(self.backbone)
+    spec = backbones.get_backbone(self.backbone)
     trunk = spec.make(dtype=jnp.dtype(self.dtype), **dict(self.backbone_kwargs or {}),
                       name="backbone")
     feats = trunk(x, mask, train)

@@ -9,9 +9,9 @@ ImageNet trunks. Each file name carries the leading hex digits of the file's SHA
 `fetch(name)`:
   1. `<cache>/<name>.npz` (converted) exists: use it, no network;
   2. else download the URL into `<cache>/downloads/<file>` (resumable `.part`, via
-     `data.download.download_file`), verify the SHA-256 prefix (a mismatch deletes the
+     `data.transfer.download_file`), verify the SHA-256 prefix (a mismatch deletes the
      file and raises `ChecksumError`);
-  3. convert: a torchvision trunk becomes our trunk `.npz` (`pretrained.save_npz`, loads
+  3. convert: a torchvision trunk becomes our trunk `.npz` (`weight_files.save_npz`, loads
      without torch); a cirtorch network keeps its verified `.pth`, which
      `pretrained.load_pretrained_into` reads whole (trunk, GeM p, whitening layer, mean/std
      and the precomputed `meta['Lw']`), so the returned path is the `.pth`.
@@ -27,8 +27,9 @@ from typing import Dict, Optional
 
 from absl import logging
 
-from retrieval_jax.data import download
+from retrieval_jax.data import transfer
 from retrieval_jax.models import pretrained
+from retrieval_jax.models import weight_files
 
 PREFIX = "name:"
 CACHE_ENV = "RETRIEVAL_JAX_CACHE"
@@ -123,7 +124,7 @@ def get(name: str, models: Optional[Dict[str, HubModel]] = None) -> HubModel:
 
 
 def check_sha256_prefix(path: str, prefix: str) -> None:
-  """Raises `download.ChecksumError` (and deletes `path`) unless its SHA-256 starts so."""
+  """Raises `transfer.ChecksumError` (and deletes `path`) unless its SHA-256 starts so."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -131,7 +132,7 @@ def check_sha256_prefix(path: str, prefix: str) -> None:
   digest = h.hexdigest()
   if not digest.startswith(prefix.lower()):
     os.remove(path)
-    raise download.ChecksumError(
+    raise transfer.ChecksumError(
         f"{path}: SHA-256 {digest[:len(prefix)]}... does not start with {prefix} (the "
         "prefix its published name carries); the file was removed, fetch it again")
 
@@ -158,7 +159,7 @@ def fetch(name: str, *, cache: Optional[str] = None,
   Raises:
     OfflineError: not cached and not downloadable; the message names the URL and where
       to put the file.
-    download.ChecksumError: the downloaded file's SHA-256 does not match (file removed).
+    transfer.ChecksumError: the downloaded file's SHA-256 does not match (file removed).
   """
   model = get(name, models)
   cache = cache or cache_dir()
@@ -168,9 +169,9 @@ def fetch(name: str, *, cache: Optional[str] = None,
   raw = os.path.join(cache, "downloads", model.filename)
   if not os.path.exists(raw):
     try:
-      download.download_file(model.url, raw, retries=retries, timeout=timeout,
+      transfer.download_file(model.url, raw, retries=retries, timeout=timeout,
                              retry_wait=retry_wait)
-    except download.DownloadError as e:
+    except transfer.DownloadError as e:
       raise OfflineError(
           f"cannot download pretrained model {name!r} ({e}); fetch {model.url} by hand "
           f"and put it at {raw}") from e
@@ -179,7 +180,7 @@ def fetch(name: str, *, cache: Optional[str] = None,
     return raw
   trunk = pretrained.load_backbone_variables(model.backbone, raw)
   tmp = out + ".tmp.npz"
-  pretrained.save_npz(trunk, tmp)
+  weight_files.save_npz(trunk, tmp)
   os.replace(tmp, out)
   logging.info("pretrained %s: %s verified and converted to %s", name, model.filename, out)
   return out

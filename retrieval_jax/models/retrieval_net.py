@@ -13,10 +13,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from retrieval_jax.models import backbones
 from retrieval_jax.models import layers
 from retrieval_jax.models import pooling as pooling_lib
 from retrieval_jax.models import pooling_ops
-from retrieval_jax.models import pretrained
 
 # Feature maps and their validity masks, as `RetrievalNet.trunk` returns them.
 Maps = List[Tuple[jnp.ndarray, Optional[jnp.ndarray]]]
@@ -26,7 +26,7 @@ class RetrievalNet(nn.Module):
   """A global-descriptor network.
 
   Attributes:
-    backbone: trunk name (pretrained.backbone_names()).
+    backbone: trunk name (backbones.backbone_names()).
     backbone_kwargs: extra trunk attributes (e.g. bn_mode, width for tiny test variants).
     pooling: pooling name (pooling.POOLINGS); pooling_kwargs: its attributes (e.g. p_init).
     whitening_dim: 0 for none, else the output size of a trainable whitening layer
@@ -42,8 +42,8 @@ class RetrievalNet(nn.Module):
   pooling_kwargs: Optional[Mapping[str, Any]] = None
   whitening_dim: int = 0
   multi_layer: bool = False
-  mean: Sequence[float] = pretrained.IMAGENET_MEAN
-  std: Sequence[float] = pretrained.IMAGENET_STD
+  mean: Sequence[float] = backbones.IMAGENET_MEAN
+  std: Sequence[float] = backbones.IMAGENET_STD
   dtype: str = "float32"
 
   def __call__(self, images, mask: Optional[jnp.ndarray] = None, train: bool = False
@@ -79,7 +79,7 @@ class RetrievalNet(nn.Module):
       x = images.astype(jnp.float32) / 255.0
       x = (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
       x = layers.apply_mask(x, mask)  # Padding is zero *after* normalisation, as torch pads.
-      spec = pretrained.get_backbone(self.backbone)
+      spec = backbones.get_backbone(self.backbone)
       trunk = spec.make(dtype=jnp.dtype(self.dtype), **dict(self.backbone_kwargs or {}),
                         name="backbone")
       feats = trunk(x, mask, train)
@@ -106,9 +106,9 @@ def dummy_images(image_size: int) -> jnp.ndarray:
   return jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
 
 
-def from_config(model_config) -> Tuple[RetrievalNet, pretrained.BackboneSpec]:
+def from_config(model_config) -> Tuple[RetrievalNet, backbones.BackboneSpec]:
   """Builds a RetrievalNet from `config.model` (fields and defaults: configs/common.py)."""
-  spec = pretrained.get_backbone(model_config.backbone)
+  spec = backbones.get_backbone(model_config.backbone)
   net = RetrievalNet(
       backbone=model_config.backbone,
       backbone_kwargs=dict(model_config.backbone_kwargs or {}),
