@@ -6,7 +6,7 @@
 # Running it again in the same WORKDIR resumes (or, if finished, only re-evaluates).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup_env.sh
+SETUP=demo bash launch/setup_env.sh
 . .venv/bin/activate
 WORKDIR=${1:-workdir/demo}
 shift || true

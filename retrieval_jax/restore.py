@@ -23,6 +23,7 @@ from retrieval_jax.models import cam
 from retrieval_jax.models import hub
 from retrieval_jax.models import pretrained
 from retrieval_jax.models import retrieval_net
+from retrieval_jax.models import weight_files
 from retrieval_jax.postprocess import whitening_store
 
 # Where `restore_model`'s variables came from.
@@ -86,7 +87,7 @@ def with_cam_classifier(variables, model, path: str):
   if model.pooling != "seddati_cam":
     return variables
   try:
-    classifier = cam.cam_classifier_params(pretrained.read_torch_state_dict(path))
+    classifier = cam.cam_classifier_params(weight_files.read_torch_state_dict(path))
   except ValueError as e:
     raise ValueError(f"model.pooling='seddati_cam' needs the ImageNet classifier of the trunk "
                      f"in model.pretrained ({path}): {e}") from e
