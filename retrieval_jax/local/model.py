@@ -15,17 +15,17 @@ import jax.numpy as jnp
 
 from retrieval_jax.local import heads
 from retrieval_jax.models import backbones
-from retrieval_jax.models import layers
-from retrieval_jax.models import pooling as pooling_lib
-from retrieval_jax.models import pooling_ops
+from retrieval_jax.models import retrieval_net
 
 
-def normalize_images(images: jnp.ndarray, mean: Sequence[float], std: Sequence[float],
-                     mask: Optional[jnp.ndarray]) -> jnp.ndarray:
-  """uint8 (or 0..255 float) RGB -> the weights' normalisation, zero on padding (as torch)."""
-  x = images.astype(jnp.float32) / 255.0
-  x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-  return layers.apply_mask(x, mask)
+def _local_head(net: nn.Module, feats: Dict[str, Any], labels) -> Dict[str, Any]:
+  """LocalHead on the trunk's earlier stage (submodule "local_head"), plus that "stage"."""
+  stage, stage_mask = feats["stages"][-2], feats["stage_masks"][-2]
+  out = heads.LocalHead(num_classes=net.num_classes, reduced_dim=net.reduced_dim,
+                        attention_hidden=net.attention_hidden, classifier=net.classifier,
+                        name="local_head")(stage, stage_mask, labels)
+  out["stage"] = stage
+  return out
 
 
 class DelfNet(nn.Module):
@@ -49,17 +49,7 @@ class DelfNet(nn.Module):
   def __call__(self, images, mask: Optional[jnp.ndarray] = None,
                labels: Optional[jnp.ndarray] = None, train: bool = False) -> Dict[str, Any]:
     """images: [B, H, W, 3] uint8; mask: optional [B, H, W] bool; labels: [B] int."""
-    x = normalize_images(images, self.mean, self.std, mask)
-    spec = backbones.get_backbone(self.backbone)
-    trunk = spec.make(dtype=jnp.dtype(self.dtype), **dict(self.backbone_kwargs or {}),
-                      name="backbone")
-    feats = trunk(x, mask, train)
-    stage, stage_mask = feats["stages"][-2], feats["stage_masks"][-2]
-    out = heads.LocalHead(num_classes=self.num_classes, reduced_dim=self.reduced_dim,
-                          attention_hidden=self.attention_hidden, classifier=self.classifier,
-                          name="local_head")(stage, stage_mask, labels)
-    out["stage"] = stage
-    return out
+    return _local_head(self, retrieval_net.trunk_features(self, images, mask, train), labels)
 
 
 class DelgNet(nn.Module):
@@ -90,21 +80,8 @@ class DelgNet(nn.Module):
   def __call__(self, images, mask: Optional[jnp.ndarray] = None,
                labels: Optional[jnp.ndarray] = None, train: bool = False) -> Dict[str, Any]:
     """images: [B, H, W, 3] uint8; mask: optional [B, H, W] bool; labels: [B] int."""
-    x = normalize_images(images, self.mean, self.std, mask)
-    spec = backbones.get_backbone(self.backbone)
-    trunk = spec.make(dtype=jnp.dtype(self.dtype), **dict(self.backbone_kwargs or {}),
-                      name="backbone")
-    feats = trunk(x, mask, train)
-    fmap = feats["feature_map"].astype(jnp.float32)
-    pooled = pooling_lib.build_pooling(self.pooling, name="pool",
-                                       **dict(self.pooling_kwargs or {}))(fmap, feats["mask"])
-    pooled = pooling_ops.l2n(pooled)
-    descriptor = pooled
-    if self.whitening_dim:
-      descriptor = pooling_ops.l2n(nn.Dense(self.whitening_dim, name="whiten")(pooled))
-    stage, stage_mask = feats["stages"][-2], feats["stage_masks"][-2]
-    out = heads.LocalHead(num_classes=self.num_classes, reduced_dim=self.reduced_dim,
-                          attention_hidden=self.attention_hidden, classifier=self.classifier,
-                          name="local_head")(stage, stage_mask, labels)
-    out.update(stage=stage, feature_map=fmap, pooled=pooled, descriptor=descriptor)
+    feats = retrieval_net.trunk_features(self, images, mask, train)
+    out = retrieval_net.global_head(
+        self, [(feats["feature_map"].astype(jnp.float32), feats["mask"])])
+    out.update(_local_head(self, feats, labels))
     return out

@@ -76,29 +76,53 @@ class RetrievalNet(nn.Module):
     """The one compact body (submodule names "backbone", "pool", "pool_prev", "whiten"):
     images -> maps (unless `maps` are given), then, unless `trunk_only`, maps -> head."""
     if maps is None:
-      x = images.astype(jnp.float32) / 255.0
-      x = (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
-      x = layers.apply_mask(x, mask)  # Padding is zero *after* normalisation, as torch pads.
-      spec = backbones.get_backbone(self.backbone)
-      trunk = spec.make(dtype=jnp.dtype(self.dtype), **dict(self.backbone_kwargs or {}),
-                        name="backbone")
-      feats = trunk(x, mask, train)
+      feats = trunk_features(self, images, mask, train)
       maps = [(feats["feature_map"].astype(jnp.float32), feats["mask"])]
       if self.multi_layer:
         maps.append((feats["stages"][-2].astype(jnp.float32), feats["stage_masks"][-2]))
       if trunk_only:
         return maps
-    pool_kwargs = dict(self.pooling_kwargs or {})
-    pooled = pooling_lib.build_pooling(self.pooling, name="pool", **pool_kwargs)(*maps[0])
-    if self.multi_layer:
-      extra = pooling_lib.build_pooling(self.pooling, name="pool_prev", **pool_kwargs)(
-          *maps[1])
-      pooled = jnp.concatenate([pooling_ops.l2n(pooled), pooling_ops.l2n(extra)], axis=-1)
-    pooled = pooling_ops.l2n(pooled)
-    descriptor = pooled
-    if self.whitening_dim:
-      descriptor = pooling_ops.l2n(nn.Dense(self.whitening_dim, name="whiten")(pooled))
-    return {"feature_map": maps[0][0], "pooled": pooled, "descriptor": descriptor}
+    return global_head(self, maps)
+
+
+def normalize_images(images: jnp.ndarray, mean: Sequence[float], std: Sequence[float],
+                     mask: Optional[jnp.ndarray]) -> jnp.ndarray:
+  """uint8 (or 0..255 float) RGB -> the weights' normalisation, zero on padding (as torch)."""
+  x = images.astype(jnp.float32) / 255.0
+  x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+  return layers.apply_mask(x, mask)  # Padding is zero *after* normalisation, as torch pads.
+
+
+def trunk_features(net: nn.Module, images, mask, train: bool) -> Dict[str, Any]:
+  """The trunk's outputs ({"feature_map", "mask", "stages", "stage_masks"}) for `net`.
+
+  Called from the compact body of a network with RetrievalNet's trunk attributes
+  (backbone, backbone_kwargs, mean, std, dtype): the trunk becomes its submodule "backbone",
+  so RetrievalNet and the DELG networks share one parameter layout.
+  """
+  x = normalize_images(images, net.mean, net.std, mask)
+  trunk = backbones.get_backbone(net.backbone).make(
+      dtype=jnp.dtype(net.dtype), **dict(net.backbone_kwargs or {}), name="backbone")
+  return trunk(x, mask, train)
+
+
+def global_head(net: nn.Module, maps: Maps) -> Dict[str, jnp.ndarray]:
+  """Pooling, L2, optional whitening and L2 of `maps` for `net` (submodules "pool",
+  "pool_prev" when two maps are given, "whiten"); called from a network's compact body.
+
+  Returns:
+    {"feature_map": maps[0][0], "pooled": [B, D0] L2-normalised, "descriptor": [B, D]}.
+  """
+  pool_kwargs = dict(net.pooling_kwargs or {})
+  pooled = pooling_lib.build_pooling(net.pooling, name="pool", **pool_kwargs)(*maps[0])
+  if len(maps) > 1:
+    extra = pooling_lib.build_pooling(net.pooling, name="pool_prev", **pool_kwargs)(*maps[1])
+    pooled = jnp.concatenate([pooling_ops.l2n(pooled), pooling_ops.l2n(extra)], axis=-1)
+  pooled = pooling_ops.l2n(pooled)
+  descriptor = pooled
+  if net.whitening_dim:
+    descriptor = pooling_ops.l2n(nn.Dense(net.whitening_dim, name="whiten")(pooled))
+  return {"feature_map": maps[0][0], "pooled": pooled, "descriptor": descriptor}
 
 
 def dummy_images(image_size: int) -> jnp.ndarray:
