@@ -196,17 +196,9 @@ def results_json(query_paths: Sequence[str], db_paths: Sequence[str], scores: np
 
 def _tile(image, caption: str, colour, thumb: int, border: int) -> Image.Image:
   """A thumbnail in a coloured frame with `caption` on a white strip below it."""
-  im = pictures.to_pil(image)
-  scale = min(thumb / im.width, thumb / im.height)
-  im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                 Image.Resampling.BILINEAR)
   strip = 16
   cell = Image.new("RGB", (thumb + 2 * border, thumb + 2 * border + strip), (255, 255, 255))
-  frame = Image.new("RGB", (thumb + 2 * border, thumb + 2 * border), colour)
-  inner = Image.new("RGB", (thumb, thumb), (128, 128, 128))
-  inner.paste(im, ((thumb - im.width) // 2, (thumb - im.height) // 2))
-  frame.paste(inner, (border, border))
-  cell.paste(frame, (0, 0))
+  cell.paste(pictures.framed_thumbnail(image, colour, thumb, border), (0, 0))
   ImageDraw.Draw(cell).text((border, thumb + 2 * border + 2), caption, fill=(0, 0, 0))
   return cell
 
@@ -233,17 +225,21 @@ def search_folder(model, variables, index_dir: str, query: str, out_dir: str, *,
                   multiscale_p: Optional[float] = None, batch_size: int = 8,
                   backend: str = "exact", factory: str = "HNSW32", nprobe: int = 16,
                   ef_search: int = 128, pictures_max: int = 20, thumb: int = 128,
-                  describe_fn=None, protocol: Optional[Any] = None) -> Dict[str, Any]:
+                  describe_fn=None, protocol: Optional[Any] = None,
+                  stored: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
   """Top-k of a query image (or every image of a folder / list) in a described folder.
 
   The queries are described as the index was (same `long_side`, `scales`, `protocol`; the
   caller passes those of the index's config.json), searched, and written to
   `out_dir/results.json` and `out_dir/<n>_<query name>.png` (the first `pictures_max`).
 
+  `stored`: `descriptor_store.load_descriptors(index_dir)` when the caller already has it.
+
   Returns:
     {"results": the JSON list, "json": its path, "pictures": the PNG paths}.
   """
-  stored = descriptor_store.load_descriptors(index_dir)
+  if stored is None:
+    stored = descriptor_store.load_descriptors(index_dir)
   database, db_paths = stored["descriptors"], stored["images"]
   if not db_paths or len(db_paths) != database.shape[0]:
     raise ValueError(f"{index_dir} has no images.txt matching its descriptors: describe the "

@@ -122,7 +122,7 @@ def search_mode(config, workdir: str) -> Summary:
   got = folder_search.search_folder(
       net.model, net.variables, index, sc.query, out, mesh=mesh, k=int(sc.k),
       backend=sc.backend, factory=sc.faiss_factory, nprobe=int(sc.nprobe),
-      pictures_max=int(sc.pictures), **settings)
+      pictures_max=int(sc.pictures), stored=stored, **settings)
   for entry in got["results"][:5]:
     best = entry["results"][:3]
     logging.info("%s -> %s", entry["query"],

@@ -8,12 +8,9 @@ stores cannot append or memory-map: appended files are rewritten whole, and fold
 filled in place (descriptors) are staged in a local temporary folder and uploaded when
 complete.
 """
-import contextlib
 import io
 import os
-import shutil
-import tempfile
-from typing import Iterator, Union
+from typing import Union
 import uuid
 
 from etils import epath
@@ -44,10 +41,6 @@ def join(base: PathLike, *parts: str) -> str:
 
 def exists(path: PathLike) -> bool:
   return epath.Path(path).exists()
-
-
-def isdir(path: PathLike) -> bool:
-  return epath.Path(path).is_dir()
 
 
 def listdir(path: PathLike) -> list:
@@ -121,25 +114,6 @@ def check_writable(workdir: PathLike) -> None:
         f"cannot write the workdir {os.fspath(workdir)}: {type(e).__name__}: {e}. Check that "
         "the folder or bucket exists and that this machine may write to it (for gs://: "
         "`gcloud storage ls` it, and the credentials)") from e
-
-
-@contextlib.contextmanager
-def staged(folder: PathLike) -> Iterator[str]:
-  """A local folder to fill in place; for a URL, uploaded to `folder` when the block ends.
-
-  Local `folder`: yields it (created). Remote: yields a temporary local folder whose files
-  are copied to `folder` after the block completes without error.
-  """
-  if not is_remote(folder):
-    os.makedirs(folder, exist_ok=True)
-    yield os.fspath(folder)
-    return
-  tmp = tempfile.mkdtemp(prefix="retrieval_jax_stage_")
-  try:
-    yield tmp
-    upload_folder(tmp, folder)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def upload_folder(local: str, remote: PathLike, last: str = "") -> None:

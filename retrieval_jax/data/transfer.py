@@ -26,7 +26,8 @@ class DownloadError(RuntimeError):
   """A file could not be downloaded after the allowed retries."""
 
 
-def _digest(path: str, algo: str) -> str:
+def digest(path: str, algo: str) -> str:
+  """Hex digest (`algo`: a hashlib name) of a file, read in 1 MiB blocks."""
   h = hashlib.new(algo)
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -39,9 +40,9 @@ def verify_file(path: str, sha256: Optional[str] = None, md5: Optional[str] = No
   """Raises ChecksumError unless `path` has the given size / digests."""
   if size is not None and os.path.getsize(path) != size:
     raise ChecksumError(f"{path}: size {os.path.getsize(path)} != expected {size}")
-  if sha256 is not None and _digest(path, "sha256") != sha256.lower():
+  if sha256 is not None and digest(path, "sha256") != sha256.lower():
     raise ChecksumError(f"{path}: SHA-256 mismatch (expected {sha256})")
-  if md5 is not None and _digest(path, "md5") != md5.lower():
+  if md5 is not None and digest(path, "md5") != md5.lower():
     raise ChecksumError(f"{path}: MD5 mismatch (expected {md5})")
 
 

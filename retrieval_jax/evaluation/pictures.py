@@ -46,7 +46,8 @@ def to_pil(image: ImageLike) -> Image.Image:
   return Image.fromarray(arr).convert('RGB')
 
 
-def _cell(image: ImageLike, colour: Colour, thumb: int, border: int) -> Image.Image:
+def framed_thumbnail(image: ImageLike, colour: Colour, thumb: int, border: int
+                     ) -> Image.Image:
   """[cell, cell] RGB tile: the image fitted in `thumb`, centred, in a coloured frame."""
   im = to_pil(image)
   scale = min(thumb / im.width, thumb / im.height)
@@ -110,10 +111,11 @@ def results_grid(
   canvas = Image.new('RGB', (width, height), _BACKGROUND)
   for r, q in enumerate(query_ids):
     y = gap + r * (cell + gap)
-    canvas.paste(_cell(query_images[q], QUERY_COLOUR, thumb, border), (gap, y))
+    canvas.paste(framed_thumbnail(query_images[q], QUERY_COLOUR, thumb, border), (gap, y))
     ranked = ranks[:k, q]
     for c, (idx, colour) in enumerate(zip(ranked, result_colours(ranked, gnd[q])), start=1):
-      canvas.paste(_cell(get_db(int(idx)), colour, thumb, border), (gap + c * (cell + gap), y))
+      canvas.paste(framed_thumbnail(get_db(int(idx)), colour, thumb, border),
+                   (gap + c * (cell + gap), y))
   return canvas
 
 

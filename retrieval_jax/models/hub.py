@@ -20,7 +20,6 @@ With no network, one line says which URL to fetch by hand and where to put it.
 The cache is `$RETRIEVAL_JAX_CACHE`, default `~/.cache/retrieval_jax`.
 """
 import dataclasses
-import hashlib
 import os
 import re
 from typing import Dict, Optional
@@ -125,11 +124,7 @@ def get(name: str, models: Optional[Dict[str, HubModel]] = None) -> HubModel:
 
 def check_sha256_prefix(path: str, prefix: str) -> None:
   """Raises `transfer.ChecksumError` (and deletes `path`) unless its SHA-256 starts so."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  digest = h.hexdigest()
+  digest = transfer.digest(path, "sha256")
   if not digest.startswith(prefix.lower()):
     os.remove(path)
     raise transfer.ChecksumError(
