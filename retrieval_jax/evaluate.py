@@ -135,8 +135,9 @@ def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_
     checked, drop_q, drop_db = integrity.after_extraction(
         checked, failed_q.entries, failed_db.entries, root=data_root)
   finally:  # The list of skipped files is written even when they stop the evaluation.
-    _write_skipped(workdir, dataset.name, checked.entries + failed_q.entries
-                   + failed_db.entries)
+    if workdir:
+      paths.write_skipped_list(workdir, dataset.name, checked.entries + failed_q.entries
+                               + failed_db.entries)
   if drop_q or drop_db:
     dataset = checked.dataset
     q, db = np.delete(q, drop_q, axis=0), np.delete(db, drop_db, axis=0)
@@ -188,14 +189,6 @@ def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_
     if n and (dataset.gnd is not None or dataset.query_labels is not None):
       _pictures(out, tag, q, db, dataset, n)
   return result
-
-
-def _write_skipped(workdir: str, name: str, entries) -> None:
-  """results/<name>_skipped.txt: every image left out (missing, unreadable)."""
-  text = image_io.skipped_list_text(entries)
-  if workdir and text and sharding.is_main_process():
-    out = paths.results_dir(workdir)
-    storage.write_text(storage.join(out, f"{name}_skipped.txt"), text)
 
 
 def _pictures(out: str, tag: str, q: np.ndarray, db: np.ndarray,

@@ -10,10 +10,13 @@
 import hashlib
 import os
 import tempfile
+from typing import Optional
 
 from absl import logging
 
+from retrieval_jax import sharding
 from retrieval_jax import storage
+from retrieval_jax.data import image_io
 
 
 def data_root(config, workdir: str) -> str:
@@ -41,3 +44,20 @@ def data_root(config, workdir: str) -> str:
 
 def results_dir(workdir: str) -> str:
   return storage.join(workdir, "results")
+
+
+def write_skipped_list(workdir: str, name: str, entries) -> Optional[str]:
+  """results/<name>_skipped.txt: every image a mode left out, (path, reason) per line.
+
+  Every mode writes one where files were skipped, so a number is never reported without the
+  list of the files it silently lacks. Only the main process writes.
+
+  Returns:
+    The file's path, or None when nothing was skipped (no file then) or on other processes.
+  """
+  text = image_io.skipped_list_text(entries)
+  if not text or not sharding.is_main_process():
+    return None
+  path = storage.join(results_dir(workdir), f"{name}_skipped.txt")
+  storage.write_text(path, text)
+  return path

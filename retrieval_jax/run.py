@@ -31,7 +31,6 @@ from retrieval_jax import paths
 from retrieval_jax import registry
 from retrieval_jax import restore
 from retrieval_jax import sharding as sharding_lib
-from retrieval_jax import storage
 from retrieval_jax import serving
 from retrieval_jax.data import datasets
 from retrieval_jax.data import image_io
@@ -148,10 +147,8 @@ def _extract(config, workdir: str) -> Summary:
       w = descriptor_store.apply_to_folder(
           folder, wfolder, lambda x: whitening_lib.apply(x, white, white["dim"]))
       out[f"{part}_{white['kind']}"] = {"path": wfolder, "shape": list(w.shape)}
-  text = image_io.skipped_list_text(checked.entries + skipped.entries)
-  if text and sharding_lib.is_main_process():
-    path = storage.join(paths.results_dir(workdir), f"{test_set.name}_skipped.txt")
-    storage.write_text(path, text)
+  path = paths.write_skipped_list(workdir, test_set.name, checked.entries + skipped.entries)
+  if path:
     out["skipped"] = {"path": path, **checked.summary(), "unreadable": skipped.total}
   if networks.has_local_head(net.model):
     # DELG: local features beside the descriptors, in <workdir>/local/<tag>/<set>_<part>/.

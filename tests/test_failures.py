@@ -23,6 +23,7 @@ from retrieval_jax import checkpointing
 from retrieval_jax import config_checks
 from retrieval_jax import errors
 from retrieval_jax import evaluate as evaluate_lib
+from retrieval_jax import paths
 from retrieval_jax import restore
 from retrieval_jax import run as run_lib
 from retrieval_jax import sharding
@@ -205,14 +206,14 @@ def test_skipped_list_is_written_with_every_file(tmp_path):
   for i in range(7):
     counter.add("missing" if i % 2 else "truncated", f"/data/{i}.jpg")
   counter.add("missing", "/data/1.jpg")  # Seen twice, listed once.
-  path = image_io.write_skipped_list(str(tmp_path / "results" / "roxford5k_skipped.txt"),
-                                     counter.entries)
+  path = paths.write_skipped_list(str(tmp_path), "roxford5k", counter.entries)
+  assert path == str(tmp_path / "results" / "roxford5k_skipped.txt")
   lines = open(path).read().splitlines()
   assert lines[0].startswith("# 7 skipped files")
   assert lines[1:] == [f"{'missing' if i % 2 else 'truncated'}\t/data/{i}.jpg"
                        for i in range(7)]
-  assert image_io.write_skipped_list(str(tmp_path / "none.txt"), []) is None
-  assert not (tmp_path / "none.txt").exists()
+  assert paths.write_skipped_list(str(tmp_path / "none"), "none", []) is None
+  assert not (tmp_path / "none").exists()
 
 
 # ---------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ Decisions (they change pixels, so they are written down here once):
 """
 import collections
 import math
-import os
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -243,7 +242,7 @@ class SkipCounter:
   Attributes:
     counts: reason -> number of skipped files.
     examples: reason -> up to `max_examples` skipped paths.
-    entries: every (path, reason) skipped, in order (for `write_skipped_list`).
+    entries: every (path, reason) skipped, in order (for `paths.write_skipped_list`).
   """
 
   def __init__(self, max_examples: int = 5, log_first: int = 10):
@@ -293,30 +292,6 @@ def skipped_list_text(entries: Sequence[Tuple[str, str]]) -> Optional[str]:
   if not lines:
     return None
   return f"# {len(lines)} skipped files: <reason>\t<path>\n" + "".join(lines)
-
-
-def write_skipped_list(path: str, entries: Sequence[Tuple[str, str]]) -> Optional[str]:
-  """Writes `skipped_list_text(entries)` to a local file (e.g. results/<name>_skipped.txt).
-
-  Every mode writes one where files were skipped, so a number is never reported without
-  the list of the files it silently lacks (`storage.write_text` of the text for buckets).
-
-  Args:
-    path: output file; its folder is created.
-    entries: (image path, reason) pairs, e.g. `SkipCounter.entries`.
-
-  Returns:
-    `path`, or None when there was nothing to write (no file is created then).
-  """
-  text = skipped_list_text(entries)
-  if text is None:
-    return None
-  folder = os.path.dirname(path)
-  if folder:
-    os.makedirs(folder, exist_ok=True)
-  with open(path, "w") as f:
-    f.write(text)
-  return path
 
 
 # Process-wide counter used when `try_load` is given none.

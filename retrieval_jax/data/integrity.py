@@ -13,7 +13,7 @@ images gave "mAP E: 0.95"). So every mode checks its images before extracting or
   left with fewer than 2 images (no positive pair) is dropped with a warning and a count,
   with its training pairs; an error only if too few landmarks remain to form a batch.
 * Every skipped file is listed in `results/<name>_skipped.txt`
-  (`image_io.write_skipped_list`).
+  (`paths.write_skipped_list`).
 """
 import concurrent.futures
 import dataclasses

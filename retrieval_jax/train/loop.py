@@ -214,10 +214,8 @@ def _check_data(config, workdir: str, train_set):
 
 def _write_skipped(config, workdir: str, skipped) -> None:
   """results/<data.name>_skipped.txt: training images left out, before and while training."""
-  text = image_io.skipped_list_text(list(skipped) + image_io.GLOBAL_SKIPS.entries)
-  if text and sharding_lib.is_main_process():
-    storage.write_text(storage.join(paths.results_dir(workdir),
-                                    f"{config.data.name}_skipped.txt"), text)
+  paths.write_skipped_list(workdir, config.data.name,
+                           list(skipped) + image_io.GLOBAL_SKIPS.entries)
 
 
 def _initial_codebook(config, model, variables, train_set, mesh):
