@@ -38,6 +38,7 @@ from retrieval_jax.data import grain_pipeline
 from retrieval_jax.data import image_io
 from retrieval_jax.data import interpolate
 from retrieval_jax.data import protocol as protocol_lib
+from retrieval_jax.data import tuples as tuples_lib
 from retrieval_jax.models import layers
 from retrieval_jax.models import pooling_ops
 
@@ -140,6 +141,22 @@ def described_rows(describe: Callable[..., Any], variables, batches: Iterable[Ma
     pending = (batch["index"], out)
   if pending is not None:
     yield _valid_rows(*pending)
+
+
+def described_training_rows(describe: Callable[..., Any], variables, images: Sequence[str],
+                            indices: np.ndarray, *, mesh, image_size: int, batch_size: int,
+                            num_threads: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+  """`described_rows` of `images[indices]` prepared as training sees them.
+
+  The images are resized and padded to `image_size` squares (`tuples.describe_dataset`) in
+  batches of `batch_size` rounded up to a multiple of the data parallelism; epoch mining and
+  the NetVLAD k-means both describe training images this way.
+  """
+  ds = tuples_lib.describe_dataset(
+      images, indices, image_size=image_size,
+      batch_size=_round_up(batch_size, sharding_lib.data_parallelism(mesh)))
+  batches = grain_pipeline.train_iterator(ds, num_threads=num_threads)
+  yield from described_rows(describe, variables, batches, mesh)
 
 
 def _valid_rows(index: np.ndarray, out) -> Tuple[np.ndarray, np.ndarray]:

@@ -17,8 +17,6 @@ import numpy as np
 
 from retrieval_jax import extract
 from retrieval_jax import sharding as sharding_lib
-from retrieval_jax.data import grain_pipeline
-from retrieval_jax.data import tuples as tuples_lib
 from retrieval_jax.models import netvlad
 from retrieval_jax.models import pooling_ops
 
@@ -161,12 +159,10 @@ def local_descriptors(model, variables, images: Sequence[str], mesh, *, image_si
   rep = sharding_lib.replicated(mesh)
   fn = jax.jit(describe, in_shardings=(rep, sharding_lib.batch_sharding(mesh),
                                        sharding_lib.batch_sharding(mesh)), out_shardings=rep)
-  n = sharding_lib.data_parallelism(mesh)
-  ds = tuples_lib.describe_dataset(images, np.arange(len(images)), image_size=image_size,
-                                   batch_size=-(-batch_size // n) * n)
-  batches = grain_pipeline.train_iterator(ds, num_threads=num_threads)
   out = []
-  for _, d in extract.described_rows(fn, jax.device_put(variables, rep), batches, mesh):
+  for _, d in extract.described_training_rows(
+      fn, jax.device_put(variables, rep), images, np.arange(len(images)), mesh=mesh,
+      image_size=image_size, batch_size=batch_size, num_threads=num_threads):
     d = d.reshape(-1, d.shape[-1])
     out.append(d[~np.isnan(d).any(axis=1)])
   if not out:

@@ -151,13 +151,12 @@ class EpochTupleInputs:
 
   def describe(self, variables, indices: np.ndarray) -> np.ndarray:
     """Descriptors [len(indices), D] of `images[indices]`, as training sees them."""
-    n = sharding_lib.data_parallelism(self.mesh)
-    batch_size = -(-int(self.config.extract.batch_size) // n) * n
-    ds = tuples_lib.describe_dataset(self.images, indices, image_size=self.config.data.image_size,
-                                     batch_size=batch_size)
-    batches = grain_pipeline.train_iterator(ds, num_threads=self.config.data.num_threads)
     out = None
-    for rows, d in extract.described_rows(self._describe, variables, batches, self.mesh):
+    for rows, d in extract.described_training_rows(
+        self._describe, variables, self.images, indices, mesh=self.mesh,
+        image_size=self.config.data.image_size,
+        batch_size=int(self.config.extract.batch_size),
+        num_threads=self.config.data.num_threads):
       if out is None:
         out = np.zeros((len(indices), d.shape[1]), np.float32)
       out[rows] = d
