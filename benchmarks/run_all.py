@@ -18,7 +18,7 @@ Sections (each measured in this one process, on `jax.devices()[0]` and torch's d
   project's compiled train step vs a careful PyTorch step (bf16 autocast, channels_last,
   BN frozen, the same mining in torch). The mining's share of the step is measured by
   ablation: the mined loss's forward + backward on the step's descriptors, alone.
-* search: exact top-100 of 10k queries over 1M x 2048 bfloat16 descriptors: `search.knn`
+* search: exact top-100 of 10k queries over 1M x 2048 bfloat16 descriptors: `knn.knn`
   (query chunks, matmul + top-k) vs the same in torch.
 * input: decoded + resized images per CPU-second (grain `eval_batches` at 1024 px and the
   training crop at 362 px), from `input_pipeline.py`.
@@ -59,7 +59,7 @@ import input_pipeline
 import torch_baselines as tb
 # The project's entry points (the only lines to update when modules move).
 from retrieval_jax import extract
-from retrieval_jax import search
+from retrieval_jax import knn
 from retrieval_jax import sharding
 from retrieval_jax.data import transforms
 from retrieval_jax.mining import in_batch
@@ -379,10 +379,10 @@ def bench_search(b: Bench) -> None:
     return (x / jnp.linalg.norm(x, axis=1, keepdims=True)).astype(jnp.bfloat16)
   db = jax.device_put(make(jax.random.key(0)), b.device)
   queries = np.asarray(make(jax.random.key(1))[:nq].astype(jnp.float32))
-  search.knn(queries[:s["search_chunk"]], db, k, dtype="bfloat16",
+  knn.knn(queries[:s["search_chunk"]], db, k, dtype="bfloat16",
              query_batch=s["search_chunk"])  # compile
   t = time.perf_counter()
-  scores, index = search.knn(queries, db, k, dtype="bfloat16", query_batch=s["search_chunk"])
+  scores, index = knn.knn(queries, db, k, dtype="bfloat16", query_batch=s["search_chunk"])
   sec = time.perf_counter() - t
   b.add(section="search", impl="retrieval_jax", dtype="bfloat16", queries_per_s=nq / sec,
         db=n, dim=d, k=k)

@@ -165,7 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.describe.out = ""              # "" = <workdir>/describe
   c.describe.chunk = 1024          # images per resumable unit
 
-  # --mode=search (retrieval_jax/folder_search.py): top-k in a described folder.
+  # --mode=search (retrieval_jax/index_search.py): top-k in a described folder.
   c.search = ml_collections.ConfigDict()
   c.search.index = ""              # a describe output folder; "" = <workdir>/describe
   c.search.query = ""              # an image, a folder or a list file

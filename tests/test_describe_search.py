@@ -14,7 +14,7 @@ import pytest
 from retrieval_jax import describe
 from retrieval_jax import descriptor_store
 from retrieval_jax import extract
-from retrieval_jax import folder_search
+from retrieval_jax import index_search
 from retrieval_jax import sharding
 import tiny_models  # pylint: disable=g-bad-import-order
 
@@ -118,7 +118,7 @@ def test_search_gives_brute_force_top_k_as_json_and_picture(env, index, tmp_path
     pytest.importorskip("faiss")
   query = os.path.join(env["root"], "a", "coffee.jpg")
   k = 3
-  got = folder_search.search_folder(
+  got = index_search.search_folder(
       env["model"], env["variables"], index, query, str(tmp_path / "out"), mesh=env["mesh"],
       long_side=LONG_SIDE, k=k, backend=backend, factory="HNSW8",
       describe_fn=env["describe_fn"])
@@ -142,16 +142,16 @@ def test_search_gives_brute_force_top_k_as_json_and_picture(env, index, tmp_path
   thumb, border, gap, strip = 128, 4, 4, 16
   w = thumb + 2 * border
   assert pic.shape[1] == gap + (k + 1) * (w + gap)
-  np.testing.assert_array_equal(pic[gap + 1, gap + 1], folder_search._QUERY_COLOUR)
+  np.testing.assert_array_equal(pic[gap + 1, gap + 1], index_search._QUERY_COLOUR)
   for c in range(k + 1):
     x0 = gap + c * (w + gap)
     caption = pic[gap + w + 2:gap + w + strip, x0:x0 + w]
     assert (caption.sum(-1) < 300).sum() > 10, f"tile {c} has no caption"
   if backend == "faiss":
-    path = folder_search.faiss_index_path(index, "HNSW8")
+    path = index_search.faiss_index_path(index, "HNSW8")
     assert os.path.exists(path)
     mtime = os.path.getmtime(path)
-    folder_search.search_folder(
+    index_search.search_folder(
         env["model"], env["variables"], index, query, str(tmp_path / "again"),
         mesh=env["mesh"], long_side=LONG_SIDE, k=k, backend="faiss", factory="HNSW8",
         describe_fn=env["describe_fn"])
@@ -165,22 +165,22 @@ def test_faiss_ivfpq_is_built_once_and_approximates_exact_search(tmp_path):
   db = centres[rng.integers(0, 20, 1000)] + 0.3 * rng.normal(size=(1000, 16))
   db = (db / np.linalg.norm(db, axis=1, keepdims=True)).astype(np.float32)
   q = db[:50] + 0.05 * rng.normal(size=(50, 16)).astype(np.float32)
-  _, exact = folder_search.top_k(q, db, 10, backend="exact")
-  _, approx = folder_search.top_k(q, db, 10, backend="faiss", index_dir=str(tmp_path),
+  _, exact = index_search.top_k(q, db, 10, backend="exact")
+  _, approx = index_search.top_k(q, db, 10, backend="faiss", index_dir=str(tmp_path),
                                   factory="IVF8,PQ8x4", nprobe=4)
   recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
   assert 0.3 < recall < 1.0, recall  # approximate, but not useless
-  assert folder_search.recall_at_k(approx, exact) == pytest.approx(recall)
-  both = folder_search.exact_and_approximate(q, db, 10, index_dir=str(tmp_path),
+  assert index_search.recall_at_k(approx, exact) == pytest.approx(recall)
+  both = index_search.exact_and_approximate(q, db, 10, index_dir=str(tmp_path),
                                              factory="IVF8,PQ8x4", nprobe=4)
   np.testing.assert_array_equal(both["exact_ranks"], exact.T)
   np.testing.assert_array_equal(both["approx_ranks"], approx.T)  # the saved index, reused
   assert both["recall_at_k"] == pytest.approx(recall)
   brute = np.argsort(-(db @ q.T), axis=0, kind="stable")[:10].T
   np.testing.assert_array_equal(exact, brute)
-  assert os.path.exists(folder_search.faiss_index_path(str(tmp_path), "IVF8,PQ8x4"))
+  assert os.path.exists(index_search.faiss_index_path(str(tmp_path), "IVF8,PQ8x4"))
   with pytest.raises(ValueError, match="backend"):
-    folder_search.top_k(q, db, 10, backend="annoy")
+    index_search.top_k(q, db, 10, backend="annoy")
 
 
 def test_revisited_exact_and_approximate_report(tmp_path):
@@ -199,13 +199,13 @@ def test_revisited_exact_and_approximate_report(tmp_path):
           "junk": np.zeros(0, np.int64)} for c in range(4)]
   full = revisited.evaluate_revisited("toy", np.argsort(-(db @ q.T), axis=0, kind="stable"),
                                       gnd)
-  flat = folder_search.revisited_exact_and_approximate(
+  flat = index_search.revisited_exact_and_approximate(
       "toy", q, db, gnd, k=n, index_dir=str(tmp_path), factory="Flat")
   for s in "EMH":
     assert flat[f"mAP_{s}_exact@{n}"] == pytest.approx(full[f"mAP_{s}"], abs=0.01)
     assert flat[f"mAP_{s}_approx@{n}"] == pytest.approx(full[f"mAP_{s}"], abs=0.01)
   assert flat[f"recall@{n}"] == 1.0
-  approx = folder_search.revisited_exact_and_approximate(
+  approx = index_search.revisited_exact_and_approximate(
       "toy", q, db, gnd, k=100, index_dir=str(tmp_path), factory="IVF8,PQ8x4", nprobe=1)
   assert 0.0 < approx["recall@100"] < 1.0
   assert len(approx["lines"]) == 3 and "recall@100" in approx["lines"][2]

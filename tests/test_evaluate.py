@@ -19,11 +19,12 @@ from retrieval_jax import descriptor_store
 from retrieval_jax import extract
 from retrieval_jax import restore
 from retrieval_jax import run
-from retrieval_jax import search
+from retrieval_jax.modes import common as modes_common
+from retrieval_jax import knn
 from retrieval_jax import sharding
 from retrieval_jax.data import datasets
 from retrieval_jax.evaluation import pictures
-from retrieval_jax.evaluation import rerank
+from retrieval_jax.evaluation import query_expansion as rerank
 from retrieval_jax.evaluation import revisited
 from retrieval_jax.postprocess import whitening
 from retrieval_jax.postprocess import whitening_store
@@ -104,11 +105,11 @@ def test_evaluate_revisited_prints_table_writes_json_and_pictures(revisited_root
   summary = run.run("evaluate", config, workdir)
   printed = capsys.readouterr().out
   # No checkpoint in the workdir: the result is labelled as the pretrained network's.
-  assert set(summary) == {run.OFF_THE_SHELF}
-  shown = summary[run.OFF_THE_SHELF]
-  assert f"[{run.OFF_THE_SHELF}] >> roxford5k: mAP E: " in printed and ", M: " in printed
-  assert f"[{run.OFF_THE_SHELF}] >> roxford5k: mP@k[1, 5, 10] E: " in printed
-  assert f"[{run.OFF_THE_SHELF}] >> roxford5k + pca whitening" in printed
+  assert set(summary) == {modes_common.OFF_THE_SHELF}
+  shown = summary[modes_common.OFF_THE_SHELF]
+  assert f"[{modes_common.OFF_THE_SHELF}] >> roxford5k: mAP E: " in printed and ", M: " in printed
+  assert f"[{modes_common.OFF_THE_SHELF}] >> roxford5k: mP@k[1, 5, 10] E: " in printed
+  assert f"[{modes_common.OFF_THE_SHELF}] >> roxford5k + pca whitening" in printed
   assert set(shown) >= {"mAP_E", "mAP_M", "mAP_H", "mAP_E_pca", "mAP_M_pca"}
   assert "checkpoint_step" not in summary  # off the shelf: no checkpoint
   out = os.path.join(workdir, "results")
@@ -127,7 +128,7 @@ def test_evaluate_revisited_prints_table_writes_json_and_pictures(revisited_root
   q = extract.extract_descriptors(model, variables, test_set.query_images,
                                   bboxes=test_set.query_bbx, mesh=mesh, **kw)
   db = extract.extract_descriptors(model, variables, test_set.db_images, mesh=mesh, **kw)
-  ranks = search.rank_all(q, db)
+  ranks = knn.rank_all(q, db)
   raw = revisited.evaluate_revisited("roxford5k", ranks, test_set.gnd)
   assert raw["mAP_M"] == pytest.approx(saved["mAP_M"], abs=0.01)
   assert raw["mAP_M"] > 50  # ImageNet features find the views of the landmarks
@@ -136,7 +137,7 @@ def test_evaluate_revisited_prints_table_writes_json_and_pictures(revisited_root
   # Re-ranking on top of the whitening: alpha-DBA of the database, then alpha-QE.
   db = rerank.alpha_database_augmentation(db, 2, 3.0)
   q = rerank.alpha_query_expansion(q, db, 2, 3.0)
-  ranks = search.rank_all(q, db)
+  ranks = knn.rank_all(q, db)
   reranked = revisited.evaluate_revisited("roxford5k", ranks, test_set.gnd)
   assert shown["mAP_M_rerank"] == pytest.approx(reranked["mAP_M"], abs=0.01)
   assert "+ aQE k=2 aDBA k=2" in printed

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from retrieval_jax import evaluation
-from retrieval_jax.evaluation import classic, pictures, rerank, revisited
+from retrieval_jax.evaluation import classic, pictures, revisited
+from retrieval_jax.evaluation import query_expansion as rerank
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 
@@ -95,11 +96,11 @@ def test_mean_precision_at_k_uses_last_positive():
 
 
 def test_ties_resolved_by_rank_all_towards_lower_index():
-  from retrieval_jax import search
+  from retrieval_jax import knn
   # Database rows 0 and 1 are identical; row 2 is far. The tie goes to index 0.
   db = np.array([[1., 0.], [1., 0.], [0., 1.]], np.float32)
   q = np.array([[1., 0.]], np.float32)
-  ranks = search.rank_all(q, db)
+  ranks = knn.rank_all(q, db)
   np.testing.assert_array_equal(ranks[:, 0], [0, 1, 2])
   # So positive 1 sits at 0-based position 1: AP = (0 + 1/2) / 2 = 1/4.
   m, _, _, _ = revisited.compute_map(ranks, [{'ok': [1]}], kappas=())

@@ -22,7 +22,7 @@ from configs import demo as demo_config
 from retrieval_jax import checkpointing
 from retrieval_jax import config_checks
 from retrieval_jax import errors
-from retrieval_jax import evaluate as evaluate_lib
+from retrieval_jax.evaluation import pipeline as evaluate_lib
 from retrieval_jax import paths
 from retrieval_jax import restore
 from retrieval_jax import run as run_lib

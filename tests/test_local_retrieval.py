@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from retrieval_jax import evaluation
-from retrieval_jax import search
+from retrieval_jax import knn
 from retrieval_jax.local import asmk_index
-from retrieval_jax.local import evaluate as local_eval
-from retrieval_jax.local import rerank as rerank_lib
+from retrieval_jax.local import reranked_metrics as local_eval
+from retrieval_jax.local import geometric_rerank as rerank_lib
 from retrieval_jax.local import store as store_lib
 
 DIM = 32  # binary ASMK packs bits in 32-bit words (see asmk_index)
@@ -251,7 +251,7 @@ def test_ranked_evaluators_equal_the_library_ones():
       "oxford5k": {"gnd": [{"ok": np.concatenate([g["easy"], g["hard"]]), "junk": g["junk"]}
                            for g in gnd]},
   }
-  ranks = search.rank_all(q, db)
+  ranks = knn.rank_all(q, db)
   for name, gt in cases.items():
     ref = evaluation.get_evaluator(name)(q, db, gt)
     got = local_eval.RANKED.get(name)(ranks, gt)

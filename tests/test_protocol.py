@@ -21,7 +21,7 @@ from retrieval_jax.data import image_io
 from retrieval_jax.data import interpolate
 from retrieval_jax.data import protocol
 from retrieval_jax.data import transforms
-from retrieval_jax.evaluation import rerank
+from retrieval_jax.evaluation import query_expansion as rerank
 from retrieval_jax.models import retrieval_net
 
 sys.path.insert(0, os.path.dirname(__file__))

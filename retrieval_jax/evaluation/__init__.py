@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Mapping, Sequence
 
 import numpy as np
 
-from retrieval_jax import search
+from retrieval_jax import knn
 from retrieval_jax.evaluation import classic
 from retrieval_jax.evaluation import revisited
 from retrieval_jax.evaluation.classic import (gldv2_recognition_gap, gldv2_retrieval_map,
@@ -91,7 +91,7 @@ def labels_map(q_desc: np.ndarray, db_desc: np.ndarray, q_labels: Sequence[int],
     db_desc: [Nd, D] database descriptors.
     q_labels: [Nq] integer labels.
     db_labels: [Nd] integer labels.
-    mesh, dtype: passed to `search.rank_all`.
+    mesh, dtype: passed to `knn.rank_all`.
 
   Returns:
     The revisitop mAP x 100 (no junk; queries without a positive are skipped).
@@ -99,13 +99,13 @@ def labels_map(q_desc: np.ndarray, db_desc: np.ndarray, q_labels: Sequence[int],
   db_labels = np.asarray(db_labels)
   gnd = [{'ok': np.flatnonzero(db_labels == l), 'junk': np.empty(0, np.int64)}
          for l in np.asarray(q_labels)]
-  ranks = search.rank_all(q_desc, db_desc, mesh=mesh, dtype=dtype)
+  ranks = knn.rank_all(q_desc, db_desc, mesh=mesh, dtype=dtype)
   return 100. * compute_map(ranks, gnd, kappas=())[0]
 
 
 def _revisited(name: str) -> Evaluator:
   def evaluate(q, db, gt, *, mesh=None, dtype='float32', kappas=(1, 5, 10)):
-    ranks = search.rank_all(q, db, mesh=mesh, dtype=dtype)
+    ranks = knn.rank_all(q, db, mesh=mesh, dtype=dtype)
     return evaluate_revisited(name, ranks, _gnd_list(gt), kappas)
   evaluate.__doc__ = f'Revisited {name}: mAP and mP@k for Easy / Medium / Hard.'
   return evaluate
@@ -113,7 +113,7 @@ def _revisited(name: str) -> Evaluator:
 
 def _classic(name: str) -> Evaluator:
   def evaluate(q, db, gt, *, mesh=None, dtype='float32'):
-    ranks = search.rank_all(q, db, mesh=mesh, dtype=dtype)
+    ranks = knn.rank_all(q, db, mesh=mesh, dtype=dtype)
     return classic.evaluate_classic(name, ranks, _gnd_list(gt))
   evaluate.__doc__ = f'Original {name} protocol: mAP with good+ok positives.'
   return evaluate
@@ -133,7 +133,7 @@ def _has_gnd(gt: Any) -> bool:
 @register('holidays')
 def _holidays(q, db, gt, *, mesh=None, dtype='float32'):
   """INRIA Holidays mAP; the query itself is junk in its own ranking."""
-  ranks = search.rank_all(q, db, mesh=mesh, dtype=dtype)
+  ranks = knn.rank_all(q, db, mesh=mesh, dtype=dtype)
   if _has_gnd(gt):
     m = 100. * compute_map(ranks, gt['gnd'], kappas=())[0]
   else:
@@ -144,7 +144,7 @@ def _holidays(q, db, gt, *, mesh=None, dtype='float32'):
 @register('ukbench')
 def _ukbench(q, db, gt=None, *, mesh=None, dtype='float32'):
   """UKBench N-S score (top-4 same-object count, 4 is perfect)."""
-  _, idx = search.knn(q, db, 4, mesh=mesh, dtype=dtype)
+  _, idx = knn.knn(q, db, 4, mesh=mesh, dtype=dtype)
   if _has_gnd(gt):
     score = float(np.mean([np.isin(idx[i], np.asarray(g['ok'])).sum()
                            for i, g in enumerate(gt['gnd'])]))
@@ -157,7 +157,7 @@ def _ukbench(q, db, gt=None, *, mesh=None, dtype='float32'):
 def _gldv2_retrieval(q, db, gt, *, mesh=None, dtype='float32', max_predictions=100):
   """GLDv2 retrieval mAP@100 (percent); per 'usage' split too when the gnd has one."""
   k = min(max_predictions, db.shape[0])
-  _, idx = search.knn(q, db, k, mesh=mesh, dtype=dtype)
+  _, idx = knn.knn(q, db, k, mesh=mesh, dtype=dtype)
   if _has_gnd(gt):
     positives = [g['ok'] for g in gt['gnd']]
     usages = [g.get('usage') for g in gt['gnd']]
@@ -182,7 +182,7 @@ EVALUATORS['gldv2'] = _gldv2_retrieval
 @register('gldv2_recognition')
 def _gldv2_recognition(q, db, gt, *, mesh=None, dtype='float32'):
   """GLDv2 recognition GAP (percent) by the label of the nearest database image."""
-  s, idx = search.knn(q, db, 1, mesh=mesh, dtype=dtype)
+  s, idx = knn.knn(q, db, 1, mesh=mesh, dtype=dtype)
   pred = np.asarray(gt['db_labels'])[idx[:, 0]]
   gap = 100. * gldv2_recognition_gap(pred, s[:, 0], gt['query_labels'])
   return {'GAP': gap, 'lines': [f'>> gldv2_recognition: GAP {gap:.2f}']}

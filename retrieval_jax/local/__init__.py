@@ -12,5 +12,5 @@ asmk_index.py      ASMK aggregation over local descriptors (the `asmk` package)
 evaluate.py        global-only and re-ranked metrics side by side, from rankings
 
 The modes use them through `retrieval_jax/networks.py` (which network a config builds) and
-`retrieval_jax/evaluate_local.py` (stores beside the descriptors, `eval.rerank`).
+`retrieval_jax/local_benchmark.py` (stores beside the descriptors, `eval.rerank`).
 """

@@ -21,7 +21,7 @@ import numpy as np
 from retrieval_jax import checkpointing
 from retrieval_jax import errors
 from retrieval_jax import networks
-from retrieval_jax import evaluate as evaluate_lib
+from retrieval_jax.evaluation import pipeline as evaluate_lib
 from retrieval_jax import paths
 from retrieval_jax import progress as progress_lib
 from retrieval_jax import restore

@@ -21,14 +21,14 @@ the database unchanged. (alpha-QE's `qe_k` does not count the query: it is n_QE.
 Negative similarities get weight 0 rather than a sign-dependent (or nan, for non-integer
 alpha) power; they are rare inside a top-k list and the papers' alpha=3 then agrees.
 
-Descriptors are rows, `[N, D]`; neighbours come from `search.knn`, so the mesh / dtype /
+Descriptors are rows, `[N, D]`; neighbours come from `knn.knn`, so the mesh / dtype /
 batching options are those of `knn`. Outputs are float32 numpy arrays.
 """
 from typing import Any, Dict
 
 import numpy as np
 
-from retrieval_jax import search
+from retrieval_jax import knn
 
 _EPS = 1e-6
 
@@ -50,7 +50,7 @@ def _reweighted(queries: np.ndarray, database: np.ndarray, k: int, alpha: float,
 
   queries [N, D] float32, database [Nd, D] float32 -> [N, D].
   """
-  s, i = search.knn(queries, database, k, **knn_options)
+  s, i = knn.knn(queries, database, k, **knn_options)
   out = _weighted_sum(database, s, i, alpha)
   if add_queries:
     out = queries.astype(np.float64) + out
@@ -66,7 +66,7 @@ def alpha_query_expansion(queries: np.ndarray, database: np.ndarray, k: int,
     database: [Nd, D] L2-normalised database descriptors.
     k: number of top database vectors added to each query (0 disables QE).
     alpha: weight exponent.
-    **knn_options: `mesh`, `dtype`, `query_batch` of `search.knn`.
+    **knn_options: `mesh`, `dtype`, `query_batch` of `knn.knn`.
 
   Returns:
     [Nq, D] float32 expanded, L2-normalised queries.

@@ -16,16 +16,16 @@ import numpy as np
 
 from retrieval_jax import evaluation
 from retrieval_jax import extract
-from retrieval_jax import folder_search
+from retrieval_jax import index_search
 from retrieval_jax import paths
-from retrieval_jax import search
+from retrieval_jax import knn
 from retrieval_jax import sharding
 from retrieval_jax import storage
 from retrieval_jax.data import datasets
 from retrieval_jax.data import image_io
 from retrieval_jax.data import integrity
 from retrieval_jax.evaluation import pictures as pictures_lib
-from retrieval_jax.evaluation import rerank as rerank_lib
+from retrieval_jax.evaluation import query_expansion as rerank_lib
 from retrieval_jax.postprocess import whitening as whitening_lib
 
 
@@ -152,7 +152,7 @@ def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_
         f"and {len(checked.missing_db)} missing database images (eval.allow_missing=True)"]
 
   if approximate and dataset.gnd is not None and "easy" in dataset.gnd[0]:
-    report = folder_search.revisited_exact_and_approximate(
+    report = index_search.revisited_exact_and_approximate(
         dataset.name, q, db, dataset.gnd, k=int(approximate["k"]), mesh=mesh,
         index_dir=os.path.join(workdir or ".", "faiss", f"{dataset.name}_{tag}"),
         factory=approximate["factory"], nprobe=int(approximate["nprobe"]))
@@ -194,7 +194,7 @@ def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_
 def _pictures(out: str, tag: str, q: np.ndarray, db: np.ndarray,
               dataset: datasets.RetrievalSet, n: int) -> None:
   """Top-8 of the first n queries: one grid, and one picture per query."""
-  ranks = search.rank_all(q[:n], db)
+  ranks = knn.rank_all(q[:n], db)
   gnd = picture_gnd(dataset, n)
   # Queries as the network saw them: cropped by their box, rotated where the set says so.
   rot = _rotations(dataset, dataset.query_images[:n]) or [0] * n

@@ -3,7 +3,7 @@
 The index is a folder written by `describe.describe_images` (or any
 `descriptor_store.load_descriptors` folder): descriptors.npy [N, D] + images.txt. Backends:
 
-* "exact": `search.knn` on the device mesh (database rows sharded over "data");
+* "exact": `knn.knn` on the device mesh (database rows sharded over "data");
 * "faiss": an approximate faiss index ("IVF<nlist>,PQ<m>" or "HNSW<M>", any
   `faiss.index_factory` string), built once and saved next to the descriptors as
   `faiss_<factory>.index` (+ `.json` recording N and D, so a changed index is rebuilt).
@@ -24,7 +24,7 @@ from PIL import ImageDraw
 from retrieval_jax import describe as describe_lib
 from retrieval_jax import descriptor_store
 from retrieval_jax import extract as extract_lib
-from retrieval_jax import search as search_lib
+from retrieval_jax import knn as search_lib
 from retrieval_jax.evaluation import pictures
 from retrieval_jax.evaluation import revisited
 
@@ -100,7 +100,7 @@ def top_k(queries: np.ndarray, database: np.ndarray, k: int, *, backend: str = "
   Args:
     queries: [Nq, D]; database: [N, D].
     k: neighbours (capped at N).
-    backend: "exact" (`search.knn` on `mesh`) or "faiss" (needs `index_dir`).
+    backend: "exact" (`knn.knn` on `mesh`) or "faiss" (needs `index_dir`).
     mesh: device mesh for the exact backend.
     index_dir, factory, nprobe, ef_search: the faiss index (see `build_or_load_faiss`).
   """

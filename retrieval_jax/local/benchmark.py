@@ -15,14 +15,14 @@ from typing import Any, Dict, Optional, Tuple
 from absl import logging
 import numpy as np
 
-from retrieval_jax import evaluate as evaluate_lib
+from retrieval_jax.evaluation import pipeline as evaluate_lib
 from retrieval_jax import extract as extract_lib
 from retrieval_jax import networks
 from retrieval_jax import paths
 from retrieval_jax import sharding as sharding_lib
 from retrieval_jax.data import datasets
 from retrieval_jax.local import asmk_index
-from retrieval_jax.local import evaluate as local_eval
+from retrieval_jax.local import reranked_metrics as local_eval
 from retrieval_jax.local import extract as local_extract
 from retrieval_jax.local import store as store_lib
 from retrieval_jax.postprocess import whitening as whitening_lib

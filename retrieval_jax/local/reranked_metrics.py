@@ -14,11 +14,11 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from retrieval_jax import registry
-from retrieval_jax import search
+from retrieval_jax import knn
 from retrieval_jax.evaluation import classic
 from retrieval_jax.evaluation import revisited
 from retrieval_jax.local import asmk_index as asmk_lib
-from retrieval_jax.local import rerank as rerank_lib
+from retrieval_jax.local import geometric_rerank as rerank_lib
 
 RankedEvaluator = Callable[[np.ndarray, Any], Dict[str, Any]]
 RANKED: registry.Registry[RankedEvaluator] = registry.Registry("ranked evaluator")
@@ -112,7 +112,7 @@ def evaluate_reranked(q_desc: np.ndarray, db_desc: np.ndarray, name: str, gt: An
   """
   base = name.split("+", 1)[0]
   score = RANKED.get(base)
-  ranks = search.rank_all(q_desc, db_desc, mesh=mesh)
+  ranks = knn.rank_all(q_desc, db_desc, mesh=mesh)
   result = dict(score(ranks, gt))
   if mode == "local":
     if query_features is None or db_features is None:

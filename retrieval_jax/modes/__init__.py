@@ -1,0 +1,15 @@
+"""One file per `main.py --mode=<mode>` (registered in `retrieval_jax/run.py`'s `MODES`).
+
+  train.py     train (resuming if a checkpoint exists), evaluating before and after;
+  evaluate.py  restore the latest checkpoint (or the off-the-shelf `model.pretrained`), learn
+               the requested post-hoc whitening once, run the evaluation pipeline;
+  extract.py   descriptors of the test set's queries and database to
+               `<workdir>/descriptors/<set>_<part>/` (and their whitened versions); with a
+               local head (DELG), local features to `<workdir>/local/<tag>/<set>_<part>/`;
+  export.py    the network as a jax.export function + TF SavedModel (`export.py`);
+  describe.py  every image of a folder / list file to descriptors, resumable (`describe.py`);
+  search.py    top-k of query images in a described folder, JSON + pictures
+               (`index_search.py`).
+
+`common.py` holds what several modes share: the restored network, its tag, the summary.
+"""

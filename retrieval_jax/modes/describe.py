@@ -1,0 +1,23 @@
+"""--mode=describe: every image of a folder / list file (`config.describe`) to descriptors,
+streamed and resumable (`describe.py`), with `config.extract`'s settings."""
+import json
+import os
+
+from retrieval_jax import describe as describe_lib
+from retrieval_jax.modes import common
+
+
+def describe(config, workdir: str) -> common.Summary:
+  """`describe.images` -> `describe.out` ("" = <workdir>/describe)."""
+  if not config.describe.images:
+    raise ValueError("--mode=describe needs --config.describe.images=<folder or list file>")
+  net, mesh = common.network(config, workdir)
+  out = os.path.abspath(common.or_default(config.describe.out, os.path.join(workdir, "describe")))
+  settings = common.extract_settings(config, net)
+  record = json.dumps({"describe": dict(common.recordable(settings), images=config.describe.images),
+                       "config": json.loads(config.to_json_best_effort())})
+  got = describe_lib.describe_images(net.model, net.variables, config.describe.images, out,
+                                     mesh=mesh, chunk=int(config.describe.chunk),
+                                     config_json=record, **settings)
+  return {"index": out, "images": len(got["images"]), "skipped": len(got["skipped"]),
+          "dim": int(got["descriptors"].shape[1])}
