@@ -91,6 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.eval_before = True
   c.train.eval_every = 0           # 0: only at the end
+  # Training evaluates with --mode=evaluate's pipeline (retrieval_jax/evaluation/pipeline.py);
+  # stages named here are not run there (said in the results): "whitening", "qe_dba",
+  # "rerank", "approximate", "pictures".
+  c.train.eval_skip = ()
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1,)             # -1: all devices

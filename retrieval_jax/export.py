@@ -43,8 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retrieval_jax import extract as extract_lib
+from retrieval_jax import multiscale
 from retrieval_jax.data import interpolate
+from retrieval_jax.postprocess import whitening
 
 JAX_DIR = "jax"
 SAVED_MODEL_DIR = "saved_model"
@@ -54,8 +55,6 @@ BATCH_FILE = "describe_batch.bin"
 
 # Pillow's Resample.c: 32 - 8 (pixel) - 2 (headroom) bits for the fixed-point weights.
 _PRECISION_BITS = 22
-# `whitening.apply_whitening` adds this to the norm.
-_WHITEN_EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +65,7 @@ class ExportOptions:
     long_side: images are resized so that their longer side is `long_side * scale`.
     scales: input scales; more than one gives a multi-scale descriptor.
     multiscale_combine: "gem" (the learned GeM p for an unwhitened GeM network, else the
-      mean; `extract.multiscale_p_from`) or "mean".
+      mean; `multiscale.multiscale_p_from`) or "mean".
     normalize: L2-normalise the final descriptor (after combining / whitening).
     whitening: None, or {"m": [D0], "P": [D', D0], "dim": int} (a post-hoc learned or PCA
       whitening, `postprocess.whitening_store`), baked in after the network.
@@ -267,7 +266,7 @@ def _valid_size(mask: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
 def describe_batch_fn(model, options: ExportOptions, multiscale_p: Optional[float]):
   """(variables, images uint8 [B, H, W, 3], mask bool [B, H, W]) -> float32 [B, D].
 
-  `multiscale_p` is `extract.multiscale_p_from(variables, options.multiscale_combine,
+  `multiscale_p` is `multiscale.multiscale_p_from(variables, options.multiscale_combine,
   model.pooling)`, computed on the host (it decides the graph, so it cannot come from traced variables).
   """
   if options.multiscale_combine not in ("gem", "mean"):
@@ -300,21 +299,17 @@ def describe_batch_fn(model, options: ExportOptions, multiscale_p: Optional[floa
       else:
         canvas, cmask = canvas_of(max(1, int(round(options.long_side * s))))
       v = model.apply(variables, canvas, cmask)["descriptor"].astype(jnp.float32)
-      if len(scales) > 1 and p != 1.0:
-        v = jnp.power(jnp.maximum(v, 0.0), p)
+      if len(scales) > 1:
+        v = multiscale.power_term(v, p, xp=jnp)
       acc = v if acc is None else acc + v
     v = acc
     if len(scales) > 1:
-      v = v / len(scales)
-      if p != 1.0:
-        v = jnp.power(jnp.maximum(v, 0.0), 1.0 / p)
-      if options.normalize or white is not None:
-        v = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+      v = multiscale.finish(v, len(scales), p, xp=jnp, eps=1e-12,
+                            normalize=options.normalize or white is not None)
     if white is not None:
       m, proj = white
-      v = jnp.dot(v - m, proj.T, precision=jax.lax.Precision.HIGHEST)
-      if options.normalize:
-        v = v / (jnp.linalg.norm(v, axis=-1, keepdims=True) + _WHITEN_EPS)
+      with jax.default_matmul_precision("highest"):
+        v = whitening.apply_whitening(v, m, proj, xp=jnp, normalize=options.normalize)
     return v
 
   return describe_batch
@@ -336,18 +331,26 @@ def _multiscale_p(variables, options: ExportOptions,
   if options.multiscale_combine not in ("gem", "mean"):
     raise ValueError("export.multiscale_combine must be 'gem' or 'mean' (early fusion is "
                      f"not exportable), got {options.multiscale_combine!r}")
-  return extract_lib.multiscale_p_from(variables, options.multiscale_combine, model_pooling)
+  return multiscale.multiscale_p_from(variables, options.multiscale_combine, model_pooling)
 
 
-def make_describe_one(model, variables, options: ExportOptions):
+_FROM_VARIABLES = object()  # multiscale_p not given: computed from the variables
+
+
+def make_describe_one(model, variables, options: ExportOptions, multiscale_p=_FROM_VARIABLES):
   """image uint8 [H, W, 3] -> descriptor float32 [D], `variables` closed over."""
-  fn = describe_one_fn(model, options, _multiscale_p(variables, options, model.pooling))
+  if multiscale_p is _FROM_VARIABLES:
+    multiscale_p = _multiscale_p(variables, options, model.pooling)
+  fn = describe_one_fn(model, options, multiscale_p)
   return lambda image: fn(variables, image)
 
 
-def make_describe_batch(model, variables, options: ExportOptions):
+def make_describe_batch(model, variables, options: ExportOptions,
+                        multiscale_p=_FROM_VARIABLES):
   """(images uint8 [B, H, W, 3], mask bool [B, H, W]) -> float32 [B, D], variables closed."""
-  fn = describe_batch_fn(model, options, _multiscale_p(variables, options, model.pooling))
+  if multiscale_p is _FROM_VARIABLES:
+    multiscale_p = _multiscale_p(variables, options, model.pooling)
+  fn = describe_batch_fn(model, options, multiscale_p)
   return lambda images, mask: fn(variables, images, mask)
 
 
@@ -361,19 +364,27 @@ def options_from_protocol(protocol, **kwargs) -> ExportOptions:
                        multiscale_resize=protocol.multiscale_resize, **kwargs)
 
 
+def options_from_settings(settings, *, normalize: bool = True,
+                          whitening: Optional[Mapping[str, Any]] = None) -> ExportOptions:
+  """ExportOptions describing as a `descriptor_settings.DescriptorSettings` says."""
+  return options_from_protocol(settings.protocol, long_side=settings.long_side,
+                               scales=settings.scales,
+                               multiscale_combine=settings.multiscale_combine,
+                               normalize=normalize, whitening=whitening)
+
+
 def _export_jax(fn, args, platforms) -> bytes:
   exported = jax.export.export(jax.jit(fn), platforms=platforms)(*args)
   return exported.serialize()
 
 
 def _write_saved_model(model, variables, options: ExportOptions, path: str,
-                       platforms) -> None:
+                       platforms, p: Optional[float]) -> None:
   """The two functions as a TF SavedModel (jax2tf, native serialisation)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel  (optional: the tf extra)
   from jax.experimental import jax2tf  # pylint: disable=import-outside-toplevel
 
   leaves, treedef = jax.tree_util.tree_flatten(variables)
-  p = _multiscale_p(variables, options, model.pooling)
 
   def with_params(make):
     fn = make(model, options, p)
@@ -404,10 +415,10 @@ def _write_saved_model(model, variables, options: ExportOptions, path: str,
                                                 "describe_batch": describe_batch})
 
 
-def descriptor_dim(model, variables, options: ExportOptions) -> int:
-  """D of the exported function (shape inference only)."""
-  fn = make_describe_one(model, variables, options)
-  return int(jax.eval_shape(fn, jax.ShapeDtypeStruct((32, 32, 3), jnp.uint8)).shape[0])
+def descriptor_dim(describe_one) -> int:
+  """D of an exported single-image function (shape inference only)."""
+  return int(jax.eval_shape(describe_one, jax.ShapeDtypeStruct((32, 32, 3), jnp.uint8)
+                            ).shape[0])
 
 
 def export_model(model, variables, out_dir: str, options: ExportOptions, *,
@@ -430,8 +441,9 @@ def export_model(model, variables, out_dir: str, options: ExportOptions, *,
   platforms = tuple(platforms or (jax.default_backend(),))
   variables = jax.tree_util.tree_map(np.asarray, variables)
   os.makedirs(os.path.join(out_dir, JAX_DIR), exist_ok=True)
-  one = make_describe_one(model, variables, options)
-  batch = make_describe_batch(model, variables, options)
+  p = _multiscale_p(variables, options, model.pooling)
+  one = make_describe_one(model, variables, options, p)
+  batch = make_describe_batch(model, variables, options, p)
   h, w = jax.export.symbolic_shape("h, w")
   b, hb, wb = jax.export.symbolic_shape("b, h, w")
   blobs = {
@@ -446,15 +458,15 @@ def export_model(model, variables, out_dir: str, options: ExportOptions, *,
   if saved_model:
     tf_platforms = tuple("cuda" if p == "gpu" else p for p in platforms)
     _write_saved_model(model, variables, options, os.path.join(out_dir, SAVED_MODEL_DIR),
-                       tf_platforms)
+                       tf_platforms, p)
   meta = {
       "backbone": model.backbone,
       "pooling": model.pooling,
-      "descriptor_dim": descriptor_dim(model, variables, options),
+      "descriptor_dim": descriptor_dim(one),
       "long_side": int(options.long_side),
       "scales": [float(s) for s in options.scales],
       "multiscale_combine": options.multiscale_combine,
-      "multiscale_p": _multiscale_p(variables, options, model.pooling),
+      "multiscale_p": p,
       "normalize": bool(options.normalize),
       "resample": options.resample,
       "upscale": bool(options.upscale),

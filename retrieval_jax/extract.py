@@ -29,21 +29,19 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from retrieval_jax import descriptor_store
+from retrieval_jax import multiscale
 from retrieval_jax import progress as progress_lib
 from retrieval_jax import sharding as sharding_lib
 from retrieval_jax.data import grain_pipeline
 from retrieval_jax.data import image_io
 from retrieval_jax.data import interpolate
 from retrieval_jax.data import protocol as protocol_lib
+from retrieval_jax.data import transforms
 from retrieval_jax.data import tuples as tuples_lib
 from retrieval_jax.models import layers
 from retrieval_jax.models import pooling_ops
-
-# Multi-scale combinations accepted in `config.extract.multiscale_combine`.
-MULTISCALE_COMBINE = ("gem", "mean", "early_fusion")
 
 def make_describe_fn(model, mesh):
   """jit'd (variables, images [B, H, W, 3], mask [B, H, W]) -> descriptors [B, D].
@@ -58,55 +56,6 @@ def make_describe_fn(model, mesh):
 
 def _round_up(n: int, k: int) -> int:
   return -(-n // k) * k
-
-
-def multiscale_p_from(variables, combine: str = "gem",
-                      pooling: Optional[str] = None) -> Optional[float]:
-  """The exponent that combines per-scale descriptors, or None for the plain mean.
-
-  As cnnimageretrieval-pytorch's test.py (`msp = net.pool.p` iff pooling == 'gem' and not
-  regional and not whitening): the learned GeM p, but only for a plain GeM network without
-  whitening (whitened descriptors can be negative, where a fractional power is undefined);
-  every other network, regional poolings with GeM regions included, uses the mean (msp=1).
-
-  Args:
-    variables: the model's variables ({"params": ...}).
-    combine: "gem" (the reference's rule), "mean" or "early_fusion" (no per-scale
-      descriptors to combine: None).
-    pooling: the model's `config.model.pooling` name; any name other than "gem" gives
-      None (None: decided from the variables alone).
-  Returns:
-    The mean of `params["pool"]["p"]` as a float, or None.
-  """
-  if combine not in MULTISCALE_COMBINE:
-    raise ValueError(f"extract.multiscale_combine must be one of {MULTISCALE_COMBINE}, "
-                     f"got {combine!r}")
-  if combine != "gem" or (pooling is not None and pooling != "gem"):
-    return None
-  params = variables["params"]
-  if "whiten" in params:
-    return None
-  pool = params.get("pool", {})
-  if "p" not in pool:
-    return None
-  return float(np.mean(np.asarray(pool["p"])))
-
-
-def extract_kwargs(extract_config, variables, model=None, dataset: str = "") -> Dict[str, Any]:
-  """`extract_descriptors` keyword arguments from `config.extract`.
-
-  Fields read: long_side, batch_size, scales, multiscale_combine and the input protocol's
-  switches (`data/protocol.py`; `dataset` decides `exif_transpose="auto"`). `model` gives
-  the pooling name for the multi-scale exponent.
-  """
-  combine = extract_config.multiscale_combine
-  return dict(long_side=int(extract_config.long_side),
-              batch_size=int(extract_config.batch_size),
-              scales=tuple(float(s) for s in extract_config.scales),
-              multiscale_p=multiscale_p_from(variables, combine,
-                                             getattr(model, "pooling", None)),
-              early_fusion=combine == "early_fusion",
-              protocol=protocol_lib.from_config(extract_config, dataset))
 
 
 def described_rows(describe: Callable[..., Any], variables, batches: Iterable[Mapping[str, Any]],
@@ -201,18 +150,13 @@ def _report(progress: progress_lib.Progress, n: int) -> None:
 
 
 def _finalize(acc: np.ndarray, num_scales: int, p: float, out: np.ndarray) -> None:
-  """out = L2((acc / num_scales)^(1/p)) row-wise, in chunks.
+  """out = `multiscale.finish` of the sums of powers `acc`, row-wise in float64 chunks.
 
   `acc` may be a memmap, and `out` may be `acc` itself (the streamed path).
   """
   for start in range(0, acc.shape[0], descriptor_store.CHUNK):
-    v = np.asarray(acc[start:start + descriptor_store.CHUNK], np.float64) / num_scales
-    if p != 1:
-      v = np.power(np.maximum(v, 0), 1.0 / p)
-    norm = np.linalg.norm(v, axis=1, keepdims=True)
-    # The reference divides by the norm; unreadable images (zero rows) stay zero.
-    out[start:start + descriptor_store.CHUNK] = v / np.where(norm > 0, norm, 1.0)
-
+    v = np.asarray(acc[start:start + descriptor_store.CHUNK], np.float64)
+    out[start:start + descriptor_store.CHUNK] = multiscale.finish(v, num_scales, p)
 
 
 def make_multiscale_describe_fn(describe: Callable[..., Any], scales: Sequence[float]):
@@ -225,7 +169,8 @@ def make_multiscale_describe_fn(describe: Callable[..., Any], scales: Sequence[f
   scales = tuple(float(s) for s in scales)
 
   def fn(variables, images, mask):
-    return jnp.stack([describe(variables, *interpolate.rescale_batch(images, mask, s))
+    return jnp.stack([describe(variables,
+                               *interpolate.rescale_batch_like_torch(images, mask, s))
                       for s in scales], axis=1)  # [B, S, D]
 
   return jax.jit(fn)
@@ -262,7 +207,8 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
     long_side: images are resized so that their longer side is `long_side * scale`.
     batch_size: images per batch (rounded up to a multiple of the data parallelism).
     scales: input scales; more than one gives a multi-scale descriptor.
-    multiscale_p: late fusion exponent (see `multiscale_p_from`); None or 1: plain mean.
+    multiscale_p: late fusion exponent (`multiscale.multiscale_p_from`); None or 1: the
+      plain mean.
     early_fusion: fuse the scales' feature maps before pooling (Seddati et al.).
     bboxes: optional per-image (x1, y1, x2, y2) crops (queries of Revisited Oxford/Paris).
     rotations: optional per-image clockwise degrees (Holidays orientation fixes).
@@ -288,28 +234,26 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
   if out_folder is not None:
     writer = descriptor_store.DescriptorWriter(
         out_folder, n, list(paths) if image_list is None else image_list, config_json)
-  if early_fusion and len(scales) > 1:
-    return _extract_early_fusion(model, variables, paths, mesh=mesh, long_side=long_side,
-                                 batch_size=batch_size, scales=scales, bboxes=bboxes,
-                                 rotations=rotations, writer=writer, num_threads=num_threads,
-                                 log_every_s=log_every_s, protocol=protocol, skipped=skipped)
-  describe = describe_fn or make_describe_fn(model, mesh)
+  fused = early_fusion and len(scales) > 1
+  single = len(scales) == 1 or fused  # one descriptor per image, nothing to combine
   p = 1.0 if multiscale_p is None else float(multiscale_p)
-  single = len(scales) == 1
-  acc = None  # [N, D]: the descriptors (one scale) or the sum of their p-th powers.
-  progress = progress_lib.Progress(n * len(scales), every_s=log_every_s)
   on_device = not single and protocol.multiscale_resize == "interpolate"
-  # "interpolate": one decoding pass at long_side, every scale made on the device; one
-  # descriptor per scale comes back. "decode": one decoding pass per scale.
-  passes = [(long_side, scales)] if on_device else [
-      (max(1, int(round(long_side * s))), (s,)) for s in scales]
-  for side, pass_scales in passes:
+  describe = describe_fn or make_describe_fn(model, mesh)
+  # (decoded long side, describe function, its inputs of a batch) per decoding pass.
+  if fused:  # one pass at the largest scale, the others made from it (Seddati et al.)
+    passes = [_early_fusion_pass(model, mesh, long_side, scales)]
+  elif on_device:  # one pass at long_side, every scale made on the device
+    passes = [(long_side, _multiscale_fn(describe, scales), None)]
+  else:  # "decode": one pass per scale (a single scale: one pass)
+    passes = [(max(1, int(round(long_side * s))), describe, None) for s in scales]
+  acc = None  # [N, D]: the descriptors (one scale) or the sum of their p-th powers.
+  progress = progress_lib.Progress(n * (1 if fused else len(scales)), every_s=log_every_s)
+  for side, fn, inputs in passes:
     batches = grain_pipeline.eval_batches(paths, long_side=side, batch_size=batch_size,
                                           bboxes=bboxes, rotations=rotations,
                                           num_threads=num_threads, protocol=protocol,
                                           skipped=skipped)
-    fn = _multiscale_fn(describe, pass_scales) if on_device else describe
-    for rows, ds in described_rows(fn, variables, batches, mesh):
+    for rows, ds in described_rows(fn, variables, batches, mesh, inputs=inputs):
       for d in (ds.transpose(1, 0, 2) if on_device else (ds,)):  # [S, n, D] on the device.
         if acc is None:
           acc = (writer.allocate(d.shape[1]) if writer is not None
@@ -318,7 +262,7 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
           acc[rows] = d
         else:
           # Sums of powers accumulate in place, so a streamed run needs no [N, D] in memory.
-          acc[rows] += d if p == 1 else np.maximum(d, 0) ** p
+          acc[rows] += multiscale.power_term(d, p)
         _report(progress, len(rows))
   if acc is None:
     raise RuntimeError("no image could be read: check the dataset paths")
@@ -333,7 +277,6 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
   return out
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Early fusion (Seddati et al.): feature maps of several input sizes summed before pooling.
 
@@ -342,10 +285,9 @@ def _resize_axis(x: jnp.ndarray, axis: int, src: jnp.ndarray, dst: jnp.ndarray,
                  out_len: int) -> jnp.ndarray:
   """Bilinear resize along `axis` of every example's valid length `src` [B] to `dst` [B].
 
-  torch's `interpolate(mode="bilinear", align_corners=False)` for an output size:
-  `s = (i + 0.5) * src / dst - 0.5`, clamped at 0; neighbours `floor(s)` and the next one,
-  clamped to the valid length, so padding never contributes. Outputs past `dst` are
-  meaningless (the caller masks them).
+  torch's `interpolate(mode="bilinear", align_corners=False)` for an output size
+  (`interpolate.axis_plan` with the scale src / dst), so padding never contributes.
+  Outputs past `dst` are meaningless (the caller masks them).
 
   Args:
     x: [B, H, W, C].
@@ -355,18 +297,12 @@ def _resize_axis(x: jnp.ndarray, axis: int, src: jnp.ndarray, dst: jnp.ndarray,
   Returns:
     x resized along `axis` to `out_len`.
   """
-  src_f = src.astype(jnp.float32)[:, None]
-  scale = src_f / jnp.maximum(dst, 1).astype(jnp.float32)[:, None]
-  pos = jnp.maximum((jnp.arange(out_len, dtype=jnp.float32)[None] + 0.5) * scale - 0.5, 0.0)
-  last = jnp.maximum(src - 1, 0)[:, None]
-  i0 = jnp.minimum(jnp.floor(pos).astype(jnp.int32), last)
-  i1 = jnp.minimum(i0 + 1, last)
-  w = jnp.clip(pos - i0.astype(jnp.float32), 0.0, 1.0)  # [B, out_len]
+  inv_scale = src.astype(jnp.float32) / jnp.maximum(dst, 1).astype(jnp.float32)
+  i0, i1, w0, w1 = interpolate.axis_plan(out_len, src, inv_scale)
   shape = [x.shape[0], 1, 1, 1]
   shape[axis] = out_len
   gather = lambda i: jnp.take_along_axis(x, i.reshape(shape), axis=axis)
-  w = w.reshape(shape)
-  return gather(i0) * (1.0 - w) + gather(i1) * w
+  return gather(i0) * w0.reshape(shape) + gather(i1) * w1.reshape(shape)
 
 
 def resize_valid(x: jnp.ndarray, mask: jnp.ndarray, target_mask: jnp.ndarray) -> jnp.ndarray:
@@ -410,62 +346,22 @@ def make_fused_describe_fn(model, mesh):
   return jax.jit(describe, in_shardings=(rep, batch, batch), out_shardings=rep)
 
 
-def rescale_batch(batch: Mapping[str, np.ndarray], scale: float
-                  ) -> Tuple[np.ndarray, np.ndarray]:
-  """A padded batch at `scale`: every valid region resized (PIL bilinear) and re-padded.
+def _early_fusion_pass(model, mesh, long_side: int, scales: Sequence[float]):
+  """(decoded long side, fused describe function, its inputs of a batch) of early fusion.
 
-  Args:
-    batch: {"image": uint8 [B, H, W, 3], "mask": bool [B, H, W]} (bottom/right padding).
-    scale: factor (< 1 for the smaller scales).
-  Returns:
-    image uint8 [B, ceil(H s), ceil(W s), 3] and mask bool, valid sizes `round(h s)`.
+  The batch is decoded at the largest scale; every other scale is that batch resized by
+  PIL bilinear (`transforms.rescale_rows_like_pil`), largest first.
   """
-  b, h, w = batch["mask"].shape
-  out_h, out_w = max(1, int(np.ceil(h * scale))), max(1, int(np.ceil(w * scale)))
-  image = np.zeros((b, out_h, out_w, 3), np.uint8)
-  mask = np.zeros((b, out_h, out_w), bool)
-  for r in range(b):
-    vh, vw = int(batch["mask"][r, :, 0].sum()), int(batch["mask"][r, 0, :].sum())
-    if vh == 0 or vw == 0:
-      continue
-    nh = min(out_h, max(1, int(round(vh * scale))))
-    nw = min(out_w, max(1, int(round(vw * scale))))
-    im = Image.fromarray(batch["image"][r, :vh, :vw]).resize((nw, nh), Image.BILINEAR)
-    image[r, :nh, :nw] = np.asarray(im)
-    mask[r, :nh, :nw] = True
-  return image, mask
-
-
-def _extract_early_fusion(model, variables, paths, *, mesh, long_side, batch_size, scales,
-                          bboxes, rotations, writer, num_threads, log_every_s,
-                          protocol=protocol_lib.REFERENCE, skipped=None) -> np.ndarray:
-  """Early-fused multi-scale descriptors (see `make_fused_describe_fn`)."""
   order = sorted(scales, reverse=True)
   top = order[0]
-  side = max(1, int(round(long_side * top)))
-  describe = make_fused_describe_fn(model, mesh)
 
   def scales_of(batch):
     images, masks = [batch["image"]], [batch["mask"]]
     for s in order[1:]:
-      im, m = rescale_batch(batch, s / top)
+      im, m, _ = transforms.rescale_rows_like_pil(batch["image"], batch["mask"], s / top)
       images.append(im)
       masks.append(m)
     return tuple(images), tuple(masks)
 
-  out = None
-  progress = progress_lib.Progress(len(paths), every_s=log_every_s)
-  batches = grain_pipeline.eval_batches(paths, long_side=side, batch_size=batch_size,
-                                        bboxes=bboxes, rotations=rotations,
-                                        num_threads=num_threads, protocol=protocol,
-                                        skipped=skipped)
-  for rows, d in described_rows(describe, variables, batches, mesh, inputs=scales_of):
-    if out is None:
-      out = (writer.allocate(d.shape[1]) if writer is not None
-             else np.zeros((len(paths), d.shape[1]), np.float32))
-    out[rows] = d
-    _report(progress, len(rows))
-  if out is None:
-    raise RuntimeError("no image could be read: check the dataset paths")
-  return writer.close() if writer is not None else out
-
+  return (max(1, int(round(long_side * top))), make_fused_describe_fn(model, mesh),
+          scales_of)

@@ -221,17 +221,16 @@ def results_picture(query_image, results: Sequence[Dict[str, Any]], *, thumb: in
 
 
 def search_folder(model, variables, index_dir: str, query: str, out_dir: str, *, mesh,
-                  long_side: int, k: int = 10, scales: Sequence[float] = (1.0,),
-                  multiscale_p: Optional[float] = None, batch_size: int = 8,
-                  backend: str = "exact", factory: str = "HNSW32", nprobe: int = 16,
-                  ef_search: int = 128, pictures_max: int = 20, thumb: int = 128,
-                  describe_fn=None, protocol: Optional[Any] = None,
-                  stored: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                  k: int = 10, backend: str = "exact", factory: str = "HNSW32",
+                  nprobe: int = 16, ef_search: int = 128, pictures_max: int = 20,
+                  thumb: int = 128, stored: Optional[Dict[str, Any]] = None,
+                  **extract_kwargs: Any) -> Dict[str, Any]:
   """Top-k of a query image (or every image of a folder / list) in a described folder.
 
-  The queries are described as the index was (same `long_side`, `scales`, `protocol`; the
-  caller passes those of the index's config.json), searched, and written to
-  `out_dir/results.json` and `out_dir/<n>_<query name>.png` (the first `pictures_max`).
+  The queries are described as the index was (`extract_kwargs`: the
+  `extract.extract_descriptors` arguments of the index's settings, which the caller reads
+  from its config.json), searched, and written to `out_dir/results.json` and
+  `out_dir/<n>_<query name>.png` (the first `pictures_max`).
 
   `stored`: `descriptor_store.load_descriptors(index_dir)` when the caller already has it.
 
@@ -248,10 +247,8 @@ def search_folder(model, variables, index_dir: str, query: str, out_dir: str, *,
     queries = [query]
   else:
     queries = describe_lib.list_images(query)
-  q = np.asarray(extract_lib.extract_descriptors(
-      model, variables, queries, mesh=mesh, long_side=long_side, batch_size=batch_size,
-      scales=scales, multiscale_p=multiscale_p, describe_fn=describe_fn,
-      **({} if protocol is None else {"protocol": protocol})), np.float32)
+  q = np.asarray(extract_lib.extract_descriptors(model, variables, queries, mesh=mesh,
+                                                 **extract_kwargs), np.float32)
   readable = np.flatnonzero(np.any(q != 0, axis=1))
   if len(readable) < len(queries):
     logging.warning("search: %d query images could not be read and were skipped",

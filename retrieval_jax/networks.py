@@ -1,9 +1,8 @@
 """The network of a config: a RetrievalNet, or a DelgNet when `config.model.local_head` says so.
 
 Training, restoring and extraction build their model here, so a DELG experiment is one
-config switch (`model.local_head="delg"`): DelgNet has RetrievalNet's global half under the
-same parameter names and output keys ("descriptor", ...) and adds the local head
-(retrieval_jax/local/). Its attention classifier has `model.local_num_classes` outputs, a
+config switch (`model.local_head="delg"`): DelgNet is a RetrievalNet (same parameter names,
+output keys and `trunk` / `head`) plus the local head (retrieval_jax/local/). Its attention classifier has `model.local_num_classes` outputs, a
 config value, so the parameter shapes never depend on the data that happens to be loaded.
 """
 from retrieval_jax.local import model as local_model
@@ -13,22 +12,20 @@ from retrieval_jax.models import retrieval_net
 LOCAL_HEADS = ("", "delg")
 
 
-def from_config(model_config):
+def build_network(model_config):
   """The flax module of `config.model` (fields and defaults: configs/common.py)."""
   kind = model_config.local_head
   if kind not in LOCAL_HEADS:
     raise ValueError(f"model.local_head must be one of {LOCAL_HEADS}, got {kind!r}")
   if not kind:
-    return retrieval_net.from_config(model_config)[0]
-  if model_config.multi_layer:
-    raise ValueError("model.local_head='delg' takes the earlier stage for local features; "
-                     "model.multi_layer=True is not supported with it")
+    return retrieval_net.build_retrieval_net(model_config)
   spec = backbones.get_backbone(model_config.backbone)
   return local_model.DelgNet(
       backbone=model_config.backbone,
       backbone_kwargs=dict(model_config.backbone_kwargs or {}),
       pooling=model_config.pooling, pooling_kwargs=dict(model_config.pooling_kwargs or {}),
       whitening_dim=int(model_config.whitening_dim),
+      multi_layer=bool(model_config.multi_layer),
       num_classes=int(model_config.local_num_classes),
       reduced_dim=int(model_config.local_dim),
       attention_hidden=int(model_config.local_attention_hidden),

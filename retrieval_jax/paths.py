@@ -61,3 +61,8 @@ def write_skipped_list(workdir: str, name: str, entries) -> Optional[str]:
   path = storage.join(results_dir(workdir), f"{name}_skipped.txt")
   storage.write_text(path, text)
   return path
+
+
+def eval_root(config, workdir: str) -> str:
+  """The test set's data root: `config.eval.root`, or `data_root` when it is empty."""
+  return config.eval.root or data_root(config, workdir)

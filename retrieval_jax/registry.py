@@ -1,7 +1,8 @@
 """One way to choose code by name from a config: a `Registry` of named entries.
 
-Every name-selected family (run modes, poolings, losses, loss families, training inputs)
-is a `Registry`; an entry is added with `REG.register("name", value)` or as a decorator
+Every name-selected family (run modes, backbones, datasets, evaluators, re-rankers,
+multi-scale combinations, poolings, losses, loss families, training inputs) is a
+`Registry`; an entry is added with `REG.register("name", value)` or as a decorator
 `@REG.register("name")`, looked up with `REG.get(name)`, which fails with the known names.
 """
 from typing import Dict, Generic, Iterator, List, Optional, Tuple, TypeVar
@@ -16,10 +17,13 @@ class Registry(Generic[T]):
     self.what = what
     self._entries: Dict[str, T] = {}
 
-  def register(self, name: str, value: Optional[T] = None):
-    """Adds `value` under `name`; without `value`, a decorator that adds what it decorates."""
+  def register(self, name: str, value: Optional[T] = None, *, replace: bool = False):
+    """Adds `value` under `name`; without `value`, a decorator that adds what it decorates.
+
+    A name registered twice is an error unless `replace` (then the new entry wins).
+    """
     def add(v: T) -> T:
-      if name in self._entries:
+      if name in self._entries and not replace:
         raise ValueError(f"{self.what} {name!r} registered twice")
       self._entries[name] = v
       return v

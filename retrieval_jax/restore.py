@@ -21,6 +21,7 @@ from retrieval_jax import sharding as sharding_lib
 from retrieval_jax import storage
 from retrieval_jax.models import cam
 from retrieval_jax.models import hub
+from retrieval_jax.models import pooling
 from retrieval_jax.models import pretrained
 from retrieval_jax.models import retrieval_net
 from retrieval_jax.models import weight_files
@@ -111,7 +112,7 @@ def has_checkpoint(workdir: str) -> bool:
 
 def restore_model(config, workdir: str, mesh) -> Restored:
   """The model and its trained (or off-the-shelf) variables; see the module docstring."""
-  model = networks.from_config(config.model)  # a RetrievalNet, or a DelgNet
+  model = networks.build_network(config.model)  # a RetrievalNet, or a DelgNet
   if (config.model.pretrained and config.extract.checkpoint_step < 0
       and not has_checkpoint(workdir)):
     return _pretrained_model(config, workdir, model, mesh)
@@ -129,16 +130,18 @@ def restore_model(config, workdir: str, mesh) -> Restored:
 def _init_missing(variables, model, config):
   """Values for the leaves the weight file did not provide (still ShapeDtypeStructs).
 
-  GeM exponents take `pooling_kwargs.p_init`; anything else (e.g. a whitening layer that a
-  trunk-only file lacks) comes from a full `model.init`, which compiles the whole network.
+  GeM exponents take the configured pooling's `p_init`; anything else (e.g. a whitening
+  layer that a trunk-only file lacks) comes from a full `model.init`, which compiles the
+  whole network.
   """
-  p_init = float(dict(model.pooling_kwargs or {}).get("p_init", 3.0))
+  p_init = getattr(pooling.build_pooling(model.pooling, **dict(model.pooling_kwargs or {})),
+                   "p_init", None)
   missing = []
 
   def fill(path, leaf):
     if not isinstance(leaf, jax.ShapeDtypeStruct):
       return leaf
-    if path[-1].key == "p":
+    if path[-1].key == "p" and p_init is not None:
       return np.full(leaf.shape, p_init, leaf.dtype)
     missing.append(jax.tree_util.keystr(path))
     return leaf
@@ -164,6 +167,6 @@ def _pretrained_model(config, workdir: str, model, mesh) -> Restored:
   if imported is not None:
     model = model.clone(mean=imported.mean, std=imported.std)
     if imported.whitening and whitening_store.requested(config) == "learned":
-      whitening_store.save_imported(config, workdir, imported)
+      whitening_store.save_imported(config, workdir, imported, model, variables)
   return Restored(model, jax.device_put(variables, sharding_lib.replicated(mesh)), None,
                   PRETRAINED)

@@ -17,6 +17,7 @@ import pytest
 
 from retrieval_jax import losses
 from retrieval_jax.data import demo
+from retrieval_jax.models import backbones
 from retrieval_jax.models import retrieval_net
 from retrieval_jax.train import inputs as inputs_lib
 from retrieval_jax.train import loop as train_loop
@@ -62,7 +63,8 @@ def test_config_documents_itself_and_builds_its_network(name):
   locked = ml_collections.FrozenConfigDict(c)  # every reference resolves
   assert locked.loss.name in losses.LOSSES
   assert locked.train.mining in inputs_lib.INPUTS
-  model, spec = retrieval_net.from_config(c.model)
+  model = retrieval_net.build_retrieval_net(c.model)
+  spec = backbones.get_backbone(c.model.backbone)
   s = c.data.image_size
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.uint8))
   out = jax.eval_shape(model.apply, variables, jnp.zeros((2, s, s, 3), jnp.uint8))

@@ -336,7 +336,8 @@ def _l2n(x):
 def test_registry_names_and_labels_map():
   for name in ('roxford5k', 'rparis6k', 'oxford5k', 'paris6k', 'holidays', 'ukbench',
                'gldv2_retrieval', 'gldv2_recognition', 'labels'):
-    assert callable(evaluation.get_evaluator(name))
+    evaluator, printed = evaluation.get_evaluator(name)
+    assert callable(evaluator.score) and printed == name
   with pytest.raises(KeyError):
     evaluation.get_evaluator('nope')
   # One query of label 0; database labels 1, 0, 0 ranked in this order (decreasing x).
@@ -344,7 +345,8 @@ def test_registry_names_and_labels_map():
   db = _l2n(np.array([[1., .1], [1., .5], [1., .9]], np.float32))
   # Positives at 1, 2: (0 + 1/2)/2 * 1/2 + (1/2 + 2/3)/2 * 1/2 = 5/12.
   assert evaluation.labels_map(q, db, [0], [1, 0, 0]) == pytest.approx(100 * 5 / 12, rel=1e-6)
-  out = evaluation.EVALUATORS['labels'](q, db, {'query_labels': [0], 'db_labels': [1, 0, 0]})
+  out = evaluation.evaluate_descriptors('labels', q, db,
+                                       {'query_labels': [0], 'db_labels': [1, 0, 0]})
   assert out['mAP'] == pytest.approx(100 * 5 / 12, rel=1e-6)
   assert out['lines'] == ['>> labels: mAP 41.67']
 
@@ -354,21 +356,23 @@ def test_evaluators_on_clustered_descriptors():
   centres = _l2n(rng.normal(size=(5, 32)))
   labels = np.repeat(np.arange(5), 4)
   db = _l2n(centres[labels] + .05 * rng.normal(size=(20, 32))).astype(np.float32)
-  assert evaluation.EVALUATORS['ukbench'](db, db, None)['N-S'] == 4.
+  assert evaluation.evaluate_descriptors('ukbench', db, db, None)['N-S'] == 4.
   names = [f'{100000 + 100 * g + j}.jpg' for g in range(5) for j in range(4)]
-  out = evaluation.EVALUATORS['holidays'](db[::4], db, names)
+  out = evaluation.evaluate_descriptors('holidays', db[::4], db, names)
   assert out['mAP'] == pytest.approx(100.)
   positives = [np.flatnonzero(labels == l) for l in labels[::4]]
-  out = evaluation.EVALUATORS['gldv2_retrieval'](db[::4], db, {'positives': positives})
+  out = evaluation.evaluate_descriptors('gldv2_retrieval', db[::4], db,
+                                       {'positives': positives})
   assert out['mAP@100'] == pytest.approx(100.)
-  out = evaluation.EVALUATORS['gldv2_recognition'](
+  out = evaluation.evaluate_descriptors('gldv2_recognition',
       db[1::4], db[::4], {'db_labels': labels[::4], 'query_labels': [[l] for l in range(5)]})
   assert out['GAP'] == pytest.approx(100.)
   gnd = [{'easy': list(np.flatnonzero(labels == l)[:2]),
           'hard': list(np.flatnonzero(labels == l)[2:]), 'junk': []} for l in range(5)]
-  out = evaluation.EVALUATORS['roxford5k'](centres.astype(np.float32), db, {'gnd': gnd})
+  out = evaluation.evaluate_descriptors('roxford5k', centres.astype(np.float32), db,
+                                       {'gnd': gnd})
   assert out['mAP_M'] == 100.
-  out = evaluation.EVALUATORS['oxford5k'](
+  out = evaluation.evaluate_descriptors('oxford5k',
       centres.astype(np.float32), db,
       [{'ok': np.flatnonzero(labels == l), 'junk': []} for l in range(5)])
   assert out['mAP'] == 100.
@@ -383,20 +387,20 @@ def test_evaluators_accept_loader_gnd():
   db = _l2n(centres[labels] + .05 * rng.normal(size=(20, 32))).astype(np.float32)
   # UKBench: 'ok' = the 4 group members, itself included; one gnd made wrong on purpose.
   gnd = [{'ok': np.flatnonzero(labels == labels[i]), 'junk': []} for i in range(20)]
-  assert evaluation.get_evaluator('ukbench')(db, db, {'gnd': gnd})['N-S'] == 4.
+  assert evaluation.evaluate_descriptors('ukbench', db, db, {'gnd': gnd})['N-S'] == 4.
   gnd[0] = {'ok': np.flatnonzero(labels == 1), 'junk': []}
-  assert evaluation.get_evaluator('ukbench')(db, db, {'gnd': gnd})['N-S'] == 4. - 4 / 20
+  assert evaluation.evaluate_descriptors('ukbench', db, db, {'gnd': gnd})['N-S'] == 4. - 4 / 20
   # Holidays: 'ok' = the rest of the group, 'junk' = the query itself.
   qi = np.arange(0, 20, 4)
   gnd = [{'ok': np.flatnonzero((labels == labels[i]) & (np.arange(20) != i)), 'junk': [i]}
          for i in qi]
-  assert evaluation.get_evaluator('holidays')(db[qi], db, {'gnd': gnd})['mAP'] == (
+  assert evaluation.evaluate_descriptors('holidays', db[qi], db, {'gnd': gnd})['mAP'] == (
       pytest.approx(100.))
   # GLDv2 from the loader ('gldv2' alias): per-usage scores; one Private query is wrong.
   gnd = [{'ok': np.flatnonzero(labels == l), 'junk': [], 'usage': u}
          for l, u in zip(range(5), ['Public', 'Public', 'Private', 'Private', 'Private'])]
   gnd[4]['ok'] = np.flatnonzero(labels == 0)
-  out = evaluation.get_evaluator('gldv2')(centres.astype(np.float32), db, {'gnd': gnd})
+  out = evaluation.evaluate_descriptors('gldv2', centres.astype(np.float32), db, {'gnd': gnd})
   # The wrong query finds its 4 "positives" (cluster 0) after its own cluster, at 1-based
   # ranks r_1 < ... < r_4 > 4 of a brute-force ranking: AP = sum_j (j / r_j) / 4.
   order = np.argsort(-(db @ centres[4]))
@@ -409,12 +413,13 @@ def test_evaluators_accept_loader_gnd():
   # A '+1m' name uses the base evaluator and prints its own name.
   rgnd = [{'easy': np.flatnonzero(labels == l)[:3], 'hard': np.flatnonzero(labels == l)[3:],
            'junk': []} for l in range(5)]
-  out = evaluation.get_evaluator('roxford5k+1m')(centres.astype(np.float32), db, {'gnd': rgnd})
+  out = evaluation.evaluate_descriptors('roxford5k+1m', centres.astype(np.float32), db,
+                                       {'gnd': rgnd})
   assert out['lines'][0] == '>> roxford5k+1m: mAP E: 100.0, M: 100.0, H: 100.0'
   # No query with a hard positive at all: H is nan instead of a division by zero.
   for l, g in enumerate(rgnd):
     g['easy'], g['hard'] = np.flatnonzero(labels == l), []
-  out = evaluation.get_evaluator('roxford5k')(centres.astype(np.float32), db, {'gnd': rgnd})
+  out = evaluation.evaluate_descriptors('roxford5k', centres.astype(np.float32), db, {'gnd': rgnd})
   assert out['mAP_E'] == 100. and np.isnan(out['mAP_H'])
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from retrieval_jax import export
 from retrieval_jax import extract
+from retrieval_jax import multiscale
 from retrieval_jax import sharding
 from retrieval_jax.data import protocol
 from retrieval_jax.data import transforms
@@ -50,7 +51,7 @@ def setup(tmp_path_factory):
   for name, case in CASES.items():
     ref[name] = np.asarray(extract.extract_descriptors(
         model, variables, paths, mesh=mesh, long_side=LONG_SIDE, scales=case["scales"],
-        multiscale_p=extract.multiscale_p_from(variables, "gem", "gem"), describe_fn=describe,
+        multiscale_p=multiscale.multiscale_p_from(variables, "gem", "gem"), describe_fn=describe,
         protocol=case["protocol"]))
   # A PCA whitening learned on random descriptors of the right dimension.
   x = np.random.RandomState(1).randn(200, ref["single"].shape[1])

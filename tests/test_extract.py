@@ -16,6 +16,7 @@ import pytest
 
 from retrieval_jax import descriptor_store
 from retrieval_jax import extract
+from retrieval_jax import multiscale
 from retrieval_jax import sharding
 from retrieval_jax.data import image_io
 from retrieval_jax.data import protocol
@@ -171,7 +172,7 @@ def multiscale_setup(photos):
 
 def test_multiscale_gem_with_learned_p_matches_numpy(multiscale_setup, photos):
   model, variables, mesh, describe, per_scale = multiscale_setup
-  p = extract.multiscale_p_from(variables, "gem")
+  p = multiscale.multiscale_p_from(variables, "gem")
   assert p == pytest.approx(2.5)
   got = extract.extract_descriptors(model, variables, photos, mesh=mesh, long_side=LONG_SIDE,
                                     scales=SCALES, multiscale_p=p, describe_fn=describe,
@@ -187,14 +188,14 @@ def test_multiscale_gem_with_learned_p_matches_numpy(multiscale_setup, photos):
 
 def test_multiscale_p_follows_the_reference_rule():
   params = {"pool": {"p": np.asarray([2.5], np.float32)}}
-  assert extract.multiscale_p_from({"params": params}, "gem") == pytest.approx(2.5)
-  assert extract.multiscale_p_from({"params": params}, "mean") is None
+  assert multiscale.multiscale_p_from({"params": params}, "gem") == pytest.approx(2.5)
+  assert multiscale.multiscale_p_from({"params": params}, "mean") is None
   # Whitened (possibly negative) descriptors are averaged, as test.py sets msp = 1.
   whitened = dict(params, whiten={"kernel": np.eye(2), "bias": np.zeros(2)})
-  assert extract.multiscale_p_from({"params": whitened}, "gem") is None
-  assert extract.multiscale_p_from({"params": {}}, "gem") is None  # MAC / R-MAC
+  assert multiscale.multiscale_p_from({"params": whitened}, "gem") is None
+  assert multiscale.multiscale_p_from({"params": {}}, "gem") is None  # MAC / R-MAC
   with pytest.raises(ValueError, match="multiscale_combine"):
-    extract.multiscale_p_from({"params": params}, "max")
+    multiscale.multiscale_p_from({"params": params}, "max")
 
 
 # ----------------------------------------------------------------------------------------------

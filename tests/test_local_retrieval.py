@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 
 from retrieval_jax import evaluation
-from retrieval_jax import knn
 from retrieval_jax.local import asmk_index
-from retrieval_jax.local import reranked_metrics as local_eval
 from retrieval_jax.local import geometric_rerank as rerank_lib
 from retrieval_jax.local import store as store_lib
 
@@ -235,42 +233,20 @@ def test_rerank_by_scores_reorders_only_the_head():
   np.testing.assert_array_equal(rerank_lib.rerank_by_scores(ranks, scores, top_n=0), ranks)
 
 
-def test_ranked_evaluators_equal_the_library_ones():
-  """Scoring a ranking here = the dataset evaluator scoring the descriptors themselves."""
-  rng = np.random.default_rng(6)
-  q, db = _unit(rng.normal(size=(6, 8))), _unit(rng.normal(size=(40, 8)))
-  gnd = [{"easy": rng.choice(40, 3, replace=False), "hard": rng.choice(40, 2, replace=False),
-          "junk": rng.choice(40, 2, replace=False)} for _ in range(6)]
-  for g in gnd:  # disjoint lists, as in the real files
-    g["hard"] = np.setdiff1d(g["hard"], g["easy"])
-    g["junk"] = np.setdiff1d(g["junk"], np.concatenate([g["easy"], g["hard"]]))
-  cases = {
-      "roxford5k": {"gnd": gnd},
-      "labels": {"query_labels": rng.integers(0, 4, 6), "db_labels": rng.integers(0, 4, 40)},
-      "gldv2_retrieval": {"gnd": [{"ok": g["easy"]} for g in gnd]},
-      "oxford5k": {"gnd": [{"ok": np.concatenate([g["easy"], g["hard"]]), "junk": g["junk"]}
-                           for g in gnd]},
-  }
-  ranks = knn.rank_all(q, db)
-  for name, gt in cases.items():
-    ref = evaluation.get_evaluator(name)(q, db, gt)
-    got = local_eval.RANKED.get(name)(ranks, gt)
-    assert got["lines"] == ref["lines"], name
-
-
-def test_evaluate_reranked_side_by_side(world):
+def test_local_reranking_of_the_global_ranking_side_by_side(world):
+  """The "local" re-ranker's core on one global ranking, both scored by one evaluator."""
   queries, db, owner = world
   rng = np.random.default_rng(7)
   # Global descriptors that know nothing: positives land anywhere in the global ranking.
   q_desc, db_desc = _unit(rng.normal(size=(3, 8))), _unit(rng.normal(size=(len(db), 8)))
   gt = {"query_labels": np.arange(3), "db_labels": owner}
-  out = local_eval.evaluate_reranked(q_desc, db_desc, "labels", gt, mode="local", top_n=20,
-                                     query_features=queries.__getitem__,
-                                     db_features=db.__getitem__, verify_kwargs=FAST)
-  assert out["mAP"] < 60.0 and out["mAP_local"] == pytest.approx(100.0)
-  assert out["verified_per_query_local"] == 2.0
-  assert len(out["lines"]) == 2 and "local re-ranking of the top 20" in out["lines"][1]
-  off = local_eval.evaluate_reranked(q_desc, db_desc, "labels", gt, mode="local", top_n=0,
-                                     query_features=queries.__getitem__,
-                                     db_features=db.__getitem__)
-  assert off["mAP_local"] == off["mAP"]
+  labels, printed = evaluation.get_evaluator("labels")
+  ranking = evaluation.rank(q_desc, db_desc)
+  before = labels.score(printed, ranking, gt)
+  new, inliers = rerank_lib.rerank(ranking.ranks, queries.__getitem__, db.__getitem__,
+                                   top_n=20, verify_kwargs=FAST)
+  after = labels.score(printed, evaluation.Ranking(new), gt)
+  assert before["mAP"] < 60.0 and after["mAP"] == pytest.approx(100.0)
+  assert float(np.mean((inliers >= rerank_lib.MIN_INLIERS).sum(1))) == 2.0
+  off, _ = rerank_lib.rerank(ranking.ranks, queries.__getitem__, db.__getitem__, top_n=0)
+  assert labels.score(printed, evaluation.Ranking(off), gt)["mAP"] == before["mAP"]

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from retrieval_jax import extract
+from retrieval_jax import multiscale
 from retrieval_jax import sharding
 from retrieval_jax.data import grain_pipeline
 from retrieval_jax.data import image_io
@@ -33,7 +34,7 @@ ROCKET = os.path.join(PHOTO_DIR, "rocket.jpg")      # 640 x 427 JPEG photograph.
 CHELSEA = os.path.join(PHOTO_DIR, "chelsea.png")    # 451 x 300 PNG photograph.
 
 
-_rescale = jax.jit(interpolate.rescale_batch, static_argnums=(2, 3))
+_rescale = jax.jit(interpolate.rescale_batch_like_torch, static_argnums=(2, 3))
 
 
 def _load(path, long_side, bbx=None, proto=protocol.REFERENCE):
@@ -117,11 +118,11 @@ def test_benchmarks_ignore_exif_user_folders_apply_it(tmp_path):
   _exif_photo(path)
   want = _ref_pixels(path, 100)  # The reference never reads the orientation tag.
   assert want.shape[:2] == (67, 100)
-  got = _load(path, 100, proto=protocol.from_config({}, "roxford5k"))
+  got = _load(path, 100, proto=protocol.from_switches({}, "roxford5k"))
   assert got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).max() <= 1
-  user = _load(path, 100, proto=protocol.from_config({}, "my_photos"))
+  user = _load(path, 100, proto=protocol.from_switches({}, "my_photos"))
   assert user.shape[:2] == (100, 67)  # Turned upright.
-  forced = _load(path, 100, proto=protocol.from_config({"exif_transpose": False}, "demo"))
+  forced = _load(path, 100, proto=protocol.from_switches({"exif_transpose": False}, "demo"))
   assert forced.shape[:2] == (67, 100)
 
 
@@ -135,15 +136,15 @@ def test_exif_orientations_equal_pil_exif_transpose(tmp_path, orientation):
 
 
 def test_protocol_switches_from_config_and_bad_values():
-  p = protocol.from_config({"query_resize": "long_side", "upscale": True,
+  p = protocol.from_switches({"query_resize": "long_side", "upscale": True,
                             "resample": "bilinear", "exif_transpose": True,
                             "multiscale_resize": "decode"})
   assert p == protocol.LEGACY
-  assert protocol.from_config({}, "rparis6k") == protocol.REFERENCE
+  assert protocol.from_switches({}, "rparis6k") == protocol.REFERENCE
   with pytest.raises(ValueError, match="extract.resample"):
-    protocol.from_config({"resample": "bicubic"})
+    protocol.from_switches({"resample": "bicubic"})
   with pytest.raises(ValueError, match="extract.exif_transpose"):
-    protocol.from_config({"exif_transpose": "yes"})
+    protocol.from_switches({"exif_transpose": "yes"})
   with pytest.raises(ValueError, match="extract.query_resize"):
     protocol.EvalProtocol(query_resize="crop")
 
@@ -187,12 +188,12 @@ def test_rescale_batch_equals_torch_interpolate(scale, recompute):
 def test_rescale_by_one_is_the_input_and_empty_rows_stay_empty():
   x = jnp.ones((2, 8, 8, 3), jnp.uint8)
   mask = jnp.zeros((2, 8, 8), bool).at[0].set(True)
-  out, m = interpolate.rescale_batch(x, mask, 1.0)
+  out, m = interpolate.rescale_batch_like_torch(x, mask, 1.0)
   assert out.dtype == jnp.float32 and np.array_equal(np.asarray(m), np.asarray(mask))
   out, m = _rescale(x, mask, 0.5, False)
   assert out.shape == (2, 4, 4, 3) and np.asarray(m)[0].all() and not np.asarray(m)[1].any()
   with pytest.raises(ValueError, match="scale"):
-    interpolate.rescale_batch(x, mask, 0.0)
+    interpolate.rescale_batch_like_torch(x, mask, 0.0)
 
 
 def test_multiscale_inputs_of_a_real_photo_equal_the_reference_tensors():
@@ -264,7 +265,7 @@ def test_multiscale_descriptors_equal_cirtorch_extract_ms_around_our_network():
   want = np.stack([ref.extract_ms(net, ref.input_tensor(p, imsize, b), scales, msp).numpy()
                    for p, b in zip(paths, bboxes)])
   mesh = sharding.make_mesh(devices=jax.devices()[:min(8, jax.device_count())])
-  p = extract.multiscale_p_from(variables, "gem", model.pooling)
+  p = multiscale.multiscale_p_from(variables, "gem", model.pooling)
   assert p == pytest.approx(msp)
   got = extract.extract_descriptors(model, variables, paths, mesh=mesh, long_side=imsize,
                                     scales=scales, multiscale_p=p, bboxes=bboxes)
@@ -279,5 +280,5 @@ def test_multiscale_p_is_the_reference_msp(pooling, whiten):
     params["whiten"] = {"kernel": np.eye(2), "bias": np.zeros(2)}
   want = ref.multiscale_p(pooling, regional=pooling in ("regional", "rmac"), whitening=whiten,
                           p=2.5, num_scales=3)
-  got = extract.multiscale_p_from({"params": params}, "gem", pooling)
+  got = multiscale.multiscale_p_from({"params": params}, "gem", pooling)
   assert (1.0 if got is None else got) == pytest.approx(want)

@@ -40,7 +40,7 @@ def test_netvlad_run_starts_from_kmeans_centres_of_training_images(demo_root, tm
 
   # The same sample of training images (seeded as documented), described independently:
   # the trunk's feature map positions, L2-normalised.
-  model = retrieval_net.from_config(c.model)[0]
+  model = retrieval_net.build_retrieval_net(c.model)
   random_init = restore.init_variables(model, 64, jax.random.key(c.seed))
   images = datasets.get_dataset("demo", demo_root, "train").images
   pick = np.sort(np.random.default_rng(c.seed).choice(len(images), count, replace=False))

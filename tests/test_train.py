@@ -317,7 +317,7 @@ def test_five_tuples_per_step_equal_one_tuple_accumulated_five_times(demo_root, 
   a = checkpointing.read_state(wide)["params"]
   b = checkpointing.read_state(accumulated)["params"]
   init = restore.init_variables(
-      retrieval_net.from_config(tiny_config(demo_root).model)[0], 32,
+      retrieval_net.build_retrieval_net(tiny_config(demo_root).model), 32,
       jax.random.key(0), tiny_config(demo_root).model.pretrained)["params"]
   moved_leaves = 0
   for x, y, x0 in zip(*(jax.tree_util.tree_leaves(t) for t in (a, b, init))):

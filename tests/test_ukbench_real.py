@@ -56,7 +56,7 @@ def test_pretrained_mobilenet_gem_beats_random_weights_on_real_ukbench(ukbench):
   for name, variables in (("pretrained", pretrained), ("random", random)):
     d = extract.extract_descriptors(model, variables, ukbench.db_images, mesh=mesh,
                                     long_side=LONG_SIDE, batch_size=16, describe_fn=describe)
-    result = evaluation.get_evaluator("ukbench")(d, d, {"gnd": ukbench.gnd}, mesh=mesh)
+    result = evaluation.evaluate_descriptors("ukbench", d, d, {"gnd": ukbench.gnd}, mesh=mesh)
     score[name] = result["N-S"]
   assert score["pretrained"] >= 3.75, score
   assert score["random"] <= 3.4, score

@@ -31,9 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from retrieval_jax import errors
-
-_REGISTRY: Dict[str, Callable[..., Any]] = {}
-_DEFAULT_SPLIT: Dict[str, str] = {}
+from retrieval_jax import registry
 
 DOWNLOAD_MODULE = "retrieval_jax.data.download"
 
@@ -97,16 +95,38 @@ class DatasetNotFoundError(errors.UserError, FileNotFoundError):
   """A dataset file or folder is missing; the message says how to download it."""
 
 
-def register(name: str, default_split: str = "train"):
-  """Decorator adding a loader `fn(root: str, split: str, **kwargs)` to the registry.
+@dataclasses.dataclass(frozen=True)
+class DatasetEntry:
+  """A registered dataset: its loader and the facts other modules need about it.
+
+  Attributes:
+    load: `fn(root: str, split: str, **kwargs)` -> `TrainSet` or `RetrievalSet`.
+    default_split: split used when `get_dataset` is called without one.
+    exif_transpose: whether the set's reference code applies the EXIF orientation
+      (`extract.exif_transpose="auto"`, data/protocol.py): False for the benchmarks read by
+      cirtorch, revisitop and DELF's scripts (their boxes are in the stored frame).
+    download: the name `python -m retrieval_jax.data.download` fetches it under ("": none).
+  """
+  load: Callable[..., Any]
+  default_split: str = "train"
+  exif_transpose: bool = True
+  download: str = ""
+
+
+DATASETS: registry.Registry[DatasetEntry] = registry.Registry("dataset")
+
+
+def register(name: str, default_split: str = "train", *, exif_transpose: bool = True,
+             download: str = ""):
+  """Decorator adding a loader `fn(root: str, split: str, **kwargs)` to `DATASETS`.
 
   Args:
-    name: registry name.
-    default_split: split used when `get_dataset` is called without one.
+    name: registry name (registering it again replaces the entry).
+    default_split, exif_transpose, download: see `DatasetEntry`.
   """
   def wrap(fn):
-    _REGISTRY[name] = fn
-    _DEFAULT_SPLIT[name] = default_split
+    DATASETS.register(name, DatasetEntry(fn, default_split, exif_transpose, download),
+                      replace=True)
     return fn
   return wrap
 
@@ -125,16 +145,29 @@ def get_dataset(name: str, root: str, split: Optional[str] = None, **kwargs):
     A `TrainSet` or a `RetrievalSet`.
   """
   _import_builtin_loaders()
-  if name not in _REGISTRY:
-    raise ValueError(f"unknown dataset {name!r}; known: {sorted(_REGISTRY)}")
-  if split is None:
-    split = _DEFAULT_SPLIT[name]
-  return _REGISTRY[name](os.fspath(root), split, **kwargs)
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; known: {DATASETS.names()}")
+  entry = DATASETS.get(name)
+  return entry.load(os.fspath(root), entry.default_split if split is None else split,
+                    **kwargs)
 
 
 def names() -> List[str]:
   _import_builtin_loaders()
-  return sorted(_REGISTRY)
+  return DATASETS.names()
+
+
+def exif_transpose(name: str) -> bool:
+  """The EXIF rule of dataset `name` (`DatasetEntry.exif_transpose`); True for any other
+  name (a user's folder, "")."""
+  _import_builtin_loaders()
+  return DATASETS.get(name).exif_transpose if name in DATASETS else True
+
+
+def download_names() -> List[str]:
+  """The names the download command knows, from the registered datasets."""
+  _import_builtin_loaders()
+  return sorted({entry.download for _, entry in DATASETS.items() if entry.download})
 
 
 _BUILTIN_LOADERS = ("demo", "sfm120k", "revisited", "holidays", "ukbench", "gldv2")

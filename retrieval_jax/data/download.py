@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from absl import logging
 
 from retrieval_jax.data import archives
+from retrieval_jax.data import datasets
 from retrieval_jax.data import transfer
 
 CIRTORCH_URL = "http://cmp.felk.cvut.cz/cnnimageretrieval/data"
@@ -47,8 +48,6 @@ GLDV2_URL = "https://s3.amazonaws.com/google-landmark"
 # verified ones. Until then only the server's announced byte count is checked.
 CHECKSUMS: Dict[str, Dict[str, object]] = {}
 
-DATASETS = ("retrieval-sfm-120k", "retrieval-sfm-30k", "roxford5k", "rparis6k",
-            "oxford5k", "paris6k", "revisitop1m", "holidays", "ukbench", "gldv2")
 GLDV2_SPLITS = {"train": 500, "index": 100, "test": 20}
 
 
@@ -108,7 +107,7 @@ def plan(name: str, splits: Optional[Sequence[str]] = None,
   """What `download(name, ...)` fetches.
 
   Args:
-    name: one of DATASETS.
+    name: one of `datasets.download_names()` (the registered datasets' download names).
     splits: for gldv2, any of 'metadata', 'train', 'index', 'test' (default: all).
     max_archives: fetch at most this many image archives per split (revisitop1m,
       gldv2), for a partial copy.
@@ -174,7 +173,7 @@ def plan(name: str, splits: Optional[Sequence[str]] = None,
                         extract_to=f"gldv2/{split}",
                         md5_url=f"{GLDV2_URL}/md5sum/{split}/md5.images_{i:03d}.txt"))
     return Plan(resources=tuple(res))
-  raise ValueError(f"unknown dataset {name!r}; known: {list(DATASETS)}")
+  raise ValueError(f"unknown dataset {name!r}; known: {datasets.download_names()}")
 
 
 def _marker(root: str, res: Resource) -> str:
@@ -234,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m retrieval_jax.data.download",
       description="Download a retrieval dataset into the layout the loaders read.")
-  parser.add_argument("name", choices=DATASETS)
+  parser.add_argument("name", choices=datasets.download_names())
   parser.add_argument("--dir", required=True, help="data root (get_dataset's root)")
   parser.add_argument("--splits", default=None,
                       help="gldv2 only: comma list of metadata,train,index,test")

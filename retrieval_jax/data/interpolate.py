@@ -5,7 +5,7 @@ cnnimageretrieval-pytorch's `extract_ms` feeds the network, for every scale s !=
 `long_side` input: output size `floor(size * s)`, no antialiasing, and (PyTorch >= 1.6,
 `recompute_scale_factor` unset) the source coordinate of output pixel i is
 `max((i + 0.5) / s - 0.5, 0)`, rows/columns `floor` and `min(floor + 1, size - 1)`.
-`rescale_batch` does the same for a padded, masked batch: each image is interpolated
+`rescale_batch_like_torch` does the same for a padded, masked batch: each image is interpolated
 within its own valid region (the padding never leaks in, and the border is clamped to
 the image's last valid row/column as for an unpadded tensor), so the result equals the
 reference's per-image tensors in the top-left corner of a statically shaped batch.
@@ -26,8 +26,10 @@ def scaled_size(n: int, scale: float) -> int:
   return int(math.floor(float(n) * float(scale)))
 
 
-def _axis_plan(out_len: int, valid: jnp.ndarray, inv_scale: jnp.ndarray):
-  """Per-image source indices [n, out_len] (i0, i1) and weights (w0, w1), as torch."""
+def axis_plan(out_len: int, valid: jnp.ndarray, inv_scale: jnp.ndarray):
+  """Per-image source indices [n, out_len] (i0, i1) and weights (w0, w1), as torch's
+  bilinear `align_corners=False`: output i reads `max((i + 0.5) * inv_scale - 0.5, 0)`,
+  neighbours clamped to the valid length `valid` [n] (padding never contributes)."""
   dst = jnp.arange(out_len, dtype=jnp.float32)[None, :]
   src = jnp.maximum(inv_scale[:, None] * (dst + 0.5) - 0.5, 0.0)
   last = jnp.maximum(valid[:, None] - 1, 0)
@@ -37,7 +39,7 @@ def _axis_plan(out_len: int, valid: jnp.ndarray, inv_scale: jnp.ndarray):
   return i0, i1, 1.0 - w1, w1
 
 
-def rescale_batch(images: jnp.ndarray, mask: jnp.ndarray, scale: float,
+def rescale_batch_like_torch(images: jnp.ndarray, mask: jnp.ndarray, scale: float,
                   recompute_scale_factor: bool = False) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """A padded batch at `scale`, as `F.interpolate(bilinear, align_corners=False)` per image.
 
@@ -76,8 +78,8 @@ def rescale_batch(images: jnp.ndarray, mask: jnp.ndarray, scale: float,
     inv = jnp.full((n,), np.float32(1.0 / scale), jnp.float32)
     inv_h = inv_w = inv
   x = images.astype(jnp.float32)
-  yi0, yi1, yw0, yw1 = _axis_plan(out_h, valid_h, inv_h)
-  xi0, xi1, xw0, xw1 = _axis_plan(out_w, valid_w, inv_w)
+  yi0, yi1, yw0, yw1 = axis_plan(out_h, valid_h, inv_h)
+  xi0, xi1, xw0, xw1 = axis_plan(out_w, valid_w, inv_w)
 
   def one(img, yi0, yi1, yw0, yw1, xi0, xi1, xw0, xw1):
     # Columns first, then rows: h0l * (w0l * a + w1l * b) + h1l * (w0l * c + w1l * d), the

@@ -15,34 +15,27 @@ for every benchmark dataset; each deviation is one named switch (`config.extract
   `thumbnail`. "bilinear": PIL's antialiased bilinear (our former filter).
 * `exif_transpose` False for the benchmark datasets (cirtorch's `pil_loader`, DELF's
   `tf.io.decode_jpeg` and the revisitop scripts never apply the EXIF orientation, and the
-  boxes are in the stored frame); True for user folders and the demo (`"auto"`).
+  boxes are in the stored frame); True for user folders, the demo and Holidays (`"auto"`:
+  each dataset's registered rule, `datasets.DatasetEntry.exif_transpose`).
 * `multiscale_resize` "interpolate": the other scales are computed from the `long_side`
   input on the accelerator exactly as `F.interpolate(scale_factor=s, mode="bilinear",
   align_corners=False)` (`retrieval_jax/data/interpolate.py`). "decode": each scale is
   decoded again at `round(long_side * s)` (our former rule).
 
-`REFERENCE` and `LEGACY` are the two complete settings; `from_config` reads the switches.
+`REFERENCE` and `LEGACY` are the two complete settings; `from_switches` reads the
+switches (the settings object of `descriptor_settings.py` calls it once).
 """
 import dataclasses
 from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from retrieval_jax.data import datasets
 from retrieval_jax.data import transforms
 
 QUERY_RESIZES = ("reference", "long_side")
 RESAMPLES = tuple(sorted(transforms.RESAMPLE))
 MULTISCALE_RESIZES = ("interpolate", "decode")
-
-# Datasets read by reference code that never applies the EXIF orientation (cirtorch's test
-# and whitening sets, revisitop, DELF's GLDv2 scripts), with the "+1m" variants. Any other
-# name (the demo, a user folder, Holidays, whose loader documents that EXIF is applied)
-# keeps it.
-_NO_EXIF_DATASETS = frozenset({
-    "roxford5k", "rparis6k", "oxford5k", "paris6k", "roxford5k+1m", "rparis6k+1m",
-    "revisitop1m", "gldv2", "ukbench", "retrieval-sfm-120k", "retrieval-sfm-30k",
-})
-
 
 @dataclasses.dataclass(frozen=True)
 class EvalProtocol:
@@ -94,24 +87,21 @@ LEGACY = EvalProtocol(query_resize="long_side", upscale=True, resample="bilinear
                       exif_transpose=True, multiscale_resize="decode")
 
 
-def exif_default(dataset_name: str) -> bool:
-  """`exif_transpose="auto"`: False for the benchmark datasets, True for anything else."""
-  return dataset_name not in _NO_EXIF_DATASETS
-
-
-def from_config(extract_config: Any, dataset_name: str = "") -> EvalProtocol:
-  """The protocol of `config.extract` for a dataset (absent fields: the reference).
+def from_switches(switches: Any, dataset_name: str = "") -> EvalProtocol:
+  """The protocol of `config.extract`'s switches for a dataset.
 
   Args:
-    extract_config: `config.extract` (fields query_resize, upscale, resample,
-      exif_transpose ("auto", True, False), multiscale_resize).
-    dataset_name: the evaluated dataset, for `exif_transpose="auto"`.
+    switches: `config.extract` (fields query_resize, upscale, resample, exif_transpose
+      ("auto", True, False), multiscale_resize; an absent field keeps `EvalProtocol`'s
+      value, the reference's).
+    dataset_name: the described dataset; `exif_transpose="auto"` takes its registered
+      rule (`datasets.DatasetEntry.exif_transpose`; True for a name not registered).
 
   Returns:
     An `EvalProtocol`.
   """
-  get = extract_config.get if hasattr(extract_config, "get") else (
-      lambda k, d: getattr(extract_config, k, d))
+  get = switches.get if hasattr(switches, "get") else (
+      lambda k, d=None: getattr(switches, k, d))
   exif = get("exif_transpose", "auto")
   if isinstance(exif, str):  # A str field: the command line gives "True" / "False".
     words = {"auto": None, "true": True, "false": False}
@@ -119,10 +109,9 @@ def from_config(extract_config: Any, dataset_name: str = "") -> EvalProtocol:
       raise ValueError(f"extract.exif_transpose must be 'auto', True or False, got {exif!r}")
     exif = words[exif.lower()]
     if exif is None:
-      exif = exif_default(dataset_name)
-  return EvalProtocol(query_resize=get("query_resize", REFERENCE.query_resize),
-                      upscale=bool(get("upscale", REFERENCE.upscale)),
-                      resample=get("resample", REFERENCE.resample),
-                      exif_transpose=bool(exif),
-                      multiscale_resize=get("multiscale_resize",
-                                            REFERENCE.multiscale_resize))
+      exif = datasets.exif_transpose(dataset_name)
+  given = {f.name: get(f.name) for f in dataclasses.fields(EvalProtocol)
+           if f.name != "exif_transpose" and get(f.name) is not None}
+  if "upscale" in given:
+    given["upscale"] = bool(given["upscale"])
+  return EvalProtocol(exif_transpose=bool(exif), **given)

@@ -75,7 +75,8 @@ def _load(name: str, root: str, split: str, check_images: bool = True
   return _to_trainset(name, db, ims_root)
 
 
-@datasets.register("retrieval-sfm-120k", default_split="train")
+@datasets.register("retrieval-sfm-120k", default_split="train", exif_transpose=False,
+                   download="retrieval-sfm-120k")
 def load_sfm120k(root: str, split: str = "train", check_images: bool = True
                  ) -> datasets.TrainSet:
   """retrieval-SfM-120k: split 'train' / 'val' (tuples) or 'whiten' (whitening pairs).
@@ -91,7 +92,8 @@ def load_sfm120k(root: str, split: str = "train", check_images: bool = True
   return _load("retrieval-sfm-120k", root, split, check_images)
 
 
-@datasets.register("retrieval-sfm-30k", default_split="whiten")
+@datasets.register("retrieval-sfm-30k", default_split="whiten", exif_transpose=False,
+                   download="retrieval-sfm-30k")
 def load_sfm30k(root: str, split: str = "whiten", check_images: bool = True
                 ) -> datasets.TrainSet:
   """retrieval-SfM-30k: the reference's whitening pairs (split 'whiten').

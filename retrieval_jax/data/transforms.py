@@ -142,3 +142,40 @@ def resize_pad_square(image: np.ndarray, size: int, upscale: bool = False
     (padded [size, size, 3] uint8, validity mask [size, size] bool).
   """
   return pad_to(resize_long_side(image, size, upscale=upscale), (size, size))
+
+
+def rescale_rows_like_pil(images: np.ndarray, masks: np.ndarray, scale: float
+                          ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Every row's valid region resized by `scale` with PIL's bilinear filter, re-padded.
+
+  PIL's (antialiased) bilinear resize of each image to `round(size * scale)`: the early
+  fusion scales (`extract.py`) and the DELG pyramid (`local/keypoints.py`; DELG's own
+  reference resizes with `tf.image.resize`, which this does not follow). The cirtorch
+  multi-scale input is `data/interpolate.py`'s `rescale_batch_like_torch` instead.
+
+  Args:
+    images: uint8 [B, H, W, 3]; masks: bool [B, H, W] (bottom/right padding).
+    scale: factor (1: the inputs unchanged).
+  Returns:
+    images uint8 [B, ceil(H s), ceil(W s), 3], masks, and per row the (y, x) factors
+    actually applied [B, 2] (new valid size / old valid size; 0 for empty rows).
+  """
+  b, h, w = masks.shape
+  if scale == 1.0:
+    factors = np.where(masks.any(axis=(1, 2))[:, None], 1.0, 0.0) * np.ones((b, 2))
+    return images, masks, factors
+  out_h, out_w = max(1, int(np.ceil(h * scale))), max(1, int(np.ceil(w * scale)))
+  out = np.zeros((b, out_h, out_w, 3), np.uint8)
+  out_mask = np.zeros((b, out_h, out_w), bool)
+  factors = np.zeros((b, 2))
+  for r in range(b):
+    vh, vw = int(masks[r, :, 0].sum()), int(masks[r, 0, :].sum())
+    if vh == 0 or vw == 0:
+      continue
+    nh = min(out_h, max(1, int(round(vh * scale))))
+    nw = min(out_w, max(1, int(round(vw * scale))))
+    out[r, :nh, :nw] = np.asarray(Image.fromarray(images[r, :vh, :vw]).resize(
+        (nw, nh), Image.BILINEAR))
+    out_mask[r, :nh, :nw] = True
+    factors[r] = (nh / vh, nw / vw)
+  return out, out_mask, factors

@@ -34,11 +34,13 @@ Ground truth per evaluator:
   'labels': dict with 'query_labels' [Nq] and 'db_labels' [Nd] integers; mAP where
       positives share the query's label (the demo's evaluator).
 """
-from typing import Any, Callable, Dict, Mapping, Sequence
+import dataclasses
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from retrieval_jax import knn
+from retrieval_jax import registry
 from retrieval_jax.evaluation import classic
 from retrieval_jax.evaluation import revisited
 from retrieval_jax.evaluation.classic import (gldv2_recognition_gap, gldv2_retrieval_map,
@@ -48,38 +50,62 @@ from retrieval_jax.evaluation.classic import (gldv2_recognition_gap, gldv2_retri
 from retrieval_jax.evaluation.revisited import (build_revisited_gnd, compute_ap, compute_map,
                                                 evaluate_revisited)
 
-Evaluator = Callable[..., Dict[str, Any]]
-EVALUATORS: Dict[str, Evaluator] = {}
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+  """Database indices [depth, Nq] best first (column j = query j) and, when known, their
+  similarities [depth, Nq]."""
+  ranks: np.ndarray
+  scores: Optional[np.ndarray] = None
 
 
-def register(name: str) -> Callable[[Evaluator], Evaluator]:
-  """Decorator adding an evaluator to `EVALUATORS` under `name`."""
-  def wrap(fn: Evaluator) -> Evaluator:
-    if name in EVALUATORS:
-      raise ValueError(f'Evaluator {name!r} registered twice.')
-    EVALUATORS[name] = fn
-    return fn
-  return wrap
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """score(printed name, ranking, ground truth) -> metrics + 'lines'; `depth`: the ranking
+  depth it reads (None: the whole database)."""
+  score: Callable[[str, Ranking, Any], Dict[str, Any]]
+  depth: Optional[int] = None
 
 
-def get_evaluator(name: str) -> Evaluator:
-  """The evaluator registered as `name`, or of its base name for 'base+suffix' names.
+EVALUATORS: registry.Registry[Evaluator] = registry.Registry('evaluator')
+
+
+def get_evaluator(name: str) -> Tuple[Evaluator, str]:
+  """(the evaluator registered as `name` or as its base name for 'base+suffix' names, the
+  name it prints); 'roxford5k+1m' scores as 'roxford5k' and prints its full name.
 
   Raises:
     KeyError: listing the known names, when neither is registered.
   """
-  if name in EVALUATORS:
-    return EVALUATORS[name]
   base = name.split('+', 1)[0]
-  if base in _NAMED_FACTORIES:
-    return _NAMED_FACTORIES[base](name)
-  if base in EVALUATORS:
-    return EVALUATORS[base]
-  raise KeyError(f'Unknown evaluator {name!r}; known: {sorted(EVALUATORS)}.')
+  for key in (name, base):
+    if key in EVALUATORS:
+      return EVALUATORS.get(key), name
+  raise KeyError(f'Unknown evaluator {name!r}; known: {EVALUATORS.names()}.')
+
+
+def rank(q: np.ndarray, db: np.ndarray, depth: Optional[int] = None, *, mesh=None,
+         dtype: str = 'float32') -> Ranking:
+  """The top-`depth` (None: all) database rows of every query by inner product."""
+  k = db.shape[0] if depth is None else min(int(depth), db.shape[0])
+  s, i = knn.knn(q, db, k, mesh=mesh, dtype=dtype)
+  return Ranking(np.ascontiguousarray(np.asarray(i).T.astype(np.int64)),
+                 np.ascontiguousarray(np.asarray(s).T))
+
+
+def evaluate_descriptors(name: str, q: np.ndarray, db: np.ndarray, gt: Any, *, mesh=None,
+                         dtype: str = 'float32') -> Dict[str, Any]:
+  """Evaluator `name` on the ranking of `db` for `q` (at the depth it needs)."""
+  evaluator, printed = get_evaluator(name)
+  return evaluator.score(printed, rank(q, db, evaluator.depth, mesh=mesh, dtype=dtype), gt)
 
 
 def _gnd_list(gt: Any) -> Sequence[Mapping[str, Any]]:
-  return gt['gnd'] if isinstance(gt, Mapping) else gt
+  return gt['gnd'] if isinstance(gt, Mapping) and 'gnd' in gt else gt
+
+
+def _has_gnd(gt: Any) -> bool:
+  return isinstance(gt, Mapping) and 'gnd' in gt
 
 
 def labels_map(q_desc: np.ndarray, db_desc: np.ndarray, q_labels: Sequence[int],
@@ -91,112 +117,113 @@ def labels_map(q_desc: np.ndarray, db_desc: np.ndarray, q_labels: Sequence[int],
     db_desc: [Nd, D] database descriptors.
     q_labels: [Nq] integer labels.
     db_labels: [Nd] integer labels.
-    mesh, dtype: passed to `knn.rank_all`.
+    mesh, dtype: passed to `knn.knn`.
 
   Returns:
     The revisitop mAP x 100 (no junk; queries without a positive are skipped).
   """
+  ranking = rank(q_desc, db_desc, mesh=mesh, dtype=dtype)
+  return _labels_score(ranking.ranks, q_labels, db_labels)
+
+
+def _labels_score(ranks: np.ndarray, q_labels, db_labels) -> float:
   db_labels = np.asarray(db_labels)
   gnd = [{'ok': np.flatnonzero(db_labels == l), 'junk': np.empty(0, np.int64)}
          for l in np.asarray(q_labels)]
-  ranks = knn.rank_all(q_desc, db_desc, mesh=mesh, dtype=dtype)
   return 100. * compute_map(ranks, gnd, kappas=())[0]
 
 
-def _revisited(name: str) -> Evaluator:
-  def evaluate(q, db, gt, *, mesh=None, dtype='float32', kappas=(1, 5, 10)):
-    ranks = knn.rank_all(q, db, mesh=mesh, dtype=dtype)
-    return evaluate_revisited(name, ranks, _gnd_list(gt), kappas)
-  evaluate.__doc__ = f'Revisited {name}: mAP and mP@k for Easy / Medium / Hard.'
-  return evaluate
+def _revisited(name: str, r: Ranking, gt: Any) -> Dict[str, Any]:
+  """Revisited Oxford / Paris: mAP and mP@k for Easy / Medium / Hard."""
+  return evaluate_revisited(name, r.ranks, _gnd_list(gt), (1, 5, 10))
 
 
-def _classic(name: str) -> Evaluator:
-  def evaluate(q, db, gt, *, mesh=None, dtype='float32'):
-    ranks = knn.rank_all(q, db, mesh=mesh, dtype=dtype)
-    return classic.evaluate_classic(name, ranks, _gnd_list(gt))
-  evaluate.__doc__ = f'Original {name} protocol: mAP with good+ok positives.'
-  return evaluate
+def _classic(name: str, r: Ranking, gt: Any) -> Dict[str, Any]:
+  """Original Oxford / Paris protocol: mAP with good+ok positives."""
+  return classic.evaluate_classic(name, r.ranks, _gnd_list(gt))
 
 
-# Evaluators whose printed name is the dataset's (so 'roxford5k+1m' prints as such).
-_NAMED_FACTORIES = {'roxford5k': _revisited, 'rparis6k': _revisited,
-                    'oxford5k': _classic, 'paris6k': _classic}
-for _name, _factory in _NAMED_FACTORIES.items():
-  register(_name)(_factory(_name))
+for _name in ('roxford5k', 'rparis6k'):
+  EVALUATORS.register(_name, Evaluator(_revisited))
+for _name in ('oxford5k', 'paris6k'):
+  EVALUATORS.register(_name, Evaluator(_classic))
 
 
-def _has_gnd(gt: Any) -> bool:
-  return isinstance(gt, Mapping) and 'gnd' in gt
-
-
-@register('holidays')
-def _holidays(q, db, gt, *, mesh=None, dtype='float32'):
+def _holidays(name: str, r: Ranking, gt: Any) -> Dict[str, Any]:
   """INRIA Holidays mAP; the query itself is junk in its own ranking."""
-  ranks = knn.rank_all(q, db, mesh=mesh, dtype=dtype)
   if _has_gnd(gt):
-    m = 100. * compute_map(ranks, gt['gnd'], kappas=())[0]
+    m = 100. * compute_map(r.ranks, gt['gnd'], kappas=())[0]
   else:
-    m = holidays_map(ranks, gt['imlist'] if isinstance(gt, Mapping) else gt)
-  return {'mAP': m, 'lines': [f'>> holidays: mAP {m:.2f}']}
+    m = holidays_map(r.ranks, gt['imlist'] if isinstance(gt, Mapping) else gt)
+  return {'mAP': m, 'lines': [f'>> {name}: mAP {m:.2f}']}
 
 
-@register('ukbench')
-def _ukbench(q, db, gt=None, *, mesh=None, dtype='float32'):
+def _ukbench(name: str, r: Ranking, gt: Any = None) -> Dict[str, Any]:
   """UKBench N-S score (top-4 same-object count, 4 is perfect)."""
-  _, idx = knn.knn(q, db, 4, mesh=mesh, dtype=dtype)
   if _has_gnd(gt):
-    score = float(np.mean([np.isin(idx[i], np.asarray(g['ok'])).sum()
+    score = float(np.mean([np.isin(r.ranks[:4, i], np.asarray(g['ok'])).sum()
                            for i, g in enumerate(gt['gnd'])]))
   else:
-    score = ukbench_score(idx.T, 4)
-  return {'N-S': score, 'lines': [f'>> ukbench: N-S score {score:.3f}']}
+    score = ukbench_score(r.ranks[:4], 4)
+  return {'N-S': score, 'lines': [f'>> {name}: N-S score {score:.3f}']}
 
 
-@register('gldv2_retrieval')
-def _gldv2_retrieval(q, db, gt, *, mesh=None, dtype='float32', max_predictions=100):
-  """GLDv2 retrieval mAP@100 (percent); per 'usage' split too when the gnd has one."""
-  k = min(max_predictions, db.shape[0])
-  _, idx = knn.knn(q, db, k, mesh=mesh, dtype=dtype)
+_GLDV2_PREDICTIONS = 100  # the challenge's mAP@100
+
+
+def _gldv2_retrieval(name: str, r: Ranking, gt: Any) -> Dict[str, Any]:
+  """GLDv2 retrieval mAP@100 (percent); per 'usage' split (Public / Private) too when the
+  gnd has one."""
+  del name  # printed as the challenge names it
+  idx = np.asarray(r.ranks)[:_GLDV2_PREDICTIONS].T
   if _has_gnd(gt):
     positives = [g['ok'] for g in gt['gnd']]
     usages = [g.get('usage') for g in gt['gnd']]
   else:
     positives, usages = gt['positives'], [None] * len(gt['positives'])
-  m = 100. * gldv2_retrieval_map(idx, positives, max_predictions)
+  k = _GLDV2_PREDICTIONS
+  m = 100. * gldv2_retrieval_map(idx, positives, k)
   out = {'mAP@100': m}
-  line = f'>> gldv2_retrieval: mAP@{max_predictions} {m:.2f}'
+  line = f'>> gldv2_retrieval: mAP@{k} {m:.2f}'
   for usage in ('Public', 'Private'):
     sel = [i for i, u in enumerate(usages) if u == usage]
     if sel:
-      mu = 100. * gldv2_retrieval_map(idx[sel], [positives[i] for i in sel], max_predictions)
+      mu = 100. * gldv2_retrieval_map(idx[sel], [positives[i] for i in sel], k)
       out[f'mAP@100_{usage.lower()}'] = mu
       line += f', {usage.lower()} {mu:.2f}'
   out['lines'] = [line]
   return out
 
 
-EVALUATORS['gldv2'] = _gldv2_retrieval
-
-
-@register('gldv2_recognition')
-def _gldv2_recognition(q, db, gt, *, mesh=None, dtype='float32'):
-  """GLDv2 recognition GAP (percent) by the label of the nearest database image."""
-  s, idx = knn.knn(q, db, 1, mesh=mesh, dtype=dtype)
-  pred = np.asarray(gt['db_labels'])[idx[:, 0]]
-  gap = 100. * gldv2_recognition_gap(pred, s[:, 0], gt['query_labels'])
+def _gldv2_recognition(name: str, r: Ranking, gt: Any) -> Dict[str, Any]:
+  """GLDv2 recognition GAP (percent) by the label of the nearest database image, its
+  similarity the confidence."""
+  del name
+  if r.scores is None:
+    raise ValueError('gldv2_recognition needs the similarities of the top-1 image')
+  pred = np.asarray(gt['db_labels'])[np.asarray(r.ranks)[0]]
+  gap = 100. * gldv2_recognition_gap(pred, np.asarray(r.scores)[0], gt['query_labels'])
   return {'GAP': gap, 'lines': [f'>> gldv2_recognition: GAP {gap:.2f}']}
 
 
-@register('labels')
-def _labels(q, db, gt, *, mesh=None, dtype='float32'):
+def _labels(name: str, r: Ranking, gt: Any) -> Dict[str, Any]:
   """Same-label mAP (percent)."""
-  m = labels_map(q, db, gt['query_labels'], gt['db_labels'], mesh=mesh, dtype=dtype)
+  del name
+  m = _labels_score(r.ranks, gt['query_labels'], gt['db_labels'])
   return {'mAP': m, 'lines': [f'>> labels: mAP {m:.2f}']}
 
 
+EVALUATORS.register('holidays', Evaluator(_holidays))
+EVALUATORS.register('ukbench', Evaluator(_ukbench, depth=4))
+EVALUATORS.register('gldv2_retrieval', Evaluator(_gldv2_retrieval, depth=_GLDV2_PREDICTIONS))
+EVALUATORS.register('gldv2', EVALUATORS.get('gldv2_retrieval'))
+EVALUATORS.register('gldv2_recognition', Evaluator(_gldv2_recognition, depth=1))
+EVALUATORS.register('labels', Evaluator(_labels))
+
+
 __all__ = [
-    'EVALUATORS', 'register', 'get_evaluator', 'labels_map', 'compute_ap', 'compute_map',
+    'EVALUATORS', 'Evaluator', 'Ranking', 'get_evaluator', 'rank', 'evaluate_descriptors',
+    'labels_map', 'compute_ap', 'compute_map',
     'build_revisited_gnd', 'evaluate_revisited', 'read_classic_gt', 'holidays_map',
     'ukbench_score', 'mean_average_precision', 'global_average_precision',
     'gldv2_retrieval_map', 'gldv2_recognition_gap',

@@ -1,73 +1,101 @@
-"""Evaluate a model on a retrieval set: describe queries and database, score, report.
+"""The one evaluation pipeline: an image's way from the network to a mAP.
 
-`evaluate` extracts the query (cropped by their boxes) and database descriptors with the
-`config.extract` settings, runs the dataset's evaluator (`retrieval_jax.evaluation`), and,
-given a whitening, the same evaluator on the whitened descriptors too (as the reference's
-test.py prints `dataset` and `dataset + whiten`). It writes `<workdir>/results/<tag>.json`
-and pictures of the first queries' top results with correct (green) / junk (orange) /
-wrong (red) borders: `<tag>_top.png` (one row per query) and `<tag>_queries/query_NNN.png`.
+`evaluate` runs, in order, each stage on what the previous one produced:
+
+  1. global    the test set's query (cropped by their boxes) and database descriptors,
+               described as `DescriptorSettings` says, ranked and scored by the set's
+               evaluator (`retrieval_jax.evaluation.EVALUATORS`);
+  2. whitening the post-hoc whitening (`postprocess/whitening_store.py`) applied to them,
+               metrics with a `_<kind>` suffix (the reference's `dataset + whiten` line);
+  3. qe_dba    alpha-DBA then alpha-QE on the final descriptors (`query_expansion.py`),
+               suffix `_rerank`;
+  4. rerank    a second-stage re-ranker of the final ranking (`rerankers.RERANKERS`,
+               `config.eval.rerank`: "local" DELG verification, "asmk"), suffix `_<name>`;
+  5. approximate  for a revisited set, the mAP of the exact and of the faiss top-k lists
+               of the final descriptors and the faiss recall@k.
+
+`Stages` says which run (`stages_of(config)`); training's periodic evaluations run the same
+pipeline, `train.eval_skip` switching stages off there (named in the result's lines).
+`<workdir>/results/<tag>.json` gets every number, and pictures of the first queries' top
+results of the final ranking get correct (green) / junk (orange) / wrong (red) borders:
+`<tag>_top.png` (one row per query) and `<tag>_queries/query_NNN.png`.
 """
+import dataclasses
 import json
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from absl import logging
 import numpy as np
 
+from retrieval_jax import descriptor_settings
 from retrieval_jax import evaluation
 from retrieval_jax import extract
 from retrieval_jax import index_search
 from retrieval_jax import paths
-from retrieval_jax import knn
 from retrieval_jax import sharding
 from retrieval_jax import storage
-from retrieval_jax.data import datasets
 from retrieval_jax.data import image_io
 from retrieval_jax.data import integrity
 from retrieval_jax.evaluation import pictures as pictures_lib
-from retrieval_jax.evaluation import query_expansion as rerank_lib
+from retrieval_jax.evaluation import query_expansion
+from retrieval_jax.evaluation import rerankers
+from retrieval_jax.evaluation import test_set as test_set_lib
+from retrieval_jax.local import benchmark as _local_rerankers  # pylint: disable=unused-import
 from retrieval_jax.postprocess import whitening as whitening_lib
+from retrieval_jax.postprocess import whitening_store
+
+# The stages after the global ranking, by the names `train.eval_skip` uses.
+STAGES = ("whitening", "qe_dba", "rerank", "approximate", "pictures")
 
 
-def ground_truth(dataset: datasets.RetrievalSet) -> Any:
-  """What the dataset's evaluator expects (see retrieval_jax/evaluation/__init__.py)."""
-  if dataset.gnd is not None:
-    return {"gnd": dataset.gnd}
-  if dataset.query_labels is not None:
-    return {"query_labels": dataset.query_labels, "db_labels": dataset.db_labels}
-  return None
+@dataclasses.dataclass(frozen=True)
+class Stages:
+  """Which stages run, with their parameters.
 
-
-def evaluator_name(dataset: datasets.RetrievalSet) -> str:
-  return "labels" if dataset.gnd is None and dataset.query_labels is not None else dataset.name
-
-
-def picture_gnd(dataset: datasets.RetrievalSet, n: int) -> List[Dict[str, np.ndarray]]:
-  """Per query 'ok' / 'junk' database indices for the border colours of the first n queries.
-
-  Revisited sets use the Medium setup (ok = easy + hard, junk = junk); the others their
-  'ok' / 'junk' lists, or same-label images.
+  Attributes:
+    whitening: the learned whitening {"m", "P", "kind", "dim"} or None.
+    qe_k, qe_alpha, dba_k, dba_alpha: alpha-QE / alpha-DBA (k = 0 turns one off).
+    rerank: a `rerankers.RERANKERS` name, "" for none; rerank_top: its head length (the
+      global ranking is computed at least this deep; < 0: the whole ranking).
+    approximate: {"k", "factory", "nprobe"} of the faiss report, or None.
+    pictures: draw the top results of this many queries (0: none).
+    skipped: stages switched off (`train.eval_skip`), reported in the lines.
   """
-  out = []
-  for i in range(n):
-    if dataset.gnd is not None:
-      g = dataset.gnd[i]
-      if "easy" in g:
-        ok = np.concatenate([np.asarray(g["easy"], np.int64), np.asarray(g["hard"], np.int64)])
-      else:
-        ok = np.asarray(g.get("ok", []), np.int64)
-      out.append({"ok": ok, "junk": np.asarray(g.get("junk", []), np.int64)})
-    else:
-      out.append({"ok": np.flatnonzero(np.asarray(dataset.db_labels)
-                                       == dataset.query_labels[i]),
-                  "junk": np.zeros((0,), np.int64)})
-  return out
+  whitening: Optional[Mapping[str, Any]] = None
+  qe_k: int = 0
+  qe_alpha: float = 3.0
+  dba_k: int = 0
+  dba_alpha: float = 3.0
+  rerank: str = ""
+  rerank_top: int = 0
+  approximate: Optional[Mapping[str, Any]] = None
+  pictures: int = 0
+  skipped: Tuple[str, ...] = ()
 
 
-def _rotations(dataset: datasets.RetrievalSet, images: Sequence[str]) -> Optional[List[int]]:
-  if not dataset.rotations:
-    return None
-  return [int(dataset.rotations.get(p, 0)) for p in images]
+def stages_of(config, whitening: Optional[Mapping[str, Any]] = None,
+              skip: Tuple[str, ...] = ()) -> Stages:
+  """The stages `config.eval` asks for, less those named in `skip`."""
+  unknown = sorted(set(skip) - set(STAGES))
+  if unknown:
+    raise ValueError(f"train.eval_skip: {unknown} are not stages; stages: {list(STAGES)}")
+  e = config.eval
+  on = lambda name: name not in skip
+  approximate = None
+  if e.search_backend == "faiss" and on("approximate"):
+    approximate = {"k": int(e.approx_k), "factory": config.search.faiss_factory,
+                   "nprobe": int(config.search.nprobe)}
+  asked = {"whitening": whitening is not None, "qe_dba": bool(e.qe_k or e.dba_k),
+           "rerank": bool(e.rerank), "approximate": e.search_backend == "faiss",
+           "pictures": bool(e.pictures)}
+  return Stages(
+      whitening=whitening if on("whitening") else None,
+      qe_k=int(e.qe_k) if on("qe_dba") else 0, qe_alpha=float(e.qe_alpha),
+      dba_k=int(e.dba_k) if on("qe_dba") else 0, dba_alpha=float(e.dba_alpha),
+      rerank=str(e.rerank or "") if on("rerank") else "", rerank_top=int(e.rerank_top),
+      approximate=approximate, pictures=int(e.pictures) if on("pictures") else 0,
+      skipped=tuple(s for s in STAGES if s in skip and asked[s]))
 
 
 def with_saved_before(workdir: str, results: Dict[str, Any]) -> Dict[str, Any]:
@@ -81,123 +109,162 @@ def with_saved_before(workdir: str, results: Dict[str, Any]) -> Dict[str, Any]:
   return results
 
 
-def rerank_config(eval_config) -> Dict[str, Any]:
-  """The re-ranking fields of `config.eval` (alpha-QE / alpha-DBA; k = 0 turns one off)."""
-  return {k: eval_config[k] for k in ("qe_k", "qe_alpha", "dba_k", "dba_alpha")}
+def evaluate_network(config, workdir: str, model, variables, mesh, *, step: Optional[int],
+                     tag: str, skip: Tuple[str, ...] = (), describe_fn=None
+                     ) -> Optional[Dict[str, Any]]:
+  """`config.eval`'s test set through the pipeline for one network, or None without one.
 
-
-def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_config,
-             workdir: str = "", tag: str = "eval", pictures: int = 0,
-             whitening: Optional[Mapping[str, Any]] = None, describe_fn=None,
-             rerank: Optional[Mapping[str, Any]] = None, allow_missing: bool = False,
-             data_root: str = "",
-             approximate: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-  """Descriptors of the set's queries and database -> the evaluator's metrics (+ JSON file).
+  The one entry of `--mode=evaluate` and of training's evaluations: the test set checked
+  once per process (`test_set.load`), the whitening of these weights learned or reused
+  (`whitening_store`), the settings built once, then `evaluate`.
 
   Args:
-    model, variables: the network (a RetrievalNet and its variables).
-    dataset: a RetrievalSet.
-    mesh: device mesh (extraction and search are split over its batch axis).
-    extract_config: `config.extract` (long_side, batch_size, scales, multiscale_combine).
-    workdir: where results/ goes ("" writes nothing).
-    tag: file name stem of the results.
-    pictures: draw the top results of this many queries (0: none).
-    whitening: optional {"m", "P", "kind", "dim"} (`whitening_store.get_or_compute`);
-      its metrics are added with a `_<kind>` suffix and its lines with `+ <kind>`, and the
-      pictures show the whitened ranking.
+    config, workdir: the experiment.
+    model, variables, mesh, step: the network (step None: off-the-shelf weights).
+    tag: the results' name ("before", "step<N>", "evaluate_step<N>", ...).
+    skip: stages not run (`train.eval_skip`; named in the result's lines).
     describe_fn: a compiled `extract.make_describe_fn(model, mesh)` to reuse.
-    rerank: optional {"qe_k", "qe_alpha", "dba_k", "dba_alpha"} (`rerank_config`): alpha-DBA
-      then alpha-QE on the final descriptors, reported with a `_rerank` suffix. The
-      pictures show the last variant's ranking.
-    allow_missing: `config.eval.allow_missing`: evaluate without missing / unreadable
-      images (else they are an error, `data/integrity.py`); the counts go into the result.
-    data_root: the set's data root, for the download command in those errors.
-    approximate: optional {"k", "factory", "nprobe"} (`approximate_config`): for a
-      revisited set, also the mAP of the exact and of the faiss top-k lists and the
-      recall@k of the faiss search (the index is built once under <workdir>/faiss/).
-  Returns:
-    The evaluator's metrics and 'lines' (plus the whitened ones), and "missing_queries" /
-    "missing_db_images" when images were left out.
   """
-  checked = integrity.check_retrieval_set(dataset, root=data_root, allow_missing=allow_missing)
-  dataset = checked.dataset
-  kw = extract.extract_kwargs(extract_config, variables, model, dataset.name)
-  kw["describe_fn"] = describe_fn or extract.make_describe_fn(model, mesh)
+  test = test_set_lib.load(config, workdir)
+  if test is None:
+    return None
+  describe_fn = describe_fn or extract.make_describe_fn(model, mesh)
+  white = None
+  if "whitening" not in skip:
+    white = whitening_store.get_or_compute(config, workdir, model, variables, mesh, step,
+                                           describe_fn=describe_fn)
+  settings = descriptor_settings.build(config, model, variables, test.dataset.name)
+  context = rerankers.Context(config, workdir, tag, model, variables, mesh, settings, test,
+                              weights_tag="pretrained" if step is None else f"step{step}")
+  return evaluate(context, stages_of(config, white, tuple(skip)), describe_fn)
+
+
+def describe_test_set(context: rerankers.Context, describe_fn=None
+                      ) -> Tuple[test_set_lib.TestSet, np.ndarray, np.ndarray]:
+  """(test set without images that failed to decode, queries [Nq, D], database [Nd, D]).
+
+  Raises:
+    IncompleteDatasetError: an image could not be decoded and `eval.allow_missing` is off.
+  """
+  test, settings = context.test, context.settings
+  dataset = test.dataset
+  kw = dict(settings.extract_kwargs(),
+            describe_fn=describe_fn or extract.make_describe_fn(context.model, context.mesh))
   failed_q, failed_db = image_io.SkipCounter(), image_io.SkipCounter()
-  q = extract.extract_descriptors(model, variables, dataset.query_images,
-                                  bboxes=dataset.query_bbx,
-                                  rotations=_rotations(dataset, dataset.query_images),
-                                  mesh=mesh, skipped=failed_q, **kw)
-  db = extract.extract_descriptors(model, variables, dataset.db_images,
-                                   rotations=_rotations(dataset, dataset.db_images),
-                                   mesh=mesh, skipped=failed_db, **kw)
+  q = extract.extract_descriptors(
+      context.model, context.variables, dataset.query_images, bboxes=dataset.query_bbx,
+      rotations=settings.image_rotations(dataset.rotations, dataset.query_images),
+      mesh=context.mesh, skipped=failed_q, **kw)
+  db = extract.extract_descriptors(
+      context.model, context.variables, dataset.db_images,
+      rotations=settings.image_rotations(dataset.rotations, dataset.db_images),
+      mesh=context.mesh, skipped=failed_db, **kw)
+  completeness = test.completeness
   try:
-    checked, drop_q, drop_db = integrity.after_extraction(
-        checked, failed_q.entries, failed_db.entries, root=data_root)
+    completeness, drop_q, drop_db = integrity.after_extraction(
+        completeness, failed_q.entries, failed_db.entries, root=test.root)
   finally:  # The list of skipped files is written even when they stop the evaluation.
-    if workdir:
-      paths.write_skipped_list(workdir, dataset.name, checked.entries + failed_q.entries
-                               + failed_db.entries)
+    if context.workdir:
+      paths.write_skipped_list(context.workdir, dataset.name, completeness.entries
+                               + failed_q.entries + failed_db.entries)
   if drop_q or drop_db:
-    dataset = checked.dataset
+    test = dataclasses.replace(test, dataset=completeness.dataset, completeness=completeness)
     q, db = np.delete(q, drop_q, axis=0), np.delete(db, drop_db, axis=0)
-  name = evaluator_name(dataset)
-  gt = ground_truth(dataset)
-  score = evaluation.get_evaluator(name)
-  result = dict(score(q, db, gt, mesh=mesh))
-  if checked.entries:
-    result.update(checked.summary())
+  return test, q, db
+
+
+def evaluate(context: rerankers.Context, stages: Stages, describe_fn=None) -> Dict[str, Any]:
+  """The test set's metrics through every stage (see the module docstring).
+
+  Args:
+    context: the network, the settings, the checked test set, workdir ("" writes
+      nothing) and tag (the results' file name stem).
+    stages: which stages run (`stages_of`).
+    describe_fn: a compiled `extract.make_describe_fn(model, mesh)` to reuse.
+  Returns:
+    The evaluator's metrics and 'lines', every later stage's metrics with its suffix, and
+    "missing_queries" / "missing_db_images" when images were left out.
+  """
+  test, q, db = describe_test_set(context, describe_fn)
+  context = dataclasses.replace(context, test=test)
+  dataset, mesh = test.dataset, context.mesh
+  evaluator, printed = evaluation.get_evaluator(test_set_lib.evaluator_name(dataset))
+  gt = test_set_lib.ground_truth(dataset)
+  depth = evaluator.depth
+  if depth is not None and stages.rerank:
+    depth = None if stages.rerank_top < 0 else max(depth, stages.rerank_top)
+
+  def ranked(name: str, q, db) -> rerankers.Stage:
+    return rerankers.Stage(name, q, db, evaluation.rank(q, db, depth, mesh=mesh))
+
+  stage = ranked("global", q, db)
+  result = dict(evaluator.score(printed, stage.ranking, gt))
+  if test.completeness.entries:
+    result.update(test.completeness.summary())
     result["lines"] = list(result["lines"]) + [
-        f"{dataset.name}: evaluated WITHOUT {len(checked.missing_queries)} missing queries "
-        f"and {len(checked.missing_db)} missing database images (eval.allow_missing=True)"]
+        f"{dataset.name}: evaluated WITHOUT {len(test.completeness.missing_queries)} missing "
+        f"queries and {len(test.completeness.missing_db)} missing database images "
+        "(eval.allow_missing=True)"]
 
-  if approximate and dataset.gnd is not None and "easy" in dataset.gnd[0]:
-    report = index_search.revisited_exact_and_approximate(
-        dataset.name, q, db, dataset.gnd, k=int(approximate["k"]), mesh=mesh,
-        index_dir=os.path.join(workdir or ".", "faiss", f"{dataset.name}_{tag}"),
-        factory=approximate["factory"], nprobe=int(approximate["nprobe"]))
-    result["lines"] = list(result["lines"]) + report.pop("lines")
-    result.update(report)
-
-  def add_variant(suffix: str, label: str, q, db):
-    extra = score(q, db, gt, mesh=mesh)
+  def add_variant(suffix: str, label: str, ranking: evaluation.Ranking) -> None:
+    extra = evaluator.score(printed, ranking, gt)
     result.update({f"{k}_{suffix}": v for k, v in extra.items() if k != "lines"})
     result["lines"] = list(result["lines"]) + [
         line.replace(":", f" + {label}:", 1) for line in extra["lines"]]
 
-  if whitening is not None:
-    kind = whitening.get("kind", "whiten")
-    q = whitening_lib.apply(q, whitening, whitening.get("dim", 0))
-    db = whitening_lib.apply(db, whitening, whitening.get("dim", 0))
-    add_variant(kind, f"{kind} whitening ({q.shape[1]}D)", q, db)
-  if rerank and (rerank["dba_k"] or rerank["qe_k"]):
-    # On the final (whitened) descriptors: database-side augmentation, then query expansion.
-    if rerank["dba_k"]:
-      db = rerank_lib.alpha_database_augmentation(
-          db, rerank["dba_k"], rerank["dba_alpha"], mesh=mesh)
-    if rerank["qe_k"]:
-      q = rerank_lib.alpha_query_expansion(
-          q, db, rerank["qe_k"], rerank["qe_alpha"], mesh=mesh)
-    add_variant("rerank", f"aQE k={rerank['qe_k']} aDBA k={rerank['dba_k']}", q, db)
+  w = stages.whitening
+  if w is not None:
+    kind = w.get("kind", "whiten")
+    stage = ranked(kind, whitening_lib.apply(stage.q, w, w.get("dim", 0)),
+                   whitening_lib.apply(stage.db, w, w.get("dim", 0)))
+    add_variant(kind, f"{kind} whitening ({stage.q.shape[1]}D)", stage.ranking)
+  if stages.dba_k or stages.qe_k:
+    q, db = stage.q, stage.db
+    if stages.dba_k:
+      db = query_expansion.alpha_database_augmentation(db, stages.dba_k, stages.dba_alpha,
+                                                       mesh=mesh)
+    if stages.qe_k:
+      q = query_expansion.alpha_query_expansion(q, db, stages.qe_k, stages.qe_alpha,
+                                                mesh=mesh)
+    stage = ranked("rerank", q, db)
+    add_variant("rerank", f"aQE k={stages.qe_k} aDBA k={stages.dba_k}", stage.ranking)
+  if stages.rerank:
+    got = rerankers.RERANKERS.get(stages.rerank)(context, stage)
+    stage = dataclasses.replace(stage, name=stages.rerank, ranking=got.ranking)
+    result.update({f"{k}_{stages.rerank}": v for k, v in got.metrics.items()})
+    result["rerank"] = {"mode": stages.rerank, "top_n": int(stages.rerank_top)}
+    add_variant(stages.rerank, got.label, got.ranking)
+  if stages.approximate and test_set_lib.is_revisited(dataset):
+    a = stages.approximate
+    report = index_search.revisited_exact_and_approximate(
+        dataset.name, stage.q, stage.db, dataset.gnd, k=int(a["k"]), mesh=mesh,
+        index_dir=os.path.join(context.workdir or ".", "faiss",
+                               f"{dataset.name}_{context.tag}_{stage.name}"),
+        factory=a["factory"], nprobe=int(a["nprobe"]))
+    result["lines"] = list(result["lines"]) + report.pop("lines")
+    result.update(report)
+  if stages.skipped:
+    result["lines"] = list(result["lines"]) + [
+        f"stages not run (train.eval_skip): {', '.join(stages.skipped)}"]
   for line in result["lines"]:
-    logging.info("%s %s", tag, line)
-  if workdir and sharding.is_main_process():
-    out = paths.results_dir(workdir)
-    storage.write_text(storage.join(out, f"{tag}.json"),
+    logging.info("%s %s", context.tag, line)
+  if context.workdir and sharding.is_main_process():
+    out = paths.results_dir(context.workdir)
+    storage.write_text(storage.join(out, f"{context.tag}.json"),
                        json.dumps({k: _jsonable(v) for k, v in result.items()}, indent=1))
-    n = min(pictures, len(dataset.query_images))
+    n = min(stages.pictures, len(dataset.query_images))
     if n and (dataset.gnd is not None or dataset.query_labels is not None):
-      _pictures(out, tag, q, db, dataset, n)
+      _pictures(out, context, dataset, stage.ranking.ranks[:8, :n])
   return result
 
 
-def _pictures(out: str, tag: str, q: np.ndarray, db: np.ndarray,
-              dataset: datasets.RetrievalSet, n: int) -> None:
-  """Top-8 of the first n queries: one grid, and one picture per query."""
-  ranks = knn.rank_all(q[:n], db)
-  gnd = picture_gnd(dataset, n)
+def _pictures(out: str, context: rerankers.Context, dataset, ranks: np.ndarray) -> None:
+  """Top-8 of the first n queries (`ranks` [8, n]): one grid, and one picture per query."""
+  n = ranks.shape[1]
+  gnd = test_set_lib.picture_gnd(dataset, n)
   # Queries as the network saw them: cropped by their box, rotated where the set says so.
-  rot = _rotations(dataset, dataset.query_images[:n]) or [0] * n
+  rot = (context.settings.image_rotations(dataset.rotations, dataset.query_images[:n])
+         or [0] * n)
   queries = []
   for i in range(n):
     bbx = None if dataset.query_bbx is None else dataset.query_bbx[i]
@@ -213,6 +280,7 @@ def _pictures(out: str, tag: str, q: np.ndarray, db: np.ndarray,
     except (image_io.ImageDecodeError, FileNotFoundError):
       return np.zeros((8, 8, 3), np.uint8)
 
+  tag = context.tag
   pictures_lib.save_results(storage.join(out, f"{tag}_top.png"), queries, db_image, ranks,
                             gnd, k=8, thumb=96)
   pictures_lib.save_per_query(storage.join(out, f"{tag}_queries"), queries, db_image, ranks,
@@ -229,12 +297,3 @@ def _jsonable(v):
   if isinstance(v, (list, tuple)):
     return [_jsonable(x) for x in v]
   return v
-
-
-def approximate_config(config) -> Optional[Dict[str, Any]]:
-  """`evaluate(approximate=...)` from `config.eval.search_backend` ("faiss": report the
-  approximate search too, with `config.search.faiss_factory` / `nprobe`), else None."""
-  if config.eval.search_backend != "faiss":
-    return None
-  return {"k": int(config.eval.approx_k), "factory": config.search.faiss_factory,
-          "nprobe": int(config.search.nprobe)}

@@ -24,11 +24,11 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from retrieval_jax import progress as progress_lib
 from retrieval_jax import sharding as sharding_lib
 from retrieval_jax.data import grain_pipeline
+from retrieval_jax.data import transforms
 from retrieval_jax.local import receptive_field as rf_lib
 
 # Per-image record keys (see `LocalFeatures` in store.py).
@@ -114,38 +114,6 @@ def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, iou_threshold: fl
   return np.asarray(keep, np.int64)
 
 
-def rescale_rows(images: np.ndarray, masks: np.ndarray, scale: float
-                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Every row's valid region resized by `scale` (PIL bilinear, `round`ed sizes), re-padded.
-
-  Args:
-    images: uint8 [B, H, W, 3]; masks: bool [B, H, W] (bottom/right padding).
-    scale: pyramid scale.
-  Returns:
-    images uint8 [B, ceil(H s), ceil(W s), 3], masks, and per row the (y, x) factors
-    actually applied [B, 2] (new valid size / old valid size; 0 for empty rows).
-  """
-  b, h, w = masks.shape
-  if scale == 1.0:
-    factors = np.where(masks.any(axis=(1, 2))[:, None], 1.0, 0.0) * np.ones((b, 2))
-    return images, masks, factors
-  out_h, out_w = max(1, int(np.ceil(h * scale))), max(1, int(np.ceil(w * scale)))
-  out = np.zeros((b, out_h, out_w, 3), np.uint8)
-  out_mask = np.zeros((b, out_h, out_w), bool)
-  factors = np.zeros((b, 2))
-  for r in range(b):
-    vh, vw = int(masks[r, :, 0].sum()), int(masks[r, 0, :].sum())
-    if vh == 0 or vw == 0:
-      continue
-    nh = min(out_h, max(1, int(round(vh * scale))))
-    nw = min(out_w, max(1, int(round(vw * scale))))
-    out[r, :nh, :nw] = np.asarray(Image.fromarray(images[r, :vh, :vw]).resize(
-        (nw, nh), Image.BILINEAR))
-    out_mask[r, :nh, :nw] = True
-    factors[r] = (nh / vh, nw / vw)
-  return out, out_mask, factors
-
-
 def empty_record(dim: int) -> Dict[str, np.ndarray]:
   return {"locations": np.zeros((0, 2), np.float32), "scales": np.zeros((0,), np.float32),
           "scores": np.zeros((0,), np.float32),
@@ -178,7 +146,7 @@ def keypoints_of_batch(select_fn: Callable, variables: Any, images: np.ndarray,
   cands: List[List[Tuple[np.ndarray, ...]]] = [[] for _ in range(b)]
   dim = None
   for scale in scales:
-    im, m, factors = rescale_rows(images, masks, float(scale))
+    im, m, factors = transforms.rescale_rows_like_pil(images, masks, float(scale))
     sel = jax.device_get(select_fn(variables, put(im), put(m)))
     h, w = (int(v) for v in sel["shape"])
     dim = sel["descriptors"].shape[-1]

@@ -1,4 +1,4 @@
-"""DelfNet (trunk + local head) and DelgNet (trunk + global head + local head), Flax modules.
+"""DelfNet (trunk + local head) and DelgNet (a RetrievalNet + local head), Flax modules.
 
 Pure functions of their variables, like `RetrievalNet`:
 `model.apply(variables, images, mask, labels=None, train=False)` returns the `LocalHead`
@@ -18,12 +18,10 @@ from retrieval_jax.models import backbones
 from retrieval_jax.models import retrieval_net
 
 
-def _local_head(net: nn.Module, feats: Dict[str, Any], labels) -> Dict[str, Any]:
-  """LocalHead on the trunk's earlier stage (submodule "local_head"), plus that "stage"."""
+def _local_outputs(head: heads.LocalHead, feats: Dict[str, Any], labels) -> Dict[str, Any]:
+  """`head` on the trunk's earlier stage (stages[-2]), plus that "stage"."""
   stage, stage_mask = feats["stages"][-2], feats["stage_masks"][-2]
-  out = heads.LocalHead(num_classes=net.num_classes, reduced_dim=net.reduced_dim,
-                        attention_hidden=net.attention_hidden, classifier=net.classifier,
-                        name="local_head")(stage, stage_mask, labels)
+  out = head(stage, stage_mask, labels)
   out["stage"] = stage
   return out
 
@@ -49,18 +47,27 @@ class DelfNet(nn.Module):
   def __call__(self, images, mask: Optional[jnp.ndarray] = None,
                labels: Optional[jnp.ndarray] = None, train: bool = False) -> Dict[str, Any]:
     """images: [B, H, W, 3] uint8; mask: optional [B, H, W] bool; labels: [B] int."""
-    return _local_head(self, retrieval_net.trunk_features(self, images, mask, train), labels)
+    head = heads.LocalHead(num_classes=self.num_classes, reduced_dim=self.reduced_dim,
+                           attention_hidden=self.attention_hidden, classifier=self.classifier,
+                           name="local_head")
+    return _local_outputs(head, retrieval_net.trunk_features(self, images, mask, train),
+                          labels)
 
 
 class DelgNet(nn.Module):
-  """DELG: one trunk, RetrievalNet's global head on the last stage, LocalHead on stages[-2].
+  """DELG: a `RetrievalNet` (trunk, global head) plus a LocalHead on the trunk's stages[-2].
 
-  The local head sees the stage under stop_gradient (heads.LocalHead), so only the global
-  loss trains the trunk, as in the DELG paper.
+  The RetrievalNet is built from these attributes and shares this module's scope
+  (`nn.share_scope`), so the parameters are RetrievalNet's own (`backbone`, `pool`,
+  `pool_prev`, `whiten`) beside `local_head`: a DELG checkpoint's global part is a
+  RetrievalNet's variables, checkpoints written before this composition load unchanged,
+  and `trunk` / `head` are RetrievalNet's (early fusion works for DELG too). The local
+  head sees the stage under stop_gradient (heads.LocalHead), so only the global loss
+  trains the trunk, as in the DELG paper.
 
   Attributes:
-    backbone, backbone_kwargs, pooling, pooling_kwargs, whitening_dim, mean, std, dtype:
-      as `RetrievalNet` (same submodule names).
+    backbone, backbone_kwargs, pooling, pooling_kwargs, whitening_dim, multi_layer, mean,
+      std, dtype: the `RetrievalNet`'s.
     num_classes, reduced_dim, attention_hidden, classifier: `heads.LocalHead`'s.
   """
   backbone: str = "resnet50"
@@ -68,6 +75,7 @@ class DelgNet(nn.Module):
   pooling: str = "gem"
   pooling_kwargs: Optional[Mapping[str, Any]] = None
   whitening_dim: int = 0
+  multi_layer: bool = False
   num_classes: int = 0
   reduced_dim: int = 128
   attention_hidden: int = 512
@@ -76,12 +84,29 @@ class DelgNet(nn.Module):
   std: Sequence[float] = backbones.IMAGENET_STD
   dtype: str = "float32"
 
-  @nn.compact
+  def setup(self):
+    self.net = retrieval_net.RetrievalNet(
+        backbone=self.backbone, backbone_kwargs=self.backbone_kwargs, pooling=self.pooling,
+        pooling_kwargs=self.pooling_kwargs, whitening_dim=self.whitening_dim,
+        multi_layer=self.multi_layer, mean=self.mean, std=self.std, dtype=self.dtype)
+    nn.share_scope(self, self.net)
+    self.local_head = heads.LocalHead(
+        num_classes=self.num_classes, reduced_dim=self.reduced_dim,
+        attention_hidden=self.attention_hidden, classifier=self.classifier)
+
   def __call__(self, images, mask: Optional[jnp.ndarray] = None,
                labels: Optional[jnp.ndarray] = None, train: bool = False) -> Dict[str, Any]:
     """images: [B, H, W, 3] uint8; mask: optional [B, H, W] bool; labels: [B] int."""
-    feats = retrieval_net.trunk_features(self, images, mask, train)
-    out = retrieval_net.global_head(
-        self, [(feats["feature_map"].astype(jnp.float32), feats["mask"])])
-    out.update(_local_head(self, feats, labels))
+    feats = self.net.features(images, mask, train)
+    out = self.net.head(retrieval_net.maps_of(feats, self.multi_layer))
+    out.update(_local_outputs(self.local_head, feats, labels))
     return out
+
+  def trunk(self, images, mask: Optional[jnp.ndarray] = None, train: bool = False
+            ) -> retrieval_net.Maps:
+    """`RetrievalNet.trunk` (early fusion fuses these maps)."""
+    return self.net.trunk(images, mask, train)
+
+  def head(self, maps: retrieval_net.Maps) -> Dict[str, jnp.ndarray]:
+    """`RetrievalNet.head`."""
+    return self.net.head(maps)

@@ -48,7 +48,13 @@ class RetrievalNet(nn.Module):
 
   def __call__(self, images, mask: Optional[jnp.ndarray] = None, train: bool = False
                ) -> Dict[str, jnp.ndarray]:
-    return self._forward(images, mask, train, None, False)
+    return self._forward(images, mask, train, None, "head")
+
+  def features(self, images, mask: Optional[jnp.ndarray] = None, train: bool = False
+               ) -> Dict[str, Any]:
+    """The trunk's outputs {"feature_map", "mask", "stages", "stage_masks"} (a DELG local
+    head reads an earlier stage; `maps_of` gives what `head` pools)."""
+    return self._forward(images, mask, train, None, "features")
 
   def trunk(self, images, mask: Optional[jnp.ndarray] = None, train: bool = False) -> Maps:
     """Normalised images -> the feature maps that `head` pools, with their masks.
@@ -61,7 +67,7 @@ class RetrievalNet(nn.Module):
       [(feature map [B, h, w, C] float32, mask [B, h, w] or None)], plus the previous
       stage's map and mask with `multi_layer`.
     """
-    return self._forward(images, mask, train, None, True)
+    return self._forward(images, mask, train, None, "trunk")
 
   def head(self, maps: Maps) -> Dict[str, jnp.ndarray]:
     """Pooling, L2, optional whitening and L2 of `trunk`'s maps (or of fused ones).
@@ -69,20 +75,30 @@ class RetrievalNet(nn.Module):
     Returns:
       {"feature_map": maps[0][0], "pooled": [B, D0] L2-normalised, "descriptor": [B, D]}.
     """
-    return self._forward(None, None, False, maps, False)
+    return self._forward(None, None, False, maps, "head")
 
   @nn.compact
-  def _forward(self, images, mask, train: bool, maps: Optional[Maps], trunk_only: bool):
+  def _forward(self, images, mask, train: bool, maps: Optional[Maps], until: str):
     """The one compact body (submodule names "backbone", "pool", "pool_prev", "whiten"):
-    images -> maps (unless `maps` are given), then, unless `trunk_only`, maps -> head."""
+    images -> the trunk's features (unless `maps` are given; returned if `until` is
+    "features"), -> maps (returned if "trunk"), then maps -> head."""
     if maps is None:
       feats = trunk_features(self, images, mask, train)
-      maps = [(feats["feature_map"].astype(jnp.float32), feats["mask"])]
-      if self.multi_layer:
-        maps.append((feats["stages"][-2].astype(jnp.float32), feats["stage_masks"][-2]))
-      if trunk_only:
+      if until == "features":
+        return feats
+      maps = maps_of(feats, self.multi_layer)
+      if until == "trunk":
         return maps
     return global_head(self, maps)
+
+
+def maps_of(feats: Dict[str, Any], multi_layer: bool) -> Maps:
+  """The maps `global_head` pools: the last stage (float32, with its mask), plus the
+  previous stage's with `multi_layer`."""
+  maps = [(feats["feature_map"].astype(jnp.float32), feats["mask"])]
+  if multi_layer:
+    maps.append((feats["stages"][-2].astype(jnp.float32), feats["stage_masks"][-2]))
+  return maps
 
 
 def normalize_images(images: jnp.ndarray, mean: Sequence[float], std: Sequence[float],
@@ -130,7 +146,7 @@ def dummy_images(image_size: int) -> jnp.ndarray:
   return jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
 
 
-def from_config(model_config) -> Tuple[RetrievalNet, backbones.BackboneSpec]:
+def build_retrieval_net(model_config) -> RetrievalNet:
   """Builds a RetrievalNet from `config.model` (fields and defaults: configs/common.py)."""
   spec = backbones.get_backbone(model_config.backbone)
   net = RetrievalNet(
@@ -142,4 +158,4 @@ def from_config(model_config) -> Tuple[RetrievalNet, backbones.BackboneSpec]:
       multi_layer=bool(model_config.multi_layer),
       mean=tuple(spec.mean), std=tuple(spec.std),
       dtype=model_config.dtype)
-  return net, spec
+  return net

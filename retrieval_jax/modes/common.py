@@ -1,11 +1,11 @@
 """What several modes share: the restored network, its tag, the printed summary."""
-import dataclasses
+import os
 from typing import Any, Dict, Optional, Tuple
 
 from absl import logging
 import numpy as np
 
-from retrieval_jax import extract as extract_lib
+from retrieval_jax import descriptor_settings
 from retrieval_jax import restore
 from retrieval_jax import sharding as sharding_lib
 from retrieval_jax.evaluation import pipeline as evaluate_lib
@@ -49,19 +49,13 @@ def summary(workdir: str, results: Dict[str, Any], step: Optional[int] = None) -
   return out
 
 
-def or_default(value, default):
-  """`value`, or `default` where the config leaves it unset ("", 0, ())."""
-  return default if value in ("", None, ()) or (isinstance(value, int) and value == 0) \
-      else value
+def output_dir(value: str, workdir: str, name: str) -> str:
+  """A mode's output folder: `value` (`export.dir`, `describe.out`, `search.out`,
+  `search.index`), or `<workdir>/<name>` where the config leaves it "" (the default)."""
+  return os.path.abspath(value or os.path.join(workdir, name))
 
 
-def extract_settings(config, net) -> Dict[str, Any]:
-  """`config.extract` as extraction arguments, for a user's folder (dataset name "": EXIF
-  orientation applied, `extract.exif_transpose="auto"`)."""
-  kw = extract_lib.extract_kwargs(config.extract, net.variables, net.model, "")
-  return {k: kw[k] for k in ("long_side", "batch_size", "scales", "multiscale_p", "protocol")}
-
-
-def recordable(settings: Dict[str, Any]) -> Dict[str, Any]:
-  return dict(settings, scales=list(settings["scales"]),
-              protocol=dataclasses.asdict(settings["protocol"]))
+def settings_for_folders(config, net, overrides=None) -> descriptor_settings.DescriptorSettings:
+  """The descriptor settings of a user's images (dataset "": `exif_transpose="auto"`
+  applies the EXIF orientation)."""
+  return descriptor_settings.build(config, net.model, net.variables, "", overrides=overrides)

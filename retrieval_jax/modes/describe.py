@@ -1,7 +1,7 @@
 """--mode=describe: every image of a folder / list file (`config.describe`) to descriptors,
-streamed and resumable (`describe.py`), with `config.extract`'s settings."""
+streamed and resumable (`describe.py`), with the descriptor settings of a user's folder
+(recorded in the index's config.json, so search describes its queries the same way)."""
 import json
-import os
 
 from retrieval_jax import describe as describe_lib
 from retrieval_jax.modes import common
@@ -12,12 +12,12 @@ def describe(config, workdir: str) -> common.Summary:
   if not config.describe.images:
     raise ValueError("--mode=describe needs --config.describe.images=<folder or list file>")
   net, mesh = common.network(config, workdir)
-  out = os.path.abspath(common.or_default(config.describe.out, os.path.join(workdir, "describe")))
-  settings = common.extract_settings(config, net)
-  record = json.dumps({"describe": dict(common.recordable(settings), images=config.describe.images),
+  out = common.output_dir(config.describe.out, workdir, "describe")
+  settings = common.settings_for_folders(config, net)
+  record = json.dumps({"describe": dict(settings.record(), images=config.describe.images),
                        "config": json.loads(config.to_json_best_effort())})
   got = describe_lib.describe_images(net.model, net.variables, config.describe.images, out,
                                      mesh=mesh, chunk=int(config.describe.chunk),
-                                     config_json=record, **settings)
+                                     config_json=record, **settings.extract_kwargs())
   return {"index": out, "images": len(got["images"]), "skipped": len(got["skipped"]),
           "dim": int(got["descriptors"].shape[1])}

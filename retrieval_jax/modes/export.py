@@ -1,13 +1,12 @@
 """--mode=export: the network (latest checkpoint, else `model.pretrained` off the shelf,
 said in the log) as `jax.export` + TF SavedModel + export.json in `export.dir`
-(`export.py`)."""
+(`export.py`), describing as the descriptor settings say (`export.long_side`, `scales`,
+`multiscale_combine` replace `extract.*`'s where set)."""
 import json
-import os
 
 from retrieval_jax import export as export_lib
 from retrieval_jax import restore
 from retrieval_jax import sharding as sharding_lib
-from retrieval_jax.data import protocol as protocol_lib
 from retrieval_jax.modes import common
 from retrieval_jax.postprocess import whitening_store
 
@@ -23,13 +22,10 @@ def export(config, workdir: str) -> common.Summary:
                        "eval.whitening: set --config.eval.whitening=learned (or pca)")
     white = whitening_store.get_or_compute(config, workdir, net.model, net.variables, mesh,
                                            net.step)
-  combine = common.or_default(ec.multiscale_combine, config.extract.multiscale_combine)
-  options = export_lib.options_from_protocol(
-      protocol_lib.from_config(config.extract, ""),  # a user's images: the "auto" rule
-      long_side=int(common.or_default(ec.long_side, config.extract.long_side)),
-      scales=tuple(float(s) for s in common.or_default(tuple(ec.scales), tuple(config.extract.scales))),
-      multiscale_combine=combine, normalize=bool(ec.normalize), whitening=white)
-  out = os.path.abspath(common.or_default(ec.dir, os.path.join(workdir, "export")))
+  settings = common.settings_for_folders(config, net, overrides=ec)
+  options = export_lib.options_from_settings(settings, normalize=bool(ec.normalize),
+                                             whitening=white)
+  out = common.output_dir(ec.dir, workdir, "export")
   info = {"source": net.source, "checkpoint_step": net.step,
           "pretrained": config.model.pretrained if net.source == restore.PRETRAINED else "",
           "config": json.loads(config.to_json_best_effort())}

@@ -18,6 +18,7 @@ import numpy as np
 from retrieval_jax import extract
 from retrieval_jax import sharding as sharding_lib
 from retrieval_jax.models import netvlad
+from retrieval_jax.models import pooling
 from retrieval_jax.models import pooling_ops
 
 NETVLAD_INITS = ("", "kmeans")
@@ -145,7 +146,8 @@ def local_descriptors(model, variables, images: Sequence[str], mesh, *, image_si
   The trunk's feature map positions ("netvlad"), or Vaccaro et al.'s multi-scale column
   features ("ms_netvlad"), of the images resized and padded as training sees them.
   """
-  windows = tuple(dict(model.pooling_kwargs or {}).get("windows", (2, 3)))
+  pool = pooling.build_pooling(model.pooling, **dict(model.pooling_kwargs or {}))
+  windows = tuple(getattr(pool, "windows", ()))
 
   def describe(v, x, m):
     fmap, fmask = model.apply(v, x, m, method="trunk")[0]
@@ -192,14 +194,14 @@ def netvlad_kmeans_init(config, model, variables: Dict[str, Any], images: Sequen
                            num_threads=int(config.data.num_threads))
   if len(desc) > MAX_KMEANS_POINTS:
     desc = desc[np.sort(rng.choice(len(desc), MAX_KMEANS_POINTS, replace=False))]
-  kwargs = dict(model.pooling_kwargs or {})
-  num_clusters = int(kwargs.get("num_clusters", 64))
-  centroids, alpha = kmeans_init(desc, num_clusters, seed=int(config.seed))
+  # The pooling module as configured: its attributes, defaults included (no copies here).
+  vlad = pooling.build_pooling(model.pooling, **dict(model.pooling_kwargs or {}))
+  centroids, alpha = kmeans_init(desc, int(vlad.num_clusters), seed=int(config.seed))
   logging.info("NetVLAD k-means: %d centres from %d local descriptors of %d images; the data "
-               "suggest alpha=%.1f (model.pooling_kwargs.alpha=%s is used)", num_clusters,
-               len(desc), count, alpha, kwargs.get("alpha", 100.0))
-  pool = dict(netvlad.netvlad_params(centroids, float(kwargs.get("alpha", 100.0)),
-                                     decoupled=bool(kwargs.get("decoupled", False))))
+               "suggest alpha=%.1f (model.pooling_kwargs.alpha=%s is used)", vlad.num_clusters,
+               len(desc), count, alpha, vlad.alpha)
+  pool = dict(netvlad.netvlad_params(centroids, float(vlad.alpha),
+                                     decoupled=bool(vlad.decoupled)))
   params = dict(variables["params"])
   params["pool"] = {k: jnp.asarray(v) for k, v in pool.items()}
   return dict(variables, params=params)

@@ -104,21 +104,29 @@ def learn_pca_whitening(x: np.ndarray, eps: float = 0.0) -> Tuple[np.ndarray, np
   return m[:, 0], p
 
 
-def apply_whitening(x: np.ndarray, m: np.ndarray, p: np.ndarray, dim: Optional[int] = None
-                    ) -> np.ndarray:
+def apply_whitening(x, m, p, dim: Optional[int] = None, *, xp=np, normalize: bool = True):
   """`whitenapply`: `P[:dim] (x - m)` for each row, then L2 normalisation (`/ (norm + 1e-6)`).
+
+  Written once for the extraction (numpy, float64) and the exported function (`xp=jnp`,
+  float32 in the graph; the caller sets the matmul precision).
 
   Args:
     x: [N, D] descriptors, one per row.
     m: [D]; p: [D', D] from `learn_whitening` / `learn_pca_whitening`.
     dim: number of leading components to keep (None or 0: all, as the reference's `not dim`).
+    xp: numpy or jax.numpy.
+    normalize: L2-normalise the rows (the reference always does).
   Returns:
-    [N, dim] float64, rows L2-normalised.
+    [N, dim] (float64 with numpy), rows L2-normalised.
   """
   if not dim:
     dim = p.shape[0]
-  y = (np.asarray(x, np.float64) - np.asarray(m, np.float64)) @ np.asarray(p)[:dim].T
-  return y / (np.linalg.norm(y, axis=1, keepdims=True) + _APPLY_EPS)
+  if xp is np:
+    x, m, p = np.asarray(x, np.float64), np.asarray(m, np.float64), np.asarray(p)
+  y = (x - m) @ p[:dim].T
+  if not normalize:
+    return y
+  return y / (xp.linalg.norm(y, axis=-1, keepdims=True) + _APPLY_EPS)
 
 
 def select_features_pfa(x: np.ndarray, num_features: int, q: Optional[int] = None, seed: int = 0,

@@ -12,8 +12,11 @@ as in cnnimageretrieval-pytorch's test.py (`--whitening retrieval-SfM-120k`):
   chosen by Principal Feature Analysis of the same images, L2-normalised.
 
 `compute_and_save` writes `<workdir>/whitening/lw.npz` (learned), `pca.npz` or `pfa.npz` with
-`m` [D], `P` [D', D] and what they were computed from (checkpoint step, dataset, extraction
-settings); `get_or_compute` reuses the file while it matches the checkpoint and settings.
+`m` [D], `P` [D', D] and what they were computed from (the weights' identity: checkpoint
+step and a digest of the variables; the learning set; the digest of the
+`DescriptorSettings` its images were described with); `get_or_compute` reuses the file
+only while all of them match, so a whitening of other weights or another protocol is never
+reused.
 The maths (`learn`, and `apply`: `P[:dim] (x - m)`, L2) is in `whitening.py`.
 
 Config fields (defaults in configs/common.py):
@@ -29,12 +32,15 @@ On the demo set (730 same-label pairs, MobileNetV2-GeM 1280-D, 20 training steps
 held-out mAP is 88.1 raw, 87.0 learned (automatic 657-D span), 91.9 learned after a
 128-D PCA, 85.5 PCA-whitened to 256-D: with few pairs, reduce first.
 """
+import hashlib
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from absl import logging
+import jax
 import numpy as np
 
+from retrieval_jax import descriptor_settings
 from retrieval_jax import extract
 from retrieval_jax import paths
 from retrieval_jax import storage
@@ -72,19 +78,34 @@ def load(path: str) -> Dict[str, Any]:
   return {"m": f["m"], "P": f["P"], "info": json.loads(str(f["info"]))}
 
 
-def _settings(config, kind: str, step: Optional[int]) -> Dict[str, Any]:
-  """What a stored whitening depends on; a file is reused only if these match."""
-  e, ev = config.extract, config.eval
-  name = ev.whitening_dataset or config.data.name
+def weights_digest(variables) -> str:
+  """A short SHA-256 of every variable's bytes: the weights' identity."""
+  h = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(variables),
+                           key=lambda kv: jax.tree_util.keystr(kv[0])):
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return h.hexdigest()[:16]
+
+
+def _key(config, kind: str, model, variables, step: Optional[int]
+         ) -> Tuple[Dict[str, Any], descriptor_settings.DescriptorSettings]:
+  """(what a stored whitening depends on, the settings its images are described with).
+
+  A file is reused only if every value matches: the learning set and parameters, the
+  descriptor settings' digest and the weights' identity (checkpoint step and digest).
+  """
+  ev = config.eval
+  name = ev.whitening_dataset or config.data.name  # "": the training set
   split = ev.whitening_split or ("whiten" if name.startswith("retrieval-sfm") else "train")
+  settings = descriptor_settings.build(config, model, variables, name)
   return {"kind": kind, "checkpoint_step": None if step is None else int(step),
+          "weights": weights_digest(variables), "settings": settings.digest(),
+          "backbone": model.backbone, "pooling": model.pooling,
           "dataset": name, "split": split,
           "max_pairs": int(ev.whitening_max_pairs or 0),
           "pca_dim": int(ev.whitening_pca_dim or 0),
-          "long_side": int(e.long_side), "scales": [float(s) for s in e.scales],
-          "multiscale_combine": str(e.multiscale_combine),
-          "backbone": config.model.backbone, "pooling": config.model.pooling,
-          **({"num_features": int(ev.whitening_dim)} if kind == "pfa" else {})}
+          **({"num_features": int(ev.whitening_dim)} if kind == "pfa" else {})}, settings
 
 
 def compute_and_save(config, workdir: str, model, variables, mesh, step: Optional[int],
@@ -101,31 +122,30 @@ def compute_and_save(config, workdir: str, model, variables, mesh, step: Optiona
     describe_fn: a compiled `extract.make_describe_fn(model, mesh)` to reuse.
   """
   kind = kind or requested(config) or "learned"
-  settings = _settings(config, kind, step)
-  train_set = datasets.get_dataset(settings["dataset"], paths.data_root(config, workdir),
-                                   settings["split"])
+  key, settings = _key(config, kind, model, variables, step)
+  train_set = datasets.get_dataset(key["dataset"], paths.data_root(config, workdir),
+                                   key["split"])
   q, p = pairs_lib.training_pairs(train_set.labels, train_set.qidxs, train_set.pidxs,
-                                  pairing="cycle", max_pairs=settings["max_pairs"],
+                                  pairing="cycle", max_pairs=key["max_pairs"],
                                   seed=int(config.seed))
   used = np.unique(np.concatenate([q, p]))  # extract only the images of the pairs
   pos = np.full(len(train_set.images), -1, np.int64)
   pos[used] = np.arange(len(used))
-  logging.info("%s whitening of %s/%s: %d pairs over %d images", kind, settings["dataset"],
-               settings["split"], len(q), len(used))
+  logging.info("%s whitening of %s/%s: %d pairs over %d images", kind, key["dataset"],
+               key["split"], len(q), len(used))
   x = extract.extract_descriptors(model, variables, [train_set.images[i] for i in used],
                                   mesh=mesh, describe_fn=describe_fn,
-                                  **extract.extract_kwargs(config.extract, variables, model,
-                                                           settings["dataset"]))
+                                  **settings.extract_kwargs())
   readable = np.linalg.norm(x, axis=1) > 0
   ok = readable[pos[q]] & readable[pos[p]]
   if not ok.all():
     logging.warning("whitening: %d pairs dropped (unreadable images)", int((~ok).sum()))
   if kind == "learned":
-    m, proj = whitening.learn(x, kind, pos[q][ok], pos[p][ok], pca_dim=settings["pca_dim"])
+    m, proj = whitening.learn(x, kind, pos[q][ok], pos[p][ok], pca_dim=key["pca_dim"])
   else:
-    m, proj = whitening.learn(x[readable], kind, num_features=settings.get("num_features", 0))
+    m, proj = whitening.learn(x[readable], kind, num_features=key.get("num_features", 0))
   path = whitening_path(workdir, kind)
-  save(path, m, proj, dict(settings, num_pairs=int(ok.sum()), num_images=int(len(used)),
+  save(path, m, proj, dict(key, num_pairs=int(ok.sum()), num_images=int(len(used)),
                            dim_in=int(proj.shape[1]), rank=int(proj.shape[0])))
   logging.info("wrote %s (P %s)", path, proj.shape)
   return path
@@ -141,7 +161,7 @@ def get_or_compute(config, workdir: str, model, variables, mesh, step: Optional[
   if not kind:
     return None
   path = whitening_path(workdir, kind)
-  want = _settings(config, kind, step)
+  want, _ = _key(config, kind, model, variables, step)
   stored = load(path) if storage.exists(path) else None
   if stored is None or any(stored["info"].get(k) != v for k, v in want.items()):
     if stored is not None:
@@ -152,7 +172,7 @@ def get_or_compute(config, workdir: str, model, variables, mesh, step: Optional[
   return dict(stored, kind=kind, dim=int(config.eval.whitening_dim or 0))
 
 
-def save_imported(config, workdir: str, imported) -> Optional[str]:
+def save_imported(config, workdir: str, imported, model, variables) -> Optional[str]:
   """Stores a released network's precomputed learned whitening (cirtorch `meta['Lw']`).
 
   Picks the entry of `config.eval.whitening_dataset` (case-insensitive, e.g.
@@ -171,7 +191,8 @@ def save_imported(config, workdir: str, imported) -> Optional[str]:
   kind = kind if kind in entry else sorted(entry)[0]
   m, proj = entry[kind]
   path = whitening_path(workdir, "learned")
-  save(path, m, proj, dict(_settings(config, "learned", None), source=f"meta Lw {name}/{kind}",
+  key, _ = _key(config, "learned", model, variables, None)
+  save(path, m, proj, dict(key, source=f"meta Lw {name}/{kind}",
                            rank=int(proj.shape[0]), dim_in=int(proj.shape[1])))
   logging.info("using the checkpoint's precomputed whitening %s/%s -> %s", name, kind, path)
   return path

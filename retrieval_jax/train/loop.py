@@ -21,7 +21,6 @@ import numpy as np
 from retrieval_jax import checkpointing
 from retrieval_jax import errors
 from retrieval_jax import networks
-from retrieval_jax.evaluation import pipeline as evaluate_lib
 from retrieval_jax import paths
 from retrieval_jax import progress as progress_lib
 from retrieval_jax import restore
@@ -30,6 +29,8 @@ from retrieval_jax import storage
 from retrieval_jax.data import datasets
 from retrieval_jax.data import image_io
 from retrieval_jax.data import integrity
+from retrieval_jax.evaluation import pipeline
+from retrieval_jax.evaluation import test_set as test_set_lib
 from retrieval_jax.postprocess import clustering
 from retrieval_jax.train import inputs as inputs_lib
 from retrieval_jax.train import state as state_lib
@@ -98,16 +99,11 @@ class MetricWriter:
 
 
 def _eval(config, workdir, model, state, mesh, tag) -> Optional[Dict[str, Any]]:
-  if not config.eval.dataset:
-    return None
-  test_set = datasets.get_dataset(config.eval.dataset,
-                                  config.eval.root or paths.data_root(config, workdir),
-                                  config.eval.split)
-  return evaluate_lib.evaluate(model, state.variables, test_set, mesh=mesh,
-                               allow_missing=config.eval.allow_missing,
-                               data_root=config.eval.root or paths.data_root(config, workdir),
-                               extract_config=config.extract, workdir=workdir, tag=tag,
-                               pictures=config.eval.pictures)
+  """The evaluation pipeline of --mode=evaluate on the current weights, less the stages
+  named in `train.eval_skip` (named in the result's lines)."""
+  return pipeline.evaluate_network(config, workdir, model, state.variables, mesh,
+                                   step=int(state.step), tag=tag,
+                                   skip=tuple(config.train.eval_skip))
 
 
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
@@ -125,7 +121,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   train_set = datasets.get_dataset(config.data.name, paths.data_root(config, workdir),
                                    config.data.split)
   train_set, skipped = _check_data(config, workdir, train_set)
-  model = networks.from_config(config.model)
+  model = networks.build_network(config.model)
   networks.check_classes(config.model, int(np.max(train_set.labels, initial=-1)) + 1)
   inputs = inputs_lib.make_inputs(config, train_set, mesh, model, workdir)
   accumulate = int(config.optim.accumulate_steps)
@@ -198,17 +194,13 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 def _check_data(config, workdir: str, train_set):
   """Before any compute: training images that do not exist are dropped, with the landmarks
   they empty (`integrity.drop_unreadable_train`), and the test set must be complete
-  (`integrity.check_retrieval_set`, unless eval.allow_missing). Returns (train set, skipped
+  (`test_set.load`, once per process, unless eval.allow_missing). Returns (train set, skipped
   (path, reason) list); undecodable files found while training are added by the pipeline."""
   balanced = config.train.mining == "in_batch" and config.data.sampler == "balanced"
   cleanup = integrity.drop_unreadable_train(
       train_set, check="exists", min_images=1 if config.data.sampler == "shuffle" else 2,
       min_landmarks=config.data.classes_per_batch if balanced else 1)
-  if config.eval.dataset:
-    root = config.eval.root or paths.data_root(config, workdir)
-    test_set = datasets.get_dataset(config.eval.dataset, root, config.eval.split)
-    integrity.check_retrieval_set(test_set, root=root, check="exists",
-                                  allow_missing=config.eval.allow_missing)
+  test_set_lib.load(config, workdir)  # checked once; every evaluation uses it
   return cleanup.train_set, cleanup.skipped
 
 
@@ -264,7 +256,7 @@ def _write_summary(workdir: str, results: Dict[str, Any]) -> None:
   """results/train_summary.json; a resumed run keeps the first run's "before" numbers."""
   if not sharding_lib.is_main_process():
     return
-  results = evaluate_lib.with_saved_before(workdir, results)
+  results = pipeline.with_saved_before(workdir, results)
   path = storage.join(paths.results_dir(workdir), "train_summary.json")
   keep = {k: {m: v for m, v in (r or {}).items() if isinstance(v, (int, float))}
           for k, r in results.items()}

@@ -74,7 +74,7 @@ def create(config, mesh, num_classes: int = 0, steps_per_epoch: Optional[int] = 
     variables: the model's starting variables; None: `restore.init_variables` (random init,
       then `config.model.pretrained`).
   """
-  model = networks.from_config(config.model)  # a RetrievalNet, or a DelgNet
+  model = networks.build_network(config.model)  # a RetrievalNet, or a DelgNet
   rng = jax.random.key(config.seed)
   if variables is None:
     variables = restore.init_variables(model, config.data.image_size, rng,

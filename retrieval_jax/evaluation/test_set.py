@@ -1,0 +1,94 @@
+"""The test set of `config.eval`: loaded and checked once per process.
+
+Every image of a benchmark must be there before any compute (`data/integrity.py`); the
+check (headers, counts) reads every file's header, a million reads on +1M, so a process
+does it once: `load` keeps the checked set, and training's periodic evaluations, the
+whitening and the evaluation all use that one object.
+"""
+import dataclasses
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from retrieval_jax import paths
+from retrieval_jax.data import datasets
+from retrieval_jax.data import integrity
+
+
+@dataclasses.dataclass(frozen=True)
+class TestSet:
+  """A retrieval set after the completeness check.
+
+  Attributes:
+    dataset: the set (without the missing images where `allow_missing` dropped them).
+    completeness: what the check found (`integrity.Completeness`).
+    root: its data root (for the download command in errors).
+  """
+  dataset: datasets.RetrievalSet
+  completeness: integrity.Completeness
+  root: str = ""
+
+
+def check(dataset: datasets.RetrievalSet, *, root: str = "",
+          allow_missing: bool = False) -> TestSet:
+  """`dataset` checked now (every image's header); raises `IncompleteDatasetError` for
+  missing images unless `allow_missing`."""
+  completeness = integrity.check_retrieval_set(dataset, root=root,
+                                               allow_missing=allow_missing)
+  return TestSet(completeness.dataset, completeness, root)
+
+
+_LOADED: Dict[Tuple[Any, ...], TestSet] = {}
+
+
+def load(config, workdir: str) -> Optional[TestSet]:
+  """The checked test set of `config.eval` (None when `eval.dataset` is empty), loaded and
+  checked on the first call of this process only."""
+  if not config.eval.dataset:
+    return None
+  root = paths.eval_root(config, workdir)
+  key = (config.eval.dataset, root, config.eval.split, bool(config.eval.allow_missing))
+  if key not in _LOADED:
+    dataset = datasets.get_dataset(config.eval.dataset, root, config.eval.split)
+    _LOADED[key] = check(dataset, root=root, allow_missing=config.eval.allow_missing)
+  return _LOADED[key]
+
+
+def ground_truth(dataset: datasets.RetrievalSet) -> Any:
+  """What the dataset's evaluator expects (see retrieval_jax/evaluation/__init__.py)."""
+  if dataset.gnd is not None:
+    return {"gnd": dataset.gnd}
+  if dataset.query_labels is not None:
+    return {"query_labels": dataset.query_labels, "db_labels": dataset.db_labels}
+  return None
+
+
+def evaluator_name(dataset: datasets.RetrievalSet) -> str:
+  return "labels" if dataset.gnd is None and dataset.query_labels is not None else dataset.name
+
+
+def is_revisited(dataset: datasets.RetrievalSet) -> bool:
+  """Revisited ground truth (Easy / Hard / junk per query)."""
+  return bool(dataset.gnd) and "easy" in dataset.gnd[0]
+
+
+def picture_gnd(dataset: datasets.RetrievalSet, n: int) -> List[Dict[str, np.ndarray]]:
+  """Per query 'ok' / 'junk' database indices for the border colours of the first n queries.
+
+  Revisited sets use the Medium setup (ok = easy + hard, junk = junk); the others their
+  'ok' / 'junk' lists, or same-label images.
+  """
+  out = []
+  for i in range(n):
+    if dataset.gnd is not None:
+      g = dataset.gnd[i]
+      if "easy" in g:
+        ok = np.concatenate([np.asarray(g["easy"], np.int64), np.asarray(g["hard"], np.int64)])
+      else:
+        ok = np.asarray(g.get("ok", []), np.int64)
+      out.append({"ok": ok, "junk": np.asarray(g.get("junk", []), np.int64)})
+    else:
+      out.append({"ok": np.flatnonzero(np.asarray(dataset.db_labels)
+                                       == dataset.query_labels[i]),
+                  "junk": np.zeros((0,), np.int64)})
+  return out
