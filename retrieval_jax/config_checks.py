@@ -13,19 +13,29 @@ from typing import Any, Callable, List, Sequence
 
 from retrieval_jax import errors
 from retrieval_jax import losses
+from retrieval_jax import multiscale
+from retrieval_jax import networks
 from retrieval_jax.data import datasets
 from retrieval_jax.data import grain_pipeline
 from retrieval_jax.data import protocol
+from retrieval_jax.evaluation import pipeline
+from retrieval_jax.evaluation import rerankers
+from retrieval_jax.local import heads
+from retrieval_jax.local import matching
 from retrieval_jax.models import backbones
 from retrieval_jax.models import pooling
+from retrieval_jax.postprocess import clustering
 from retrieval_jax.postprocess import whitening
 
-# Tuple fields whose elements must be numbers: key -> (length or None, element check, rule).
+# Tuple fields whose elements must be numbers:
+# key -> (length or None, element check, rule, an example for the message).
 _NUMERIC_TUPLES = {
-    "data.crop_scale": (2, lambda v: 0 < v <= 1, "two area fractions in (0, 1]"),
-    "extract.scales": (None, lambda v: v > 0, "positive scale factors"),
+    "data.crop_scale": (2, lambda v: 0 < v <= 1, "two area fractions in (0, 1]",
+                        "(0.5, 1.0)"),
+    "extract.scales": (None, lambda v: v > 0, "positive scale factors",
+                       "(1.0, 0.7071, 0.5)"),
     "mesh.shape": (None, lambda v: v == -1 or (v > 0 and float(v).is_integer()),
-                   "positive integers or -1"),
+                   "positive integers or -1", "(-1,)"),
 }
 _POSITIVE = ("train.checkpoint_every", "train.log_every", "train.keep_checkpoints",
              "data.image_size", "data.num_threads", "extract.long_side", "extract.batch_size",
@@ -113,14 +123,14 @@ def find_problems(config: Any, mode: str = "train") -> List[str]:
     v = _get(config, key)
     if v is not None and (not _is_number(v) or v < 0):
       errors.append(f"config.{key}={v!r} must be >= 0")
-  for key, (length, ok, rule) in _NUMERIC_TUPLES.items():
+  for key, (length, ok, rule, example) in _NUMERIC_TUPLES.items():
     v = _get(config, key)
     if v is None:
       continue
     if (not isinstance(v, (tuple, list)) or not v or not all(_is_number(x) for x in v)
         or (length is not None and len(v) != length) or not all(ok(x) for x in v)):
       errors.append(f"config.{key}={v!r} must be a tuple of {rule}, e.g. "
-                    f"--config.{key}='{tuple(_get(_reference_defaults(), key, ()))}'")
+                    f"--config.{key}='{example}'")
   for key, v in _walk(config):
     if key.split(".")[-1] == "dtype" and v not in _DTYPES:
       errors.append(f"config.{key}={v!r} is not a dtype name; use one of {list(_DTYPES)}")
@@ -162,14 +172,92 @@ def find_problems(config: Any, mode: str = "train") -> List[str]:
   extract = _get(config, "extract")
   if extract is not None:
     try:
-      protocol.from_config(extract)
+      protocol.from_switches(extract)
     except ValueError as e:
       errors.append(f"config.{e}")
+  _check_combinations(errors, config, mode)
   if mode in _MODE_NEEDS_TRAINING and _get(config, "train.num_steps") == 0 and not _get(
       config, "train.num_epochs"):
     errors.append("config.train.num_steps=0: there is nothing to train; give a number of "
                   "steps, or run --mode=evaluate to evaluate the pretrained network")
   return errors
+
+
+def _check_tuple(errors: List[str], key: str, value: Any, ok: Callable[[Any], bool],
+                 rule: str) -> None:
+  if value is None:
+    return
+  if (not isinstance(value, (tuple, list)) or not value
+      or not all(_is_number(x) and ok(x) for x in value)):
+    errors.append(f"config.{key}={value!r} must be a tuple of {rule}")
+
+
+def _check_combinations(errors: List[str], config: Any, mode: str) -> None:
+  """Values that are valid alone but not together, and the local-feature fields."""
+  combine = _get(config, "extract.multiscale_combine")
+  if combine is not None:
+    _check_name(errors, "extract.multiscale_combine", combine, multiscale.COMBINES.names())
+  export_combine = _get(config, "export.multiscale_combine")
+  if mode == "export" and export_combine is not None:
+    effective = export_combine or combine
+    if effective in multiscale.COMBINES and multiscale.COMBINES.get(effective).fuses_maps:
+      errors.append(f"config.export.multiscale_combine: {effective!r} (from "
+                    f"{'export' if export_combine else 'extract'}.multiscale_combine) fuses "
+                    "feature maps, which the exported function does not; set "
+                    "--config.export.multiscale_combine=gem (or mean)")
+  init = _get(config, "model.netvlad_init")
+  if init is not None:
+    _check_name(errors, "model.netvlad_init", init, clustering.NETVLAD_INITS)
+    pool = _get(config, "model.pooling")
+    if init == "kmeans" and pool not in clustering.NETVLAD_POOLINGS:
+      errors.append(f"config.model.netvlad_init='kmeans' learns NetVLAD centres, but "
+                    f"model.pooling={pool!r}; use a pooling in {list(clustering.NETVLAD_POOLINGS)} "
+                    "or --config.model.netvlad_init=''")
+  local_head = _get(config, "model.local_head")
+  if local_head is not None:
+    _check_name(errors, "model.local_head", local_head, networks.LOCAL_HEADS)
+  if local_head:
+    _check_name(errors, "model.local_classifier", _get(config, "model.local_classifier"),
+                heads.ATTENTION_CLASSIFIERS)
+    for key in ("model.local_dim", "model.local_num_classes"):
+      v = _get(config, key)
+      if v is not None and (not _is_number(v) or v < 0):
+        errors.append(f"config.{key}={v!r} must be >= 0")
+    for key in ("model.local_attention_hidden", "extract.local_max_features"):
+      v = _get(config, key)
+      if v is not None and (not _is_number(v) or v <= 0):
+        errors.append(f"config.{key}={v!r} must be a positive number")
+    v = _get(config, "extract.local_long_side")
+    if v is not None and (not _is_number(v) or v < 0):
+      errors.append(f"config.extract.local_long_side={v!r} must be >= 0 (0: extract.long_side)")
+    v = _get(config, "extract.local_iou")
+    if v is not None and (not _is_number(v) or not 0 < v <= 1):
+      errors.append(f"config.extract.local_iou={v!r} must be in (0, 1] (1: no NMS)")
+    _check_tuple(errors, "extract.local_scales", _get(config, "extract.local_scales"),
+                 lambda x: x > 0, "positive scale factors")
+  rerank = _get(config, "eval.rerank")
+  if rerank:
+    _check_name(errors, "eval.rerank", rerank, rerankers.RERANKERS.names())
+    if rerank in ("local", "asmk") and not local_head:
+      errors.append(f"config.eval.rerank={rerank!r} re-ranks with local features: set "
+                    "--config.model.local_head=delg (a network with a local head)")
+    if rerank == "local":
+      _check_name(errors, "eval.rerank_matcher", _get(config, "eval.rerank_matcher"),
+                  matching.MATCHERS)
+      _check_name(errors, "eval.rerank_model", _get(config, "eval.rerank_model"),
+                  matching.MODELS)
+      _check_name(errors, "eval.rerank_backend", _get(config, "eval.rerank_backend"),
+                  matching.BACKENDS)
+      for key in ("eval.rerank_min_inliers", "eval.rerank_threads", "eval.rerank_max_trials"):
+        v = _get(config, key)
+        if v is not None and (not _is_number(v) or v <= 0):
+          errors.append(f"config.{key}={v!r} must be a positive number")
+  skip = _get(config, "train.eval_skip")
+  if skip:
+    unknown = sorted(set(skip) - set(pipeline.STAGES))
+    if unknown:
+      errors.append(f"config.train.eval_skip: {unknown} are not evaluation stages; they "
+                    f"are {list(pipeline.STAGES)}")
 
 
 def validate(config: Any, mode: str = "train") -> None:
@@ -178,9 +266,3 @@ def validate(config: Any, mode: str = "train") -> None:
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors) if len(errors) > 1
                       else errors[0])
-
-
-def _reference_defaults() -> Any:
-  """Example values for the messages (the fields' shapes, without importing configs/)."""
-  return {"data": {"crop_scale": (0.5, 1.0)}, "extract": {"scales": (1.0, 2 ** -0.5, 0.5)},
-          "mesh": {"shape": (-1,)}}

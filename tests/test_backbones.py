@@ -150,7 +150,9 @@ def test_efficientnet_lite0_real_weights_match_torch(lite0_state_dict, lite0_var
 
 
 def test_efficientnet_lite0_classifier_recognises_a_cat(lite0_state_dict, lite0_variables):
-  head = efficientnet_lite.convert_efficientnet_lite0_classifier(lite0_state_dict)
+  # The file's FC (torch Linear: y = x W^T + b), applied to the spatial mean.
+  head = {"kernel": np.asarray(lite0_state_dict["_fc.weight"]).T,
+          "bias": np.asarray(lite0_state_dict["_fc.bias"])}
   mean = np.array(efficientnet_lite.INPUT_MEAN, np.float32)
   std = np.array(efficientnet_lite.INPUT_STD, np.float32)
   x = (_load_image("chelsea", 96) - mean) / std

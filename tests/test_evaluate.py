@@ -15,6 +15,7 @@ from PIL import Image
 import pytest
 
 from configs import common
+from retrieval_jax import descriptor_settings
 from retrieval_jax import descriptor_store
 from retrieval_jax import extract
 from retrieval_jax import restore
@@ -124,7 +125,7 @@ def test_evaluate_revisited_prints_table_writes_json_and_pictures(revisited_root
   model, variables, step, source = restore.restore_model(config, workdir, mesh)
   assert step is None and source == restore.PRETRAINED
   test_set = datasets.get_dataset("roxford5k", revisited_root, "test")
-  kw = extract.extract_kwargs(config.extract, variables, model, "roxford5k")
+  kw = descriptor_settings.build(config, model, variables, "roxford5k").extract_kwargs()
   q = extract.extract_descriptors(model, variables, test_set.query_images,
                                   bboxes=test_set.query_bbx, mesh=mesh, **kw)
   db = extract.extract_descriptors(model, variables, test_set.db_images, mesh=mesh, **kw)

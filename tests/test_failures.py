@@ -21,8 +21,8 @@ import pytest
 from configs import demo as demo_config
 from retrieval_jax import checkpointing
 from retrieval_jax import config_checks
+from retrieval_jax import descriptor_settings
 from retrieval_jax import errors
-from retrieval_jax.evaluation import pipeline as evaluate_lib
 from retrieval_jax import paths
 from retrieval_jax import restore
 from retrieval_jax import run as run_lib
@@ -31,6 +31,10 @@ from retrieval_jax.data import datasets
 from retrieval_jax.data import grain_pipeline
 from retrieval_jax.data import image_io
 from retrieval_jax.data import integrity
+from retrieval_jax.evaluation import pipeline
+from retrieval_jax.evaluation import rerankers
+from retrieval_jax.evaluation import test_set
+from retrieval_jax.modes import evaluate as evaluate_mode
 from retrieval_jax.models import pretrained
 from retrieval_jax.models import retrieval_net
 from retrieval_jax.models import weight_files
@@ -485,8 +489,9 @@ def test_unknown_mode_and_bad_config_fail_before_any_work(tmp_path):
 
 def test_evaluate_without_checkpoint_is_labelled_off_the_shelf(tmp_path, monkeypatch, capsys):
   net = restore.Restored(model=None, variables=None, step=None, source=restore.PRETRAINED)
-  monkeypatch.setattr(run_lib, "prepare", lambda config, workdir: (net, None, None, None, None))
-  monkeypatch.setattr(run_lib.evaluate_lib, "evaluate",
+  monkeypatch.setattr(evaluate_mode.test_set_lib, "load", lambda config, workdir: None)
+  monkeypatch.setattr(evaluate_mode.common, "network", lambda config, workdir: (net, None))
+  monkeypatch.setattr(evaluate_mode.pipeline, "evaluate_network",
                       lambda *a, **k: {"mAP": 0.5, "lines": [">> demo: mAP 50.00"]})
   c = _demo()
   c.eval.rerank = "" if "rerank" in c.eval else None
@@ -510,12 +515,18 @@ def tiny_net():
   return model, variables, mesh
 
 
+def _evaluate(config, model, variables, mesh, test, workdir, tag="eval"):
+  """The evaluation pipeline's global stage on a checked test set."""
+  settings = descriptor_settings.build(config, model, variables, test.dataset.name)
+  context = rerankers.Context(config, workdir, tag, model, variables, mesh, settings, test)
+  return pipeline.evaluate(context, pipeline.Stages())
+
+
 def test_evaluate_on_a_partial_benchmark_stops_before_extracting(tmp_path):
   rset = _partial_roxford(tmp_path / "data")
   with pytest.raises(integrity.IncompleteDatasetError, match="5 images are missing"):
     # No model: the check comes before anything is extracted.
-    evaluate_lib.evaluate(None, None, rset, mesh=None, extract_config=None,
-                          workdir=str(tmp_path / "wd"), data_root=str(tmp_path / "data"))
+    test_set.check(rset, root=str(tmp_path / "data"))
 
 
 def test_allow_missing_evaluates_without_them_and_records_it(tmp_path, tiny_net):
@@ -533,14 +544,14 @@ def test_allow_missing_evaluates_without_them_and_records_it(tmp_path, tiny_net)
   wd = str(tmp_path / "wd")
   with pytest.raises(integrity.IncompleteDatasetError,
                      match=r"roxford5k: 1 images could not be decoded \(0 of 2 queries, 1 of 5"):
-    evaluate_lib.evaluate(model, variables, rset, mesh=mesh, extract_config=c.extract,
-                          workdir=wd, allow_missing=False, data_root=str(tmp_path / "data"))
+    _evaluate(c, model, variables, mesh, test_set.check(rset, root=str(tmp_path / "data")),
+              wd)
   listed = open(os.path.join(wd, "results", "roxford5k_skipped.txt")).read()
   assert "truncated\t" in listed and "b_2.jpg" in listed
   os.remove(folder / "q_2.jpg")
   os.remove(folder / "a_2.jpg")
-  result = evaluate_lib.evaluate(model, variables, rset, mesh=mesh, extract_config=c.extract,
-                                 workdir=wd, tag="partial", allow_missing=True)
+  result = _evaluate(c, model, variables, mesh, test_set.check(rset, allow_missing=True), wd,
+                     tag="partial")
   assert result["missing_queries"] == 1 and result["missing_db_images"] == 2
   assert "evaluated WITHOUT 1 missing queries and 2 missing database images" in (
       result["lines"][-1])

@@ -8,6 +8,8 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import numpy as np
 
+from retrieval_jax import registry
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -52,25 +54,18 @@ def _efficientnet_lite0():
                       efficientnet_lite.EfficientNetLite0.out_features, mean, std)
 
 
-# Lazily imported, so a config only pays for the trunk it uses.
-_BACKBONES: Dict[str, Callable[[], BackboneSpec]] = {
-    "mobilenet_v2": _mobilenet_v2,
-    "resnet18": _resnet(18), "resnet34": _resnet(34), "resnet50": _resnet(50),
-    "resnet101": _resnet(101), "resnet152": _resnet(152),
-    "vgg16": _vgg16,
-    "efficientnet_lite0": _efficientnet_lite0,
-}
-
-
-def register_backbone(name: str, spec_fn: Callable[[], BackboneSpec]) -> None:
-  _BACKBONES[name] = spec_fn
+# Entries are spec factories, imported lazily, so a config only pays for the trunk it uses.
+BACKBONES: registry.Registry[Callable[[], BackboneSpec]] = registry.Registry("backbone")
+BACKBONES.register("mobilenet_v2", _mobilenet_v2)
+for _depth in (18, 34, 50, 101, 152):
+  BACKBONES.register(f"resnet{_depth}", _resnet(_depth))
+BACKBONES.register("vgg16", _vgg16)
+BACKBONES.register("efficientnet_lite0", _efficientnet_lite0)
 
 
 def get_backbone(name: str) -> BackboneSpec:
-  if name not in _BACKBONES:
-    raise ValueError(f"unknown backbone {name!r}; known: {sorted(_BACKBONES)}")
-  return _BACKBONES[name]()
+  return BACKBONES.get(name)()
 
 
 def backbone_names() -> List[str]:
-  return sorted(_BACKBONES)
+  return BACKBONES.names()

@@ -20,7 +20,7 @@ Param tree (ConvBN-style: `conv/kernel`, `bn/{scale,bias}`, batch_stats `bn/{mea
                                              _project_conv/_bn2 (block 0 has no expand)
     head                                  <- _conv_head, _bn1
 """
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -172,17 +172,3 @@ def convert_efficientnet_lite0(state_dict: Mapping[str, Any]) -> Dict[str, Dict]
   pairs.append((("head",), "_conv_head", "_bn1"))
   return layers.convert_convbn_pairs(state_dict, pairs, "EfficientNet-Lite0",
                                      ignore_prefixes=("_fc.",))
-
-
-def convert_efficientnet_lite0_classifier(
-    state_dict: Mapping[str, Any]) -> Optional[Dict[str, np.ndarray]]:
-  """The file's ImageNet classifier as {"kernel": [1280, 1000], "bias": [1000]}, or None.
-
-  It applies to the spatial mean of the feature map (the torch model's average pool).
-  """
-  if "_fc.weight" not in state_dict:
-    return None
-  layers.require_keys(state_dict, ["_fc.weight", "_fc.bias"],
-                      "EfficientNet-Lite0 classifier")
-  return {"kernel": layers.torch_linear_kernel(state_dict["_fc.weight"]),
-          "bias": np.asarray(state_dict["_fc.bias"])}

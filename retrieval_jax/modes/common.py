@@ -8,7 +8,7 @@ import numpy as np
 from retrieval_jax import descriptor_settings
 from retrieval_jax import restore
 from retrieval_jax import sharding as sharding_lib
-from retrieval_jax.evaluation import pipeline as evaluate_lib
+from retrieval_jax.evaluation import pipeline
 
 Summary = Dict[str, Any]
 # The result label of a network evaluated without a checkpoint of this workdir.
@@ -39,7 +39,7 @@ def label(net: restore.Restored) -> str:
 def summary(workdir: str, results: Dict[str, Any], step: Optional[int] = None) -> Summary:
   """Before/after numbers side by side; the 'before' comes from the training run's file."""
   out = {}
-  for k, r in evaluate_lib.with_saved_before(workdir, results).items():
+  for k, r in pipeline.with_saved_before(workdir, results).items():
     if r:
       out[k] = {m: float(v) for m, v in r.items() if isinstance(v, (int, float, np.floating))}
       for line in r.get("lines", []):

@@ -211,12 +211,9 @@ def _write_skipped(config, workdir: str, skipped) -> None:
 
 
 def _initial_codebook(config, model, variables, train_set, mesh):
-  """`model.netvlad_init`: "" keeps the random centres, "kmeans" learns them from images."""
-  init = config.model.netvlad_init
-  if init not in clustering.NETVLAD_INITS:
-    raise ValueError(f"model.netvlad_init must be one of {clustering.NETVLAD_INITS}, "
-                     f"got {init!r}")
-  if init == "kmeans":
+  """`model.netvlad_init` (checked by config_checks): "" keeps the random centres, "kmeans"
+  learns them from images."""
+  if config.model.netvlad_init == "kmeans":
     return clustering.netvlad_kmeans_init(config, model, variables, train_set.images, mesh)
   return variables
 
