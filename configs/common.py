@@ -136,7 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.dba_k = 0                 # alpha-DBA: neighbours ITSELF INCLUDED (n_DBA + 1); 0 = off
   c.eval.allow_missing = False     # True: evaluate without missing images (recorded in the result)
   c.eval.dba_alpha = 3.0
-  # Second-stage ranking with local features (retrieval_jax/local/evaluate.py), reported
+  # Second-stage ranking (retrieval_jax/evaluation/rerankers.py, evaluation/local_rerankers.py), reported
   # beside the global-only numbers: "" off, "local" (DELG: RANSAC inliers), "asmk".
   c.eval.rerank = ""
   c.eval.rerank_top = 100          # global top-N re-ranked (asmk: -1 ranks by ASMK alone)

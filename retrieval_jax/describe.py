@@ -7,7 +7,7 @@
   out_dir/skipped.txt      images that could not be read (missing, truncated, not images)
   out_dir/config.json      what was computed (the `descriptor_store.load_descriptors` format)
 
-so the folder is an index for `folder_search` and a store for `descriptor_store.load_descriptors`.
+so the folder is an index for `index_search` and a store for `descriptor_store.load_descriptors`.
 
 Streaming and resumable: the images are described `chunk` at a time by
 `extract.extract_descriptors` into `out_dir/work/partial.npy` (memory-mapped, one row per

@@ -295,7 +295,7 @@ def describe_batch_fn(model, options: ExportOptions, multiscale_p: Optional[floa
     acc = None
     for s in scales:
       if base is not None:
-        canvas, cmask = interpolate.rescale_batch(*base, s)
+        canvas, cmask = interpolate.rescale_batch_like_torch(*base, s)
       else:
         canvas, cmask = canvas_of(max(1, int(round(options.long_side * s))))
       v = model.apply(variables, canvas, cmask)["descriptor"].astype(jnp.float32)

@@ -2,7 +2,7 @@
 
   <workdir>/data/          datasets, unless `config.data.root` names a folder
   <workdir>/checkpoints/   orbax checkpoints (checkpointing.py)
-  <workdir>/results/       evaluation JSON and pictures (evaluate.py)
+  <workdir>/results/       evaluation JSON and pictures (evaluation/pipeline.py)
   <workdir>/descriptors/   extracted descriptors (run.py's extract mode)
   <workdir>/whitening/     post-hoc whitening (postprocess/whitening_store.py)
   <workdir>/tuples/        epoch-mined tuples (train/inputs.py)

@@ -41,7 +41,7 @@ from retrieval_jax.evaluation import pictures as pictures_lib
 from retrieval_jax.evaluation import query_expansion
 from retrieval_jax.evaluation import rerankers
 from retrieval_jax.evaluation import test_set as test_set_lib
-from retrieval_jax.local import benchmark as _local_rerankers  # pylint: disable=unused-import
+from retrieval_jax.evaluation import local_rerankers  # pylint: disable=unused-import
 from retrieval_jax.postprocess import whitening as whitening_lib
 from retrieval_jax.postprocess import whitening_store
 

@@ -7,7 +7,7 @@ ranking of the same queries (`Reranked`). Adding one is one entry:
   @RERANKERS.register("mine")
   def _mine(context, stage) -> Reranked: ...
 
-The built-in ones use local features (`local/benchmark.py`: "local" = DELG geometric
+The built-in ones use local features (`evaluation/local_rerankers.py`: "local" = DELG geometric
 verification, "asmk"); `pipeline.py` imports them.
 """
 import dataclasses

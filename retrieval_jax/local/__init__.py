@@ -1,16 +1,16 @@
 """Local features (DELF / DELG) and their use in retrieval.
 
 heads.py           attention head, autoencoder, attention pooling, the local losses
-model.py           DelfNet (trunk + local head), DelgNet (+ RetrievalNet's global head)
+model.py           DelfNet (trunk + local head), DelgNet (a RetrievalNet + local head)
 receptive_field.py receptive boxes of a trunk stage, derived from its layers
 keypoints.py       image pyramid -> top-scoring positions -> NMS -> keypoints (masked, batched)
 extract.py         an image collection -> a store (resumable)
 store.py           per-image keypoints on disk (streaming, resumable)
 matching.py        mutual-NN / ratio-test matching + RANSAC verification
-rerank.py          re-ranking a global top-N by verified inliers (or by other scores)
+geometric_rerank.py  re-ranking a global top-N by verified inliers (or by other scores)
 asmk_index.py      ASMK aggregation over local descriptors (the `asmk` package)
-evaluate.py        global-only and re-ranked metrics side by side, from rankings
 
 The modes use them through `retrieval_jax/networks.py` (which network a config builds) and
-`retrieval_jax/local_benchmark.py` (stores beside the descriptors, `eval.rerank`).
+the evaluation pipeline's re-rankers (`retrieval_jax/evaluation/local_rerankers.py`,
+`eval.rerank`).
 """

@@ -26,7 +26,20 @@ def _local_outputs(head: heads.LocalHead, feats: Dict[str, Any], labels) -> Dict
   return out
 
 
-class DelfNet(nn.Module):
+class _LocalHeadAttributes(nn.Module):
+  """The `heads.LocalHead` attributes DelfNet and DelgNet share, and the head they build."""
+  num_classes: int = 0
+  reduced_dim: int = 128
+  attention_hidden: int = 512
+  classifier: str = "softmax"
+
+  def make_local_head(self, **kwargs) -> heads.LocalHead:
+    return heads.LocalHead(num_classes=self.num_classes, reduced_dim=self.reduced_dim,
+                           attention_hidden=self.attention_hidden, classifier=self.classifier,
+                           **kwargs)
+
+
+class DelfNet(_LocalHeadAttributes):
   """Trunk -> stages[-2] -> LocalHead.
 
   Attributes:
@@ -35,10 +48,6 @@ class DelfNet(nn.Module):
   """
   backbone: str = "resnet50"
   backbone_kwargs: Optional[Mapping[str, Any]] = None
-  num_classes: int = 0
-  reduced_dim: int = 128
-  attention_hidden: int = 512
-  classifier: str = "softmax"
   mean: Sequence[float] = backbones.IMAGENET_MEAN
   std: Sequence[float] = backbones.IMAGENET_STD
   dtype: str = "float32"
@@ -47,14 +56,11 @@ class DelfNet(nn.Module):
   def __call__(self, images, mask: Optional[jnp.ndarray] = None,
                labels: Optional[jnp.ndarray] = None, train: bool = False) -> Dict[str, Any]:
     """images: [B, H, W, 3] uint8; mask: optional [B, H, W] bool; labels: [B] int."""
-    head = heads.LocalHead(num_classes=self.num_classes, reduced_dim=self.reduced_dim,
-                           attention_hidden=self.attention_hidden, classifier=self.classifier,
-                           name="local_head")
-    return _local_outputs(head, retrieval_net.trunk_features(self, images, mask, train),
-                          labels)
+    return _local_outputs(self.make_local_head(name="local_head"),
+                          retrieval_net.trunk_features(self, images, mask, train), labels)
 
 
-class DelgNet(nn.Module):
+class DelgNet(_LocalHeadAttributes):
   """DELG: a `RetrievalNet` (trunk, global head) plus a LocalHead on the trunk's stages[-2].
 
   The RetrievalNet is built from these attributes and shares this module's scope
@@ -76,10 +82,6 @@ class DelgNet(nn.Module):
   pooling_kwargs: Optional[Mapping[str, Any]] = None
   whitening_dim: int = 0
   multi_layer: bool = False
-  num_classes: int = 0
-  reduced_dim: int = 128
-  attention_hidden: int = 512
-  classifier: str = "softmax"
   mean: Sequence[float] = backbones.IMAGENET_MEAN
   std: Sequence[float] = backbones.IMAGENET_STD
   dtype: str = "float32"
@@ -90,9 +92,7 @@ class DelgNet(nn.Module):
         pooling_kwargs=self.pooling_kwargs, whitening_dim=self.whitening_dim,
         multi_layer=self.multi_layer, mean=self.mean, std=self.std, dtype=self.dtype)
     nn.share_scope(self, self.net)
-    self.local_head = heads.LocalHead(
-        num_classes=self.num_classes, reduced_dim=self.reduced_dim,
-        attention_hidden=self.attention_hidden, classifier=self.classifier)
+    self.local_head = self.make_local_head()
 
   def __call__(self, images, mask: Optional[jnp.ndarray] = None,
                labels: Optional[jnp.ndarray] = None, train: bool = False) -> Dict[str, Any]:

@@ -8,7 +8,7 @@ from retrieval_jax import paths
 from retrieval_jax import sharding as sharding_lib
 from retrieval_jax.data import image_io
 from retrieval_jax.evaluation import test_set as test_set_lib
-from retrieval_jax.local import benchmark as local_benchmark
+from retrieval_jax.evaluation import local_rerankers
 from retrieval_jax.modes import common
 from retrieval_jax.postprocess import whitening as whitening_lib
 from retrieval_jax.postprocess import whitening_store
@@ -58,7 +58,7 @@ def extract(config, workdir: str) -> common.Summary:
     out["skipped"] = {"path": path, **checked.summary(), "unreadable": skipped.total}
   if settings.local is not None:
     # DELG: local features beside the descriptors, in <workdir>/local/<tag>/<set>_<part>/.
-    stores = local_benchmark.extract_local_features(
+    stores = local_rerankers.extract_local_features(
         net.model, net.variables, mesh, settings, test_set, workdir=workdir,
         tag=common.tag(net))
     for part, store in zip(("query", "db"), stores):
