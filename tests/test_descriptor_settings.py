@@ -5,6 +5,7 @@ multi-scale exponent, the local settings, the export overrides); the whitening s
 its files by the settings' digest and the weights' identity; the registries carry the
 per-dataset facts; config_checks refuses bad combinations.
 """
+import jax
 import numpy as np
 import pytest
 
@@ -172,3 +173,24 @@ def test_valid_combinations_pass():
   c.model.local_head, c.eval.rerank = "delg", "local"
   c.extract.multiscale_combine = "early_fusion"  # DelgNet has RetrievalNet's trunk / head
   assert config_checks.find_problems(c, "evaluate") == []
+
+
+def test_imported_whitening_is_used_for_the_same_weights(gem_net, tmp_path, monkeypatch):
+  """A cirtorch file's meta['Lw'] is stored under the settings' and weights' key, so the
+  off-the-shelf evaluation uses it (nothing is learned) on device-placed variables."""
+  model, variables = gem_net
+  c = _config(scales=(1.0, 0.5))
+  c.eval.whitening = "learned"
+  d = 8  # the tiny trunk's channels
+  m, proj = np.arange(d, dtype=np.float64), np.eye(d)[::-1]
+
+  class Imported:
+    whitening = {"retrieval-SfM-120k": {"ss": (m + 1, proj), "ms": (m, proj)}}
+
+  whitening_store.save_imported(c, str(tmp_path), Imported(), model, variables)
+  monkeypatch.setattr(whitening_store, "compute_and_save",
+                      lambda *a, **k: pytest.fail("learned instead of reused"))
+  placed = jax.device_put(variables)
+  got = whitening_store.get_or_compute(c, str(tmp_path), model, placed, None, None)
+  np.testing.assert_array_equal(got["m"], m)  # the multi-scale entry, for two scales
+  np.testing.assert_array_equal(got["P"], proj)

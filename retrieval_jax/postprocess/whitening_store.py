@@ -177,21 +177,21 @@ def save_imported(config, workdir: str, imported, model, variables) -> Optional[
 
   Picks the entry of `config.eval.whitening_dataset` (case-insensitive, e.g.
   'retrieval-SfM-120k'; the first one when unset or absent) and its multi-scale ('ms') or
-  single-scale ('ss') version by `config.extract.scales`, and writes it as `lw.npz` for the
-  pretrained network (checkpoint step None), so `get_or_compute` uses it instead of
-  learning one. Returns the path, or None when the file has no whitening.
+  single-scale ('ss') version by the descriptor settings' scales, and writes it as `lw.npz`
+  for the pretrained network (checkpoint step None, these variables), so `get_or_compute`
+  uses it instead of learning one. Returns the path, or None when the file has no whitening.
   """
   if not imported.whitening:
     return None
   want = (config.eval.whitening_dataset or "").lower()
   names = sorted(imported.whitening)
   name = next((n for n in names if n.lower() == want), names[0])
-  kind = "ms" if len(config.extract.scales) > 1 else "ss"
+  key, settings = _key(config, "learned", model, variables, None)
+  kind = "ms" if len(settings.scales) > 1 else "ss"
   entry = imported.whitening[name]
   kind = kind if kind in entry else sorted(entry)[0]
   m, proj = entry[kind]
   path = whitening_path(workdir, "learned")
-  key, _ = _key(config, "learned", model, variables, None)
   save(path, m, proj, dict(key, source=f"meta Lw {name}/{kind}",
                            rank=int(proj.shape[0]), dim_in=int(proj.shape[1])))
   logging.info("using the checkpoint's precomputed whitening %s/%s -> %s", name, kind, path)
