@@ -10,7 +10,10 @@ can compare the project's numbers with them:
   `whitenlearn`, `cholesky`, in its column layout X [D, N].
 * alpha-QE and alpha-DBA from Radenovic, Tolias, Chum, "Fine-tuning CNN Image Retrieval with
   No Human Annotation" (TPAMI 2018), Section 5: the query (database vector) is replaced by the
-  L2-normalised sum of itself and its top-n neighbours weighted by (q^T d)^alpha.
+  L2-normalised sum of itself and its top-n neighbours weighted by (q^T d)^alpha. The paper
+  does not say what a negative similarity weighs; these take max(q^T d, 0)^alpha, the
+  project's documented convention (retrieval_jax/evaluation/rerank.py), which matters after a
+  whitening learned on few images, where top-n similarities can be negative.
 """
 import numpy as np
 
@@ -166,19 +169,18 @@ def _l2n(x):
 
 
 def alpha_qe(queries, database, n, alpha):
-  """q' = normalise(q + sum over the top-n database vectors d of (q^T d)^alpha d)."""
+  """q' = normalise(q + sum over the top-n database vectors d of max(q^T d, 0)^alpha d)."""
   queries, database = np.asarray(queries, np.float64), np.asarray(database, np.float64)
   out = []
   for q in queries:
     s = database @ q
     top = np.argsort(-s, kind='stable')[:n]
-    assert (s[top] > 0).all(), 'the reference is written for positive top-n similarities'
-    out.append(q + (s[top, None] ** alpha * database[top]).sum(axis=0))
+    out.append(q + (np.maximum(s[top, None], 0) ** alpha * database[top]).sum(axis=0))
   return _l2n(np.asarray(out))
 
 
 def alpha_dba(database, n_with_itself, alpha):
-  """Every database vector: normalise(its top-n neighbours, itself first, weighted (x^T d)^alpha).
+  """Every database vector: normalise(its top-n neighbours, itself first, weighted max(x^T d, 0)^alpha).
 
   `n_with_itself` counts the vector itself (the paper's n_DBA neighbours + 1).
   """
@@ -187,6 +189,5 @@ def alpha_dba(database, n_with_itself, alpha):
   for x in database:
     s = database @ x
     top = np.argsort(-s, kind='stable')[:n_with_itself]
-    assert (s[top] > 0).all(), 'the reference is written for positive top-n similarities'
-    out.append((s[top, None] ** alpha * database[top]).sum(axis=0))
+    out.append((np.maximum(s[top, None], 0) ** alpha * database[top]).sum(axis=0))
   return _l2n(np.asarray(out))
