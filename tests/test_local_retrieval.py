@@ -17,6 +17,8 @@ from retrieval_jax.local import evaluate as local_eval
 from retrieval_jax.local import rerank as rerank_lib
 from retrieval_jax.local import store as store_lib
 
+import numpy_references  # pylint: disable=g-bad-import-order
+
 DIM = 32  # binary ASMK packs bits in 32-bit words (see asmk_index)
 
 
@@ -256,6 +258,12 @@ def test_ranked_evaluators_equal_the_library_ones():
     ref = evaluation.get_evaluator(name)(q, db, gt)
     got = local_eval.RANKED.get(name)(ranks, gt)
     assert got["lines"] == ref["lines"], name
+  # And both are revisitop's numbers (tests/numpy_references.py), not only each other's.
+  got = local_eval.RANKED.get("roxford5k")(ranks, cases["roxford5k"])
+  independent = numpy_references.ranks_by_inner_product(q, db)
+  for setup in ("easy", "medium", "hard"):
+    assert got[f"mAP_{setup[0].upper()}"] == pytest.approx(
+        numpy_references.revisited_map_percent(independent, gnd, setup), abs=1e-9), setup
 
 
 def test_evaluate_reranked_side_by_side(world):
