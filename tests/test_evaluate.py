@@ -30,6 +30,7 @@ from retrieval_jax.evaluation import revisited
 from retrieval_jax.postprocess import whitening
 from retrieval_jax.postprocess import whitening_store
 
+import numpy_references as ref  # pylint: disable=g-bad-import-order
 from test_extract import _photo_arrays  # pylint: disable=g-bad-import-order
 
 LANDMARKS = ("astronaut", "coffee", "chelsea")
@@ -119,8 +120,10 @@ def test_evaluate_revisited_prints_table_writes_json_and_pictures(revisited_root
   assert saved["mAP_M"] == shown["mAP_M"] and len(saved["aps_M"]) == 3
   assert os.path.exists(os.path.join(workdir, "whitening", "pca.npz"))
 
-  # The same network, extracted here: its ranking gives the JSON's numbers and the
-  # pictures' borders.
+  # The same network, extracted here; everything after the descriptors is recomputed with
+  # the references (tests/numpy_references.py): ranking by inner product, revisitop's
+  # compute_map, cirtorch's whitenapply of the stored whitening, the TPAMI alpha-DBA and
+  # alpha-QE formulas. Tolerance: the printed 2 decimals (0.01).
   mesh = sharding.make_mesh()
   model, variables, step, source = restore.restore_model(config, workdir, mesh)
   assert step is None and source == restore.PRETRAINED
@@ -129,18 +132,28 @@ def test_evaluate_revisited_prints_table_writes_json_and_pictures(revisited_root
   q = extract.extract_descriptors(model, variables, test_set.query_images,
                                   bboxes=test_set.query_bbx, mesh=mesh, **kw)
   db = extract.extract_descriptors(model, variables, test_set.db_images, mesh=mesh, **kw)
-  ranks = knn.rank_all(q, db)
-  raw = revisited.evaluate_revisited("roxford5k", ranks, test_set.gnd)
-  assert raw["mAP_M"] == pytest.approx(saved["mAP_M"], abs=0.01)
-  assert raw["mAP_M"] > 50  # ImageNet features find the views of the landmarks
-  w = whitening_store.load(whitening_store.whitening_path(workdir, "pca"))
-  q, db = whitening.apply(q, w), whitening.apply(db, w)
-  # Re-ranking on top of the whitening: alpha-DBA of the database, then alpha-QE.
-  db = rerank.alpha_database_augmentation(db, 2, 3.0)
-  q = rerank.alpha_query_expansion(q, db, 2, 3.0)
-  ranks = knn.rank_all(q, db)
-  reranked = revisited.evaluate_revisited("roxford5k", ranks, test_set.gnd)
-  assert shown["mAP_M_rerank"] == pytest.approx(reranked["mAP_M"], abs=0.01)
+  ranks = ref.ranks_by_inner_product(q, db)
+  for setup in ("easy", "medium", "hard"):
+    key = f"mAP_{setup[0].upper()}"
+    assert saved[key] == pytest.approx(ref.revisited_map_percent(ranks, test_set.gnd, setup),
+                                       abs=0.01), key
+  _, aps_m, _, _ = ref.compute_map(ranks, ref.revisited_gnd(test_set.gnd, "medium"))
+  np.testing.assert_allclose(saved["aps_M"], aps_m, atol=1e-4)
+  assert saved["mAP_M"] > 50  # ImageNet features find the views of the landmarks
+  w = np.load(os.path.join(workdir, "whitening", "pca.npz"))
+  m, proj = np.asarray(w["m"], np.float64).reshape(-1, 1), np.asarray(w["P"], np.float64)
+  q = ref.whitenapply(np.asarray(q, np.float64).T, m, proj).T
+  db = ref.whitenapply(np.asarray(db, np.float64).T, m, proj).T
+  assert shown["mAP_M_pca"] == pytest.approx(
+      ref.revisited_map_percent(ref.ranks_by_inner_product(q, db), test_set.gnd, "medium"),
+      abs=0.01)
+  # Re-ranking on top of the whitening: alpha-DBA of the database (k = 2 counts the image
+  # itself), then alpha-QE with its top 2, alpha = 3.
+  db = ref.alpha_dba(db, 2, 3.0)
+  q = ref.alpha_qe(q, db, 2, 3.0)
+  reranked = ref.ranks_by_inner_product(q, db)
+  assert shown["mAP_M_rerank"] == pytest.approx(
+      ref.revisited_map_percent(reranked, test_set.gnd, "medium"), abs=0.01)
   assert "+ aQE k=2 aDBA k=2" in printed
   thumb, border, gap = 96, 6, 4
   cell = thumb + 2 * border
@@ -154,7 +167,7 @@ def test_evaluate_revisited_prints_table_writes_json_and_pictures(revisited_root
     ok = set(g["easy"].tolist()) | set(g["hard"].tolist())
     for c in range(1, 9):
       got = colours[tuple(image[gap + 1, gap + c * (cell + gap) + 1])]
-      idx = int(ranks[c - 1, i])
+      idx = int(reranked[c - 1, i])
       want = "ok" if idx in ok else "junk" if idx in set(g["junk"].tolist()) else "wrong"
       assert got == want, (i, c, idx)
       seen.add(got)
@@ -171,6 +184,7 @@ def test_extract_mode_streams_descriptors_and_whitened_copies(revisited_root, tm
   assert stored["images"][0].endswith("astronaut_0.jpg")
   assert stored["config"]["eval"]["dataset"] == "roxford5k"
   white = descriptor_store.load_descriptors(out["db_pca"]["path"])["descriptors"]
-  w = whitening_store.load(os.path.join(str(tmp_path), "whitening", "pca.npz"))
-  np.testing.assert_allclose(white, whitening.apply(stored["descriptors"], w),
-                             atol=1e-6)
+  w = np.load(os.path.join(str(tmp_path), "whitening", "pca.npz"))
+  want = ref.whitenapply(np.asarray(stored["descriptors"], np.float64).T,
+                         np.asarray(w["m"], np.float64).reshape(-1, 1), w["P"]).T
+  np.testing.assert_allclose(white, want, atol=1e-5)  # cirtorch's whitenapply, float32

@@ -23,7 +23,6 @@ from retrieval_jax import extract
 from retrieval_jax import multiscale
 from retrieval_jax import sharding
 from retrieval_jax.data import protocol
-from retrieval_jax.data import transforms
 import tiny_models  # pylint: disable=g-bad-import-order
 
 tf = pytest.importorskip("tensorflow")
@@ -163,18 +162,22 @@ def test_options_change_the_descriptor_and_json_records_them(setup, exported):
 
 
 @pytest.mark.parametrize("resample,upscale,side", [
-    ("bilinear", True, 64), ("bilinear", True, 45),  # transforms.resize_long_side
-    ("lanczos", False, 64), ("lanczos", False, 300),  # transforms.thumbnail (the reference)
+    ("bilinear", True, 64), ("bilinear", True, 45),  # PIL resize to the long side
+    ("lanczos", False, 64), ("lanczos", False, 300),  # PIL thumbnail (the reference)
     ("bilinear", False, 45), ("lanczos", True, 300)])
 def test_in_graph_resize_is_pillows(resample, upscale, side):
   """The fixed-point resize equals Pillow's, as the extraction calls it (incl. the reduce
   step of Image.thumbnail at 600 -> 64 px and its aspect rounding)."""
   from skimage import data  # pylint: disable=import-outside-toplevel
+  pil_filter = {"bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}[resample]
   for image in (data.coffee(), np.ascontiguousarray(np.rot90(data.rocket()))):
-    if upscale:
-      want = transforms.resize_long_side(image, side, resample=resample)
-    else:
-      want = transforms.thumbnail(image, side, resample)
+    im = Image.fromarray(image)
+    if upscale:  # the long side to `side`, rounded sizes, enlarging too
+      scale = side / max(im.size)
+      im = im.resize((round(im.width * scale), round(im.height * scale)), pil_filter)
+    else:  # cirtorch's imresize
+      im.thumbnail((side, side), pil_filter)
+    want = np.asarray(im)
     got, mask = jax.jit(lambda x: export.resize_into_canvas(
         x, x.shape[0], x.shape[1], side, resample=resample, upscale=upscale))(image)
     nh, nw = want.shape[:2]

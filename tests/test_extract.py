@@ -22,7 +22,6 @@ from retrieval_jax.data import image_io
 from retrieval_jax.data import protocol
 from retrieval_jax.data import transforms
 from retrieval_jax.models import mobilenet_v2
-from retrieval_jax.models import pooling_ops
 from retrieval_jax.models import retrieval_net
 from tiny_models import random_variables, tiny_resnet  # pylint: disable=g-bad-import-order
 
@@ -221,35 +220,51 @@ def test_resize_valid_matches_torch_interpolate():
     assert not got[b, th:].any() and not got[b, :, tw:].any()
 
 
-def test_early_fusion_batched_equals_one_image_reference(photos):
-  """Bucketed early fusion == trunk maps of the unpadded scales, resized by torch, summed."""
+def _torch_gem_l2n(torch, fmap, p):
+  """cirtorch's `gem` (clamp at 1e-6, average pool, power 1/p) then `l2n`: [1, C, H, W] -> [C]."""
+  v = torch.nn.functional.avg_pool2d(fmap.clamp(min=1e-6).pow(p), fmap.shape[-2:]).pow(1. / p)
+  v = v.flatten()
+  return (v / (v.norm() + 1e-6)).numpy()
+
+
+def test_early_fusion_batched_equals_a_torch_reference(photos, tmp_path):
+  """Bucketed early fusion == torch: a width-8 torchvision-layout ResNet (weights converted by
+  the import path) on cirtorch's input (PIL thumbnail to 96, normalised), the 0.5 scale a PIL
+  bilinear resize of that image, its layer4 map brought to the full scale's size by
+  F.interpolate (bilinear, align_corners=False), summed, cirtorch's GeM (p = 3), L2. Tolerance
+  1e-5 absolute on the unit-norm descriptors."""
   torch = pytest.importorskip("torch")
+  import cirtorch_reference  # pylint: disable=import-outside-toplevel
+  import torch_reference  # pylint: disable=import-outside-toplevel
+  from retrieval_jax.models import pretrained  # pylint: disable=import-outside-toplevel
+  from retrieval_jax.models import resnet  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(3)
+  net = torch_reference.randomize_batch_norm(
+      torch_reference.ResNet(18, width=8, layers=(1, 1, 1, 1)), seed=3).eval()
   model = tiny_resnet("gem")
-  variables = random_variables(model, seed=3)
-  scales = (1.0, 0.5)
+  trunk = resnet.convert_torchvision_resnet(net.state_dict(), 18, stage_sizes=(1, 1, 1, 1))
+  variables = pretrained.merge_backbone(random_variables(model, seed=3, p=3.0), trunk)
   got = extract.extract_descriptors(model, variables, photos, mesh=mesh_of(8),
-                                    long_side=LONG_SIDE, scales=scales, early_fusion=True)
-  fmap = jax.jit(lambda v, x: model.apply(v, x)["feature_map"])
-  want = []
+                                    long_side=LONG_SIDE, scales=(1.0, 0.5), early_fusion=True)
+
+  def layer4(img):
+    x = cirtorch_reference.normalize(cirtorch_reference.to_tensor(img))[None]
+    with torch.no_grad():
+      return net.features(x)[1]
+
+  want, single = [], []
   for path in photos:
-    big = protocol.REFERENCE.resize(image_io.load_rgb(path), LONG_SIDE)
-    small = np.asarray(Image.fromarray(big).resize(
-        (max(1, round(big.shape[1] * 0.5)), max(1, round(big.shape[0] * 0.5))),
-        Image.BILINEAR))
-    f1 = np.asarray(fmap(variables, big[None]))[0]
-    f2 = torch.from_numpy(np.array(fmap(variables, small[None]))).permute(0, 3, 1, 2)
-    f2 = torch.nn.functional.interpolate(f2, size=f1.shape[:2], mode="bilinear",
-                                         align_corners=False)[0].permute(1, 2, 0).numpy()
-    fused = jnp.asarray((f1 + f2)[None])
-    v = pooling_ops.gem(fused, variables["params"]["pool"]["p"])
-    want.append(np.asarray(pooling_ops.l2n(v))[0])
-  assert row_cosines(got, np.stack(want)).min() >= COS_MIN
+    big = cirtorch_reference.images_from_list_item(path, LONG_SIDE)
+    small = big.resize((max(1, round(big.width * 0.5)), max(1, round(big.height * 0.5))),
+                       Image.BILINEAR)
+    f1, f2 = layer4(big), layer4(small)
+    f2 = torch.nn.functional.interpolate(f2, size=f1.shape[-2:], mode="bilinear",
+                                         align_corners=False)
+    want.append(_torch_gem_l2n(torch, f1 + f2, 3.0))
+    single.append(_torch_gem_l2n(torch, f1, 3.0))
+  np.testing.assert_allclose(got, np.stack(want), atol=1e-5)
   # The smaller scale does contribute.
-  single = np.stack([np.asarray(pooling_ops.l2n(pooling_ops.gem(
-      jnp.asarray(fmap(variables, protocol.REFERENCE.resize(image_io.load_rgb(p),
-                                                            LONG_SIDE)[None])),
-      variables["params"]["pool"]["p"])))[0] for p in photos[:1]])
-  assert row_cosines(got[:1], single).min() < 0.9999
+  assert row_cosines(got, np.stack(single)).min() < 0.9999
 
 
 def test_early_fusion_of_one_scale_twice_is_the_model_itself(photos):

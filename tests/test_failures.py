@@ -24,7 +24,6 @@ from retrieval_jax import config_checks
 from retrieval_jax import descriptor_settings
 from retrieval_jax import errors
 from retrieval_jax import paths
-from retrieval_jax import restore
 from retrieval_jax import run as run_lib
 from retrieval_jax import sharding
 from retrieval_jax.data import datasets
@@ -487,18 +486,33 @@ def test_unknown_mode_and_bad_config_fail_before_any_work(tmp_path):
   assert not os.listdir(tmp_path)  # Nothing was built, downloaded or compiled.
 
 
-def test_evaluate_without_checkpoint_is_labelled_off_the_shelf(tmp_path, monkeypatch, capsys):
-  net = restore.Restored(model=None, variables=None, step=None, source=restore.PRETRAINED)
-  monkeypatch.setattr(evaluate_mode.test_set_lib, "load", lambda config, workdir: None)
-  monkeypatch.setattr(evaluate_mode.common, "network", lambda config, workdir: (net, None))
-  monkeypatch.setattr(evaluate_mode.pipeline, "evaluate_network",
-                      lambda *a, **k: {"mAP": 0.5, "lines": [">> demo: mAP 50.00"]})
+def test_evaluate_without_checkpoint_is_labelled_off_the_shelf(tmp_path, capsys):
+  """A real `--mode=evaluate` of a tiny ResNet-18 weight file on the demo set, no checkpoint."""
+  torch = pytest.importorskip("torch")
+  from retrieval_jax.data import demo  # pylint: disable=import-outside-toplevel
+  import torch_reference  # pylint: disable=import-outside-toplevel
+  root = str(tmp_path / "data")
+  demo.build(root, seed=0)
+  torch.manual_seed(0)
+  net = torch_reference.ResNet(18, width=8)
+  weights = str(tmp_path / "tiny_resnet18.pth")
+  torch.save(torch_reference.randomize_batch_norm(net).state_dict(), weights)
   c = _demo()
-  c.eval.rerank = "" if "rerank" in c.eval else None
-  out = run_lib.MODES.get("evaluate")(c, str(tmp_path))
-  assert set(out) == {"off-the-shelf (pretrained weights, no checkpoint)"}
-  assert "[off-the-shelf (pretrained weights, no checkpoint)] >> demo: mAP 50.00" in (
-      capsys.readouterr().out)
+  with c.unlocked():
+    c.data.root = root
+    c.model.backbone = "resnet18"
+    c.model.backbone_kwargs = {"bn_mode": "frozen_stats", "width": 8}
+    c.model.pretrained = weights
+    c.extract.long_side = 64
+    c.eval.pictures = 0
+  workdir = str(tmp_path / "wd")
+  out = run_lib.run("evaluate", c, workdir)
+  label = "off-the-shelf (pretrained weights, no checkpoint)"
+  assert set(out) == {label}
+  assert 0 <= out[label]["mAP"] <= 100
+  printed = capsys.readouterr().out
+  assert f"[{label}] >> labels: mAP {out[label]['mAP']:.2f}" in printed
+  assert "[after]" not in printed
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from retrieval_jax.mining import pairs as pairs_lib
 from retrieval_jax.postprocess import whitening
 from retrieval_jax.postprocess import whitening_store
 
+import numpy_references as ref  # pylint: disable=g-bad-import-order
 from test_extract import photos  # pylint: disable=unused-import
 from tiny_models import random_variables, tiny_resnet
 
@@ -43,13 +44,21 @@ def _clustered(n_classes, per_class, dim, seed=0):
   return x / np.linalg.norm(x, axis=1, keepdims=True), labels
 
 
-def test_full_rank_learned_whitening_is_the_reference_one():
+def test_full_rank_learned_whitening_is_cirtorchs_whitenlearn():
+  """cirtorch's whitenlearn / whitenapply (numpy transcription, columns = descriptors): the
+  same mean, the same projection up to each eigenvector's sign, the same whitened rows."""
   x, labels = _clustered(40, 6, 16)
   q, p = _cycle_pairs(datasets.TrainSet("t", [""] * len(x), labels))
   m, proj = whitening.learn(x, "learned", q, p)
-  m_ref, p_ref = whitening.learn_whitening(x, q, p)
-  np.testing.assert_allclose(m, m_ref)
-  np.testing.assert_allclose(proj, p_ref)
+  m_ref, p_ref = ref.whitenlearn(x.T, q, p)
+  np.testing.assert_allclose(m, m_ref[:, 0], rtol=1e-12, atol=1e-12)
+  assert proj.shape == p_ref.shape == (16, 16)
+  np.testing.assert_allclose(proj, ref.same_rows_up_to_sign(proj, p_ref), rtol=1e-6,
+                             atol=1e-8)
+  for dim in (0, 8):
+    got = whitening.apply(x, {"m": m, "P": proj}, dim=dim)
+    want = ref.whitenapply(x.T, m_ref, ref.same_rows_up_to_sign(proj, p_ref), dim or None).T
+    np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 @pytest.mark.parametrize("pca_dim", [0, 12])

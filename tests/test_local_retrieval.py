@@ -15,6 +15,8 @@ from retrieval_jax.local import asmk_index
 from retrieval_jax.local import geometric_rerank as rerank_lib
 from retrieval_jax.local import store as store_lib
 
+import numpy_references  # pylint: disable=g-bad-import-order
+
 DIM = 32  # binary ASMK packs bits in 32-bit words (see asmk_index)
 
 
@@ -231,6 +233,24 @@ def test_rerank_by_scores_reorders_only_the_head():
     np.testing.assert_array_equal(out[:5, j], head)
     np.testing.assert_array_equal(out[5:, j], ranks[5:, j])
   np.testing.assert_array_equal(rerank_lib.rerank_by_scores(ranks, scores, top_n=0), ranks)
+
+
+def test_ranked_revisited_evaluator_equals_revisitop():
+  """The registry's revisited evaluator, scoring a ranking, gives revisitop's numbers
+  (tests/numpy_references.py, a numpy transcription of compute_map)."""
+  rng = np.random.default_rng(6)
+  q, db = _unit(rng.normal(size=(6, 8))), _unit(rng.normal(size=(40, 8)))
+  gnd = [{"easy": rng.choice(40, 3, replace=False), "hard": rng.choice(40, 2, replace=False),
+          "junk": rng.choice(40, 2, replace=False)} for _ in range(6)]
+  for g in gnd:  # disjoint lists, as in the real files
+    g["hard"] = np.setdiff1d(g["hard"], g["easy"])
+    g["junk"] = np.setdiff1d(g["junk"], np.concatenate([g["easy"], g["hard"]]))
+  evaluator, printed = evaluation.get_evaluator("roxford5k")
+  got = evaluator.score(printed, evaluation.rank(q, db), {"gnd": gnd})
+  independent = numpy_references.ranks_by_inner_product(q, db)
+  for setup in ("easy", "medium", "hard"):
+    assert got[f"mAP_{setup[0].upper()}"] == pytest.approx(
+        numpy_references.revisited_map_percent(independent, gnd, setup), abs=1e-9), setup
 
 
 def test_local_reranking_of_the_global_ranking_side_by_side(world):

