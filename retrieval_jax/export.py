@@ -373,9 +373,8 @@ def options_from_settings(settings, *, normalize: bool = True,
                                normalize=normalize, whitening=whitening)
 
 
-def _export_jax(fn, args, platforms) -> bytes:
-  exported = jax.export.export(jax.jit(fn), platforms=platforms)(*args)
-  return exported.serialize()
+def _export_jax(fn, args, platforms) -> jax.export.Exported:
+  return jax.export.export(jax.jit(fn), platforms=platforms)(*args)
 
 
 def _write_saved_model(model, variables, options: ExportOptions, path: str,
@@ -415,10 +414,9 @@ def _write_saved_model(model, variables, options: ExportOptions, path: str,
                                                 "describe_batch": describe_batch})
 
 
-def descriptor_dim(describe_one) -> int:
-  """D of an exported single-image function (shape inference only)."""
-  return int(jax.eval_shape(describe_one, jax.ShapeDtypeStruct((32, 32, 3), jnp.uint8)
-                            ).shape[0])
+def descriptor_dim(exported_one: jax.export.Exported) -> int:
+  """D of the exported single-image function (its output shape; nothing is traced again)."""
+  return int(exported_one.out_avals[0].shape[0])
 
 
 def export_model(model, variables, out_dir: str, options: ExportOptions, *,
@@ -446,12 +444,13 @@ def export_model(model, variables, out_dir: str, options: ExportOptions, *,
   batch = make_describe_batch(model, variables, options, p)
   h, w = jax.export.symbolic_shape("h, w")
   b, hb, wb = jax.export.symbolic_shape("b, h, w")
-  blobs = {
+  exported = {
       SINGLE_FILE: _export_jax(one, [jax.ShapeDtypeStruct((h, w, 3), jnp.uint8)], platforms),
       BATCH_FILE: _export_jax(batch, [jax.ShapeDtypeStruct((b, hb, wb, 3), jnp.uint8),
                                       jax.ShapeDtypeStruct((b, hb, wb), jnp.bool_)],
                               platforms),
   }
+  blobs = {name: e.serialize() for name, e in exported.items()}
   for name, blob in blobs.items():
     with open(os.path.join(out_dir, JAX_DIR, name), "wb") as f:
       f.write(blob)
@@ -462,7 +461,7 @@ def export_model(model, variables, out_dir: str, options: ExportOptions, *,
   meta = {
       "backbone": model.backbone,
       "pooling": model.pooling,
-      "descriptor_dim": descriptor_dim(one),
+      "descriptor_dim": descriptor_dim(exported[SINGLE_FILE]),
       "long_side": int(options.long_side),
       "scales": [float(s) for s in options.scales],
       "multiscale_combine": options.multiscale_combine,

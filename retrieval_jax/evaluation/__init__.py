@@ -42,7 +42,6 @@ import numpy as np
 from retrieval_jax import knn
 from retrieval_jax import registry
 from retrieval_jax.evaluation import classic
-from retrieval_jax.evaluation import revisited
 from retrieval_jax.evaluation.classic import (gldv2_recognition_gap, gldv2_retrieval_map,
                                               global_average_precision, holidays_map,
                                               mean_average_precision, read_classic_gt,

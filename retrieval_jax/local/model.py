@@ -60,7 +60,7 @@ class DelfNet(_LocalHeadAttributes):
                           retrieval_net.trunk_features(self, images, mask, train), labels)
 
 
-class DelgNet(_LocalHeadAttributes):
+class DelgNet(_LocalHeadAttributes, retrieval_net.GlobalAttributes):
   """DELG: a `RetrievalNet` (trunk, global head) plus a LocalHead on the trunk's stages[-2].
 
   The RetrievalNet is built from these attributes and shares this module's scope
@@ -73,24 +73,12 @@ class DelgNet(_LocalHeadAttributes):
 
   Attributes:
     backbone, backbone_kwargs, pooling, pooling_kwargs, whitening_dim, multi_layer, mean,
-      std, dtype: the `RetrievalNet`'s.
+      std, dtype: the RetrievalNet's (`retrieval_net.GlobalAttributes`).
     num_classes, reduced_dim, attention_hidden, classifier: `heads.LocalHead`'s.
   """
-  backbone: str = "resnet50"
-  backbone_kwargs: Optional[Mapping[str, Any]] = None
-  pooling: str = "gem"
-  pooling_kwargs: Optional[Mapping[str, Any]] = None
-  whitening_dim: int = 0
-  multi_layer: bool = False
-  mean: Sequence[float] = backbones.IMAGENET_MEAN
-  std: Sequence[float] = backbones.IMAGENET_STD
-  dtype: str = "float32"
 
   def setup(self):
-    self.net = retrieval_net.RetrievalNet(
-        backbone=self.backbone, backbone_kwargs=self.backbone_kwargs, pooling=self.pooling,
-        pooling_kwargs=self.pooling_kwargs, whitening_dim=self.whitening_dim,
-        multi_layer=self.multi_layer, mean=self.mean, std=self.std, dtype=self.dtype)
+    self.net = retrieval_net.RetrievalNet(**self.global_attributes())
     nn.share_scope(self, self.net)
     self.local_head = self.make_local_head()
 

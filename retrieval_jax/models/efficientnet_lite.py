@@ -24,7 +24,6 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from retrieval_jax.models import layers
 

@@ -184,11 +184,6 @@ def torch_conv_kernel(w: np.ndarray) -> np.ndarray:
   return np.transpose(np.asarray(w), (2, 3, 1, 0))
 
 
-def torch_linear_kernel(w: np.ndarray) -> np.ndarray:
-  """[out, in] -> [in, out]."""
-  return np.transpose(np.asarray(w), (1, 0))
-
-
 def torch_bn(state_dict, prefix: str):
   """BatchNorm tensors under `prefix` -> (params, batch_stats) dicts in Flax naming."""
   params = {"scale": np.asarray(state_dict[prefix + ".weight"]),

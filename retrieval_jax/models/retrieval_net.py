@@ -8,6 +8,7 @@ method=RetrievalNet.trunk)`.
 Images come in as uint8 (or float 0..255) RGB `[B, H, W, 3]`; the weights' mean/std
 normalisation happens here, on the device.
 """
+import dataclasses
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -22,8 +23,8 @@ from retrieval_jax.models import pooling_ops
 Maps = List[Tuple[jnp.ndarray, Optional[jnp.ndarray]]]
 
 
-class RetrievalNet(nn.Module):
-  """A global-descriptor network.
+class GlobalAttributes(nn.Module):
+  """RetrievalNet's attributes (also DelgNet's, which builds its RetrievalNet from them).
 
   Attributes:
     backbone: trunk name (backbones.backbone_names()).
@@ -45,6 +46,15 @@ class RetrievalNet(nn.Module):
   mean: Sequence[float] = backbones.IMAGENET_MEAN
   std: Sequence[float] = backbones.IMAGENET_STD
   dtype: str = "float32"
+
+  def global_attributes(self) -> Dict[str, Any]:
+    """These attributes' values, by name (what builds an equal RetrievalNet)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(GlobalAttributes)
+            if f.init and f.name not in ("parent", "name")}
+
+
+class RetrievalNet(GlobalAttributes):
+  """A global-descriptor network (attributes: `GlobalAttributes`)."""
 
   def __call__(self, images, mask: Optional[jnp.ndarray] = None, train: bool = False
                ) -> Dict[str, jnp.ndarray]:
