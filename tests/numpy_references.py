@@ -115,7 +115,9 @@ def whitenapply(X, m, P, dimensions=None):
   return X
 
 
-def pcawhitenlearn(X):
+def pcawhitenlearn(X, rank=None):
+  """cirtorch's code; `rank` keeps only the leading components (cirtorch inverts all D
+  eigenvalues, which fails when N <= D images span fewer than D dimensions)."""
   N = X.shape[1]
   m = X.mean(axis=1, keepdims=True)
   Xc = X - m
@@ -125,6 +127,8 @@ def pcawhitenlearn(X):
   order = eigval.argsort()[::-1]
   eigval = eigval[order]
   eigvec = eigvec[:, order]
+  if rank is not None:
+    eigval, eigvec = np.real(eigval[:rank]), np.real(eigvec[:, :rank])
   P = np.dot(np.linalg.inv(np.sqrt(np.diag(eigval))), eigvec.T)
   return m, P
 

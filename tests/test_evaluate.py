@@ -142,6 +142,14 @@ def test_evaluate_revisited_prints_table_writes_json_and_pictures(revisited_root
   assert saved["mAP_M"] > 50  # ImageNet features find the views of the landmarks
   w = np.load(os.path.join(workdir, "whitening", "pca.npz"))
   m, proj = np.asarray(w["m"], np.float64).reshape(-1, 1), np.asarray(w["P"], np.float64)
+  # The PCA whitening was learned on the database images (the registered labelled set):
+  # cirtorch's pcawhitenlearn of their descriptors, on the 9 dimensions 10 images span.
+  m_ref, p_ref = ref.pcawhitenlearn(np.asarray(db, np.float64).T, rank=9)
+  assert proj.shape == p_ref.shape == (9, 1280)
+  np.testing.assert_allclose(m, m_ref, atol=1e-6)
+  white, white_ref = (ref.whitenapply(np.asarray(db, np.float64).T, m, p).T
+                      for p in (proj, ref.same_rows_up_to_sign(proj, p_ref)))
+  np.testing.assert_allclose(white, white_ref, atol=1e-4)
   q = ref.whitenapply(np.asarray(q, np.float64).T, m, proj).T
   db = ref.whitenapply(np.asarray(db, np.float64).T, m, proj).T
   assert shown["mAP_M_pca"] == pytest.approx(
