@@ -14,7 +14,8 @@ registered under its name; adding a mode is adding one entry:
             local head (DELG), local features to `<workdir>/local/<tag>/<set>_<part>/`;
   export    the network as a jax.export function + TF SavedModel (`serving.py`);
   describe  every image of a folder / list file to descriptors, resumable (`serving.py`);
-  search    top-k of query images in a described folder, JSON + pictures (`serving.py`).
+  search    top-k of query images in a described folder, JSON + pictures (`serving.py`);
+  compile   every program above compiled for a TPU topology on this machine (`aot/`).
 """
 import os
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -32,6 +33,7 @@ from retrieval_jax import registry
 from retrieval_jax import restore
 from retrieval_jax import sharding as sharding_lib
 from retrieval_jax import serving
+from retrieval_jax.aot import mode as aot_mode
 from retrieval_jax.data import datasets
 from retrieval_jax.data import image_io
 from retrieval_jax.data import integrity
@@ -165,6 +167,9 @@ def _extract(config, workdir: str) -> Summary:
 MODES.register("export", serving.export_mode)
 MODES.register("describe", serving.describe_mode)
 MODES.register("search", serving.search_mode)
+# Pod rehearsal: the run's programs compiled for a TPU topology, nothing executed
+# (retrieval_jax/aot/mode.py).
+MODES.register("compile", aot_mode.run)
 
 
 def summary(workdir: str, results: Dict[str, Any], step: Optional[int] = None) -> Summary:
