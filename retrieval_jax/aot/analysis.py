@@ -15,7 +15,10 @@ from retrieval_jax.aot import chips as chips_lib
 from retrieval_jax.aot import collectives as collectives_lib
 from retrieval_jax.aot import programs as programs_lib
 
-_OOM = re.compile(r"Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm", re.I)
+# libtpu's refusals: "... required for HLO temporaries (36.53G) exceeds available HBM
+# (15.75G)" or "Used 20.5G of 15.75G hbm".
+_OOM = re.compile(r"(?:\(|Used )([\d.]+)([KMGT]?)i?B?\)? (?:exceeds available HBM|of [\d.]+"
+                  r"[KMGT]?i?B? hbm)", re.I)
 _UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -48,7 +51,9 @@ def analyse(program: programs_lib.Program, mesh, chip: chips_lib.Chip,
   except Exception as e:  # pylint: disable=broad-except
     needed = _oom_bytes(str(e))
     if needed is None:
-      raise
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      needed = chip.hbm_bytes + 1  # Refused for memory, without a figure.
     # The TPU compiler refuses a program that cannot fit HBM: that is the answer.
     entry.update(hbm_bytes_per_chip=needed, fits=False, compile_seconds=time.time() - t0,
                  error=" ".join(str(e).split())[:300])

@@ -68,5 +68,5 @@ def check_fits(entries: List[Dict[str, Any]], chip: chips_lib.Chip) -> None:
                   "fewer/smaller extract.scales")
       raise config_checks.ConfigError(
           f"program {e['program']} ({e.get('shapes', '')}) needs "
-          f"{e['hbm_bytes_per_chip'] / GIB:.2f} GiB of HBM per chip, the {chip.name} chip "
+          f"{'at least ' if e.get('error') else ''}{e['hbm_bytes_per_chip'] / GIB:.2f} GiB of HBM per chip, the {chip.name} chip "
           f"has {chip.hbm_bytes / GIB:.0f} GiB: {change}")

@@ -20,6 +20,9 @@ def topology_devices(topology: str, num_slices: int = 1) -> tuple:
   """The devices of `num_slices` slices of `topology` (e.g. "v5e:16x16"), slice by slice."""
   # Quietens libtpu's warnings about the TPU VM metadata this machine does not have.
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "")
+  # Compiling opens no TPU: other processes compiling at the same time (tests, a second
+  # rehearsal) must not be refused by libtpu's one-process lock (/tmp/libtpu_lockfile).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
     desc = topologies.get_topology_desc(
