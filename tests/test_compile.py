@@ -163,3 +163,31 @@ def test_resnet50_extraction_flops_match_4_1_gmacs(tmp_path):
   e = r["programs"][0]
   assert e["program"] == "extract_224x224" and e["batch_per_chip"] == 8
   assert abs(e["flops_per_item"] / (2 * 4.1e9) - 1) < 0.05, e["flops_per_item"]
+
+
+def _config_names():
+  return sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+                if f.endswith(".py") and f not in ("common.py", "__init__.py"))
+
+
+def test_every_config_builds_and_traces_its_train_step_for_two_v5e_256_slices():
+  """--mode=compile's programs exist for every config on 2 x v5e:16x16 (512 chips, a slice
+  axis): all are built, the train step (and epoch mining's describe) and the search are
+  traced with their shardings. The full compiles are benchmarks/pod_compile.py's."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  from retrieval_jax.aot import topology  # pylint: disable=import-outside-toplevel
+  devices = topology.topology_devices("v5e:16x16", 2)
+  assert len(devices) == 512
+  for name in _config_names():
+    c = importlib.import_module(f"configs.{name}").get_config()
+    c.compile.num_slices = 2
+    config_checks.validate(c, "compile")
+    mesh = topology.make_mesh(devices, c.mesh.shape, c.mesh.axes, 2)
+    built = programs.build(c, mesh, tuple(c.compile.programs))
+    names = [p.name for p in built]
+    assert names[0] == "train" and names[-1] == "search", (name, names)
+    assert any(n.startswith("extract") for n in names), (name, names)
+    assert any(n.startswith("local") for n in names) == bool(c.model.local_head), name
+    for p in built:
+      if p.name in ("train", "mine_describe", "search"):
+        p.fn.trace(*p.args)
