@@ -61,8 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.vaccaro_t = 10            # Vaccaro: rank gap beyond which a triplet is "extremely hard"
   c.loss.vaccaro_mode = "mixed"    # "mixed", "semi-hard" or "hard"
   c.loss.semi_hard_prob = 0.5      # Vaccaro "mixed": probability of a semi-hard triplet
-  # In-step mining pool: "global" (the whole global batch) or "slice" (multislice meshes,
-  # mesh.axes starting with "slice": each slice mines among its own rows, no DCN all-gather).
+  # In-step mining pool: "global" (the whole global batch), "slice" (multislice meshes,
+  # mesh.axes starting with "slice": each slice mines among its own rows, no DCN all-gather)
+  # or "chip" (each device's rows alone: no all-gather).
   c.loss.mining_scope = "global"
   c.loss.local_attention_weight = 1.0       # DELG: attention CE weight (train.py flags)
   c.loss.local_reconstruction_weight = 10.0  # DELG: autoencoder MSE weight

@@ -166,7 +166,7 @@ def find_problems(config: Any, mode: str = "train") -> List[str]:
     except ValueError as e:
       errors.append(f"config.{e}")
   _check_name(errors, "loss.mining_scope", _get(config, "loss.mining_scope", "global"),
-              ("global", "slice"))
+              ("global", "slice", "chip"))
   if mode == "compile":
     errors.extend(_compile_problems(config))
   if mode in _MODE_NEEDS_TRAINING and _get(config, "train.num_steps") == 0 and not _get(

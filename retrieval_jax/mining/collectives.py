@@ -34,14 +34,17 @@ def _batch(axis_name):
 
 def mining_axes(mesh: Optional[Mesh], scope: str = "global") -> Optional[MiningAxes]:
   """The axes of in-step mining on `mesh` for `scope` ("global": the whole global batch is
-  the pool; "slice": each slice's rows, on a mesh whose first axis is `sharding.SLICE_AXIS`)."""
+  the pool; "slice": each slice's rows, on a mesh whose first axis is `sharding.SLICE_AXIS`;
+  "chip": each device's own rows, no all-gather at all)."""
   if mesh is None:
     return None
   batch = sharding.data_axis(mesh)
   if scope == "global":
     return MiningAxes(batch, batch)
+  if scope == "chip":
+    return MiningAxes(batch, ())
   if scope != "slice":
-    raise ValueError(f"loss.mining_scope must be 'global' or 'slice', got {scope!r}")
+    raise ValueError(f"loss.mining_scope must be 'global', 'slice' or 'chip', got {scope!r}")
   if isinstance(batch, str):
     raise ValueError(f"loss.mining_scope='slice' needs a multislice mesh (mesh.axes starting "
                      f"with {sharding.SLICE_AXIS!r}); this mesh has axes {mesh.axis_names}")
@@ -50,7 +53,7 @@ def mining_axes(mesh: Optional[Mesh], scope: str = "global") -> Optional[MiningA
 
 def gather(x: jnp.ndarray, axis_name) -> jnp.ndarray:
   """[b, ...] local rows -> [B, ...] rows of the mining pool (identity without an axis)."""
-  if axis_name is None:
+  if axis_name is None or _pool(axis_name) == ():
     return x
   return jax.lax.all_gather(x, _pool(axis_name), axis=0, tiled=True)
 
@@ -64,7 +67,7 @@ def psum(tree: Any, axis_name) -> Any:
 
 def global_offset(b: int, axis_name) -> jnp.ndarray:
   """Row index, in the gathered pool, of this device's first local row."""
-  if axis_name is None:
+  if axis_name is None or _pool(axis_name) == ():
     return jnp.zeros((), jnp.int32)
   return (jax.lax.axis_index(_pool(axis_name)) * b).astype(jnp.int32)
 
