@@ -202,4 +202,5 @@ def base_config() -> ml_collections.ConfigDict:
   c.compile.search_query_batch = 1024
   c.compile.search_k = 100
   c.compile.search_dtype = "bfloat16"  # matmul inputs, "float32" or "bfloat16"
+  c.compile.save_hlo = False       # also write each program's partitioned HLO beside the report
   return c

@@ -80,7 +80,8 @@ def test_tiny_train_extract_search_compile_with_every_field(tmp_path, topology, 
       assert field in e, (e["program"], field)
     assert e["fits"] is True and e["hbm_capacity_bytes"] == 16 * 2 ** 30
     for field in ("hbm_bytes_per_chip", "flops_per_chip", "bytes_accessed", "roofline_seconds",
-                  "predicted_images_per_second", "predicted_mfu"):
+                  "predicted_images_per_second", "predicted_mfu", "hbm_traffic_bytes",
+                  "roofline_hbm_only_seconds"):
       assert _finite(e[field]) and e[field] > 0, (e["program"], field, e[field])
     assert e["optimal_seconds"] is None or e["optimal_seconds"] > 0
     assert 0 < e["predicted_mfu"] <= 1
@@ -140,6 +141,38 @@ def test_parse_replica_groups_iota_and_listed():
   assert groups == [[0, 1], [2, 3]]
   assert collectives.axes_crossed(groups, (2, 2), ("slice", "data")) == ["data"]
   assert collectives.axes_crossed([[0, 2], [1, 3]], (2, 2), ("slice", "data")) == ["slice"]
+
+
+def test_hbm_traffic_counts_only_memory_space_0():
+  """Operands and results in HBM count; those the TPU compiler keeps on chip (S(1)) do not;
+  async copies count at their start (read) and done (write); a loop body counts once."""
+  from retrieval_jax.aot import hbm  # pylint: disable=import-outside-toplevel
+  text = """HloModule m
+
+%fused (p: f32[256]) -> f32[256] {
+  %p = f32[256]{0} parameter(0)
+  ROOT %n = f32[256]{0} negate(%p)
+}
+
+%body (t: (f32[256])) -> (f32[256]) {
+  %t = (f32[256]{0}) parameter(0)
+  %g = f32[256]{0} get-tuple-element(%t), index=0
+  %f2 = bf16[512]{0:S(1)} fusion(%g), kind=kLoop, calls=%fused
+  ROOT %r = (f32[256]{0}) tuple(%g)
+}
+
+ENTRY %main (a: f32[256]) -> f32[256] {
+  %a = f32[256]{0} parameter(0)
+  %f = f32[256]{0:T(256)S(1)} fusion(%a), kind=kLoop, calls=%fused
+  %cs = (f32[256]{0:S(1)}, f32[256]{0}, u32[]) copy-start(%f)
+  %cd = f32[256]{0} copy-done(%cs)
+  %w = (f32[256]{0}) while(%t0), condition=%cond, body=%body
+  ROOT %o = f32[256]{0} add(%cd, %cd)
+}
+"""
+  # fusion f: reads a (1024); copy-start reads f (on chip: 0); copy-done writes 1024;
+  # add: 2 x 1024 read + 1024 written; body: fusion f2 reads g (1024), writes on chip.
+  assert hbm.hbm_traffic_bytes(text) == 1024 + 1024 + 3 * 1024 + 1024
 
 
 def test_largest_fitting_bisects():

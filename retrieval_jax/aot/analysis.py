@@ -11,8 +11,10 @@ import re
 import time
 from typing import Any, Dict, Optional
 
+from retrieval_jax import storage
 from retrieval_jax.aot import chips as chips_lib
 from retrieval_jax.aot import collectives as collectives_lib
+from retrieval_jax.aot import hbm as hbm_lib
 from retrieval_jax.aot import programs as programs_lib
 
 # libtpu's refusals: "... required for HLO temporaries (36.53G) exceeds available HBM
@@ -38,8 +40,9 @@ def _cost(compiled) -> Dict[str, float]:
 
 
 def analyse(program: programs_lib.Program, mesh, chip: chips_lib.Chip,
-            num_slices: int = 1) -> Dict[str, Any]:
-  """The report entry of `program` (see the module docstring and report.FIELDS)."""
+            num_slices: int = 1, hlo_path: Optional[str] = None) -> Dict[str, Any]:
+  """The report entry of `program` (see the module docstring and report.FIELDS); with
+  `hlo_path`, the partitioned HLO is written there too."""
   t0 = time.time()
   entry: Dict[str, Any] = {"program": program.name, "shapes": program.shapes,
                            "batch_per_chip": program.batch_per_chip,
@@ -70,8 +73,12 @@ def analyse(program: programs_lib.Program, mesh, chip: chips_lib.Chip,
   flops = float(cost.get("flops", 0.0))
   bytes_accessed = float(cost.get("bytes accessed", 0.0))
   optimal = float(cost.get("optimal_seconds", -1.0))
-  colls = collectives_lib.parse(compiled.as_text(), mesh.devices.shape, mesh.axis_names,
-                                num_slices)
+  text = compiled.as_text()
+  if hlo_path:
+    storage.write_text(hlo_path, text)
+  colls = collectives_lib.parse(text, mesh.devices.shape, mesh.axis_names, num_slices)
+  # XLA's bytes include on-chip (VMEM) operands; hbm.py keeps those in HBM only.
+  hbm_traffic = hbm_lib.hbm_traffic_bytes(text)
   ici_s = sum(c["ici_wire_bytes"] for c in colls.values()) / chip.ici_bytes_per_s
   dcn_s = sum(c["dcn_wire_bytes"] for c in colls.values()) / chip.dcn_bytes_per_s
   compute_s, memory_s = flops / chip.bf16_flops, bytes_accessed / chip.hbm_bytes_per_s
@@ -81,10 +88,15 @@ def analyse(program: programs_lib.Program, mesh, chip: chips_lib.Chip,
   entry.update(
       hbm_bytes_per_chip=int(hbm), memory_breakdown_bytes=memory, fits=bool(hbm <= chip.hbm_bytes),
       flops_per_chip=flops, flops_per_item=flops * chips / max(program.items, 1),
-      bytes_accessed=bytes_accessed,
+      bytes_accessed=bytes_accessed, hbm_traffic_bytes=hbm_traffic,
       optimal_seconds=optimal if optimal > 0 else None,
       roofline_seconds=roofline,
-      roofline_terms_seconds={"compute": compute_s, "hbm": memory_s, "ici": ici_s, "dcn": dcn_s},
+      roofline_terms_seconds={"compute": compute_s, "hbm": memory_s, "ici": ici_s, "dcn": dcn_s,
+                              "hbm_only_traffic": hbm_traffic / chip.hbm_bytes_per_s},
+      # The same bound with hbm.py's HBM-only traffic: what the step costs if on-chip
+      # operands are free (an optimistic reading; the spec's roofline_seconds is above).
+      roofline_hbm_only_seconds=max(compute_s, hbm_traffic / chip.hbm_bytes_per_s) + ici_s
+      + dcn_s,
       bound="compute" if compute_s >= memory_s else "memory",
       predicted_seconds=predicted,
       predicted_images_per_second=program.items / predicted if predicted > 0 else None,

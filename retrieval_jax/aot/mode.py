@@ -7,6 +7,7 @@
 Nothing executes and no dataset is read. Writes W/compile/<topology>[_x<slices>].json, prints
 the table, and exits 2 with one line when a program does not fit the chip's HBM.
 """
+import os
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -69,9 +70,13 @@ def run(config, workdir: str) -> Dict[str, Any]:
   devices = topology.topology_devices(c.topology, int(c.num_slices))
   mesh = topology.make_mesh(devices, config.mesh.shape, config.mesh.axes, int(c.num_slices))
   entries = []
+  hlo_dir = os.path.join(workdir, "compile", report_lib.file_name(
+      c.topology, int(c.num_slices))[:-len(".json")]) if c.save_hlo else None
   for program in programs_lib.build(config, mesh, tuple(c.programs)):
     logging.info("compiling %s (%s) for %s", program.name, program.shapes, c.topology)
-    entries.append(analysis.analyse(program, mesh, chip, int(c.num_slices)))
+    entries.append(analysis.analyse(
+        program, mesh, chip, int(c.num_slices),
+        hlo_path=os.path.join(hlo_dir, f"{program.name}.hlo.txt") if hlo_dir else None))
   max_batch: Optional[Dict[str, Any]] = None
   train = [e for e in entries if e["program"] == "train"]
   if c.max_batch and "train" in c.programs:
