@@ -5,7 +5,8 @@ they live; the TPU compiler keeps many of them in on-chip memory (layouts annota
 n > 0: VMEM and other spaces), whose traffic never reaches HBM. This estimate sums, over the
 top-level ops of the entry computation and of the loops and calls it runs, the bytes of the
 operands and results in memory space 0 (HBM): every fusion reads its HBM operands once and
-writes its HBM results once (async copies and collectives counted at their start / done).
+writes its HBM results once (async copies and collectives counted at their start / done, an
+async slice by the slice it reads).
 It is an estimate of the same kind as XLA's, not a measurement.
 """
 import re
@@ -21,6 +22,17 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "afte
          "add-dependency", "iota"}
 _CALLED = re.compile(r"(?:body|condition|to_apply_call|true_computation|false_computation)="
                      r"%([\w.-]+)|branch_computations=\{([^}]*)\}")
+
+
+def _all_array_bytes(shape: str):
+  out = []
+  for dtype, dims, _ in _ARRAY.findall(shape):
+    n = 1
+    for d in dims.split(","):
+      if d:
+        n *= int(d)
+    out.append(n * _BYTES.get(dtype, 4))
+  return out
 
 
 def hbm_array_bytes(shape: str) -> float:
@@ -76,7 +88,11 @@ def hbm_traffic_bytes(text: str) -> float:
         continue
       args = rest.split(")", 1)[0]
       operands = sum(hbm_array_bytes(shapes.get(a, "")) for a in re.findall(r"%([\w.-]+)", args))
-      if op.endswith("-start"):
+      if op == "slice-start":
+        # ((operand), slice, context): only the slice is read from the operand.
+        sizes = _all_array_bytes(shape)
+        total += sizes[1] if operands and len(sizes) > 1 else 0.0
+      elif op.endswith("-start"):
         total += operands
       elif op.endswith("-done"):
         total += hbm_array_bytes(shape)
