@@ -61,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.vaccaro_t = 10            # Vaccaro: rank gap beyond which a triplet is "extremely hard"
   c.loss.vaccaro_mode = "mixed"    # "mixed", "semi-hard" or "hard"
   c.loss.semi_hard_prob = 0.5      # Vaccaro "mixed": probability of a semi-hard triplet
+  # In-step mining pool: "global" (the whole global batch), "slice" (multislice meshes,
+  # mesh.axes starting with "slice": each slice mines among its own rows, no DCN all-gather)
+  # or "chip" (each device's rows alone: no all-gather).
+  c.loss.mining_scope = "global"
   c.loss.local_attention_weight = 1.0       # DELG: attention CE weight (train.py flags)
   c.loss.local_reconstruction_weight = 10.0  # DELG: autoencoder MSE weight
 
@@ -183,4 +187,24 @@ def base_config() -> ml_collections.ConfigDict:
   # its mAP and recall@k against the exact top-k.
   c.eval.search_backend = "exact"  # "exact" or "faiss" (both reported)
   c.eval.approx_k = 100
+
+  # --mode=compile (retrieval_jax/aot/): the run's programs compiled ahead of time for a TPU
+  # topology on this machine (libtpu; nothing runs, no data is read), with memory, cost and
+  # collectives per chip, written to <workdir>/compile/<topology>[_x<slices>].json.
+  c.compile = ml_collections.ConfigDict()
+  c.compile.topology = "v5e:16x16"  # <generation>:<chips>, as jax.experimental.topologies names it
+  c.compile.num_slices = 1         # > 1: multislice over DCN, a leading "slice" mesh axis
+  c.compile.programs = ("train", "extract", "local", "search")  # those to compile
+  c.compile.batch_per_chip = 0     # train images (in_batch) / tuples (epoch) per chip; 0: config's
+  c.compile.max_batch = False      # also bisect the largest per-chip train batch that fits
+  c.compile.max_batch_limit = 512  # the search's upper end (per chip)
+  c.compile.num_classes = 0        # margin-head classes; 0: the dataset's published count
+  c.compile.steps_per_epoch = 0    # lr schedule's updates per epoch; 0: as training derives it
+  c.compile.extract_buckets = "all"  # "all" of extraction's bucket shapes, or "largest" (square)
+  c.compile.search_db_size = 1_000_000  # exact search: database rows (sharded over the chips)
+  c.compile.search_queries = 10_000  # queries searched (in batches of search_query_batch)
+  c.compile.search_query_batch = 1024
+  c.compile.search_k = 100
+  c.compile.search_dtype = "bfloat16"  # matmul inputs, "float32" or "bfloat16"
+  c.compile.save_hlo = False       # also write each program's partitioned HLO beside the report
   return c

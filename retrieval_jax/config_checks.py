@@ -176,6 +176,10 @@ def find_problems(config: Any, mode: str = "train") -> List[str]:
     except ValueError as e:
       errors.append(f"config.{e}")
   _check_combinations(errors, config, mode)
+  _check_name(errors, "loss.mining_scope", _get(config, "loss.mining_scope", "global"),
+              ("global", "slice", "chip"))
+  if mode == "compile":
+    errors.extend(_compile_problems(config))
   if mode in _MODE_NEEDS_TRAINING and _get(config, "train.num_steps") == 0 and not _get(
       config, "train.num_epochs"):
     errors.append("config.train.num_steps=0: there is nothing to train; give a number of "
@@ -258,6 +262,38 @@ def _check_combinations(errors: List[str], config: Any, mode: str) -> None:
     if unknown:
       errors.append(f"config.train.eval_skip: {unknown} are not evaluation stages; they "
                     f"are {list(pipeline.STAGES)}")
+_COMPILE_PROGRAMS = ("train", "extract", "local", "search")
+
+
+def _compile_problems(config: Any) -> List[str]:
+  """The `compile.*` fields of --mode=compile (retrieval_jax/aot/)."""
+  errors = []
+  topology = _get(config, "compile.topology", "")
+  if not isinstance(topology, str) or ":" not in topology:
+    errors.append(f"config.compile.topology={topology!r} must be <generation>:<chips>, e.g. "
+                  "v5e:16x16, v4:8x8x8, v5p:8x8x8")
+  for key in ("compile.num_slices", "compile.max_batch_limit", "compile.search_db_size",
+              "compile.search_queries", "compile.search_query_batch", "compile.search_k"):
+    v = _get(config, key)
+    if v is not None and (not _is_number(v) or v < 1):
+      errors.append(f"config.{key}={v!r} must be a positive integer")
+  for key in ("compile.batch_per_chip", "compile.num_classes", "compile.steps_per_epoch"):
+    v = _get(config, key)
+    if v is not None and (not _is_number(v) or v < 0):
+      errors.append(f"config.{key}={v!r} must be >= 0 (0: derived)")
+  programs = _get(config, "compile.programs", ())
+  if not programs or any(p not in _COMPILE_PROGRAMS for p in programs):
+    errors.append(f"config.compile.programs={programs!r} must name some of {_COMPILE_PROGRAMS}")
+  _check_name(errors, "compile.extract_buckets", _get(config, "compile.extract_buckets"),
+              ("all", "largest"))
+  _check_name(errors, "compile.search_dtype", _get(config, "compile.search_dtype"),
+              ("float32", "bfloat16"))
+  axes = tuple(_get(config, "mesh.axes", ()) or ())
+  if (_get(config, "loss.mining_scope") == "slice" and (_get(config, "compile.num_slices") or 1)
+      < 2 and axes[:1] != ("slice",)):
+    errors.append("config.loss.mining_scope='slice' mines within each TPU slice: compile for "
+                  "--config.compile.num_slices>=2 (or a mesh.axes starting with 'slice')")
+  return errors
 
 
 def validate(config: Any, mode: str = "train") -> None:

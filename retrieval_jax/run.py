@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict
 
 from retrieval_jax import config_checks
 from retrieval_jax import registry
+from retrieval_jax.aot import mode as compile_mode
 from retrieval_jax.modes import describe as describe_mode
 from retrieval_jax.modes import evaluate as evaluate_mode
 from retrieval_jax.modes import export as export_mode
@@ -23,6 +24,7 @@ MODES.register("extract", extract_mode.extract)
 MODES.register("export", export_mode.export)
 MODES.register("describe", describe_mode.describe)
 MODES.register("search", search_mode.search)
+MODES.register("compile", compile_mode.run)  # pod rehearsal: AOT for a TPU topology
 
 
 def run(mode: str, config, workdir: str) -> Summary:

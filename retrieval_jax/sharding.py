@@ -17,6 +17,9 @@ import numpy as np
 # The default name of the batch axis (configs/common.py's `mesh.axes`); code asks
 # `data_axis(mesh)`, which honours whatever the config names it.
 DATA_AXIS = "data"
+# A leading mesh axis of this name spans TPU slices (multislice, over DCN): the batch is split
+# over it and the next axis together (`data_axis` gives both).
+SLICE_AXIS = "slice"
 
 
 def make_mesh(shape: Sequence[int] = (-1,), axes: Sequence[str] = (DATA_AXIS,),
@@ -42,9 +45,19 @@ def make_mesh(shape: Sequence[int] = (-1,), axes: Sequence[str] = (DATA_AXIS,),
               axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
 
-def data_axis(mesh: Mesh) -> str:
-  """The mesh axis the batch (and a sharded database) is split over: the first one."""
-  return mesh.axis_names[0]
+def data_axis(mesh: Mesh):
+  """The mesh axis the batch (and a sharded database) is split over: the first one; on a
+  multislice mesh whose first axis is `SLICE_AXIS`, the pair (slice, next axis)."""
+  names = mesh.axis_names
+  if len(names) > 1 and names[0] == SLICE_AXIS:
+    return (names[0], names[1])
+  return names[0]
+
+
+def axis_size(mesh: Mesh, axis) -> int:
+  """Devices along `axis`: one mesh axis name or a tuple of them."""
+  axes = (axis,) if isinstance(axis, str) else tuple(axis)
+  return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -63,7 +76,7 @@ def to_global(batch: Mapping[str, Any], mesh: Mesh) -> Any:
 
 
 def data_parallelism(mesh: Mesh) -> int:
-  return mesh.shape[data_axis(mesh)]
+  return axis_size(mesh, data_axis(mesh))
 
 
 def is_main_process() -> bool:

@@ -34,6 +34,7 @@ from retrieval_jax import networks
 from retrieval_jax import registry
 from retrieval_jax import sharding as sharding_lib
 from retrieval_jax.local import heads as local_heads
+from retrieval_jax.mining import collectives
 from retrieval_jax.mining import in_batch
 from retrieval_jax.mining import vaccaro
 from retrieval_jax.train.state import TrainState
@@ -90,13 +91,18 @@ def _tuple_loss(desc: jnp.ndarray, weight: jnp.ndarray, loss_config
 FAMILY_LOSSES: registry.Registry = registry.Registry("loss family")
 
 
+def _mining_axes(mesh, loss_config):
+  """The in-step mining pool: the global batch, or one slice's rows (`loss.mining_scope`)."""
+  return collectives.mining_axes(mesh, loss_config.get("mining_scope", "global"))
+
+
 @FAMILY_LOSSES.register("pair")
 def _pair_loss(desc, labels, *, loss_config, mesh, head, head_params, rng):
   del head, head_params, rng
   return in_batch.in_batch_mined_loss(
       desc, labels, mesh=mesh, loss_name=loss_config.name, margin=loss_config.margin,
       num_negatives=loss_config.num_negatives, positives=loss_config.positives,
-      reduction=loss_config.reduction)
+      reduction=loss_config.reduction, data_axis=_mining_axes(mesh, loss_config))
 
 
 @FAMILY_LOSSES.register("vaccaro")
@@ -105,7 +111,8 @@ def _vaccaro_loss(desc, labels, *, loss_config, mesh, head, head_params, rng):
   return vaccaro.vaccaro_triplet_loss(
       desc, labels, mesh=mesh, margin=loss_config.margin, t=int(loss_config.vaccaro_t),
       mode=loss_config.vaccaro_mode, rng=rng,
-      semi_hard_prob=float(loss_config.semi_hard_prob), reduction=loss_config.reduction)
+      semi_hard_prob=float(loss_config.semi_hard_prob), reduction=loss_config.reduction,
+      data_axis=_mining_axes(mesh, loss_config))
 
 
 @FAMILY_LOSSES.register("margin_softmax")
