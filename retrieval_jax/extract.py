@@ -321,7 +321,8 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
           acc[rows] += d if p == 1 else np.maximum(d, 0) ** p
         _report(progress, len(rows))
   if acc is None:
-    raise RuntimeError("no image could be read: check the dataset paths")
+    raise image_io.NothingReadableError(
+        f"none of the {len(paths)} images could be read (e.g. {paths[0]}): check the paths")
   if writer is not None:
     if not single:
       _finalize(acc, len(scales), p, acc)
@@ -466,6 +467,7 @@ def _extract_early_fusion(model, variables, paths, *, mesh, long_side, batch_siz
     out[rows] = d
     _report(progress, len(rows))
   if out is None:
-    raise RuntimeError("no image could be read: check the dataset paths")
+    raise image_io.NothingReadableError(
+        f"none of the {len(paths)} images could be read (e.g. {paths[0]}): check the paths")
   return writer.close() if writer is not None else out
 

@@ -25,6 +25,7 @@ from retrieval_jax import extract as extract_lib
 from retrieval_jax import folder_search
 from retrieval_jax import restore
 from retrieval_jax import sharding as sharding_lib
+from retrieval_jax import storage
 from retrieval_jax.data import protocol as protocol_lib
 from retrieval_jax.postprocess import whitening_store
 
@@ -63,7 +64,7 @@ def export_mode(config, workdir: str) -> Summary:
       long_side=int(_or(ec.long_side, config.extract.long_side)),
       scales=tuple(float(s) for s in _or(tuple(ec.scales), tuple(config.extract.scales))),
       multiscale_combine=combine, normalize=bool(ec.normalize), whitening=white)
-  out = os.path.abspath(_or(ec.dir, os.path.join(workdir, "export")))
+  out = storage.resolve(_or(ec.dir, storage.join(workdir, "export")))
   info = {"source": net.source, "checkpoint_step": net.step,
           "pretrained": config.model.pretrained if net.source == restore.PRETRAINED else "",
           "config": json.loads(config.to_json_best_effort())}
@@ -93,7 +94,7 @@ def describe_mode(config, workdir: str) -> Summary:
   if not config.describe.images:
     raise ValueError("--mode=describe needs --config.describe.images=<folder or list file>")
   net, mesh = _network(config, workdir)
-  out = os.path.abspath(_or(config.describe.out, os.path.join(workdir, "describe")))
+  out = storage.resolve(_or(config.describe.out, storage.join(workdir, "describe")))
   settings = _extract_settings(config, net)
   record = json.dumps({"describe": dict(_recordable(settings), images=config.describe.images),
                        "config": json.loads(config.to_json_best_effort())})
@@ -101,7 +102,7 @@ def describe_mode(config, workdir: str) -> Summary:
                                      mesh=mesh, chunk=int(config.describe.chunk),
                                      config_json=record, **settings)
   return {"index": out, "images": len(got["images"]), "skipped": len(got["skipped"]),
-          "dim": int(got["descriptors"].shape[1])}
+          "dim": int(got["dim"])}
 
 
 def search_mode(config, workdir: str) -> Summary:
@@ -109,7 +110,7 @@ def search_mode(config, workdir: str) -> Summary:
   sc = config.search
   if not sc.query:
     raise ValueError("--mode=search needs --config.search.query=<image, folder or list file>")
-  index = os.path.abspath(_or(sc.index, os.path.join(workdir, "describe")))
+  index = storage.resolve(_or(sc.index, storage.join(workdir, "describe")))
   stored = descriptor_store.load_descriptors(index)
   net, mesh = _network(config, workdir)
   settings = _extract_settings(config, net)
@@ -118,7 +119,7 @@ def search_mode(config, workdir: str) -> Summary:
     settings.update(long_side=int(recorded["long_side"]),
                     scales=tuple(recorded["scales"]), multiscale_p=recorded["multiscale_p"],
                     protocol=protocol_lib.EvalProtocol(**recorded["protocol"]))
-  out = os.path.abspath(_or(sc.out, os.path.join(workdir, "search")))
+  out = storage.resolve(_or(sc.out, storage.join(workdir, "search")))
   got = folder_search.search_folder(
       net.model, net.variables, index, sc.query, out, mesh=mesh, k=int(sc.k),
       backend=sc.backend, factory=sc.faiss_factory, nprobe=int(sc.nprobe),

@@ -73,6 +73,10 @@ class ImageDecodeError(errors.UserError, RuntimeError):
     super().__init__(msg)
 
 
+class NothingReadableError(errors.UserError, RuntimeError):
+  """Not one of the images given could be read (a one-line error, exit code 2)."""
+
+
 def _classify(exc: BaseException) -> str:
   text = str(exc).lower()
   if isinstance(exc, UnidentifiedImageError):
@@ -158,7 +162,7 @@ _ORIENTATION = {
 def _orientation(im: Image.Image) -> int:
   try:
     return int(im.getexif().get(0x0112, 1) or 1)
-  except (ValueError, TypeError, OSError, SyntaxError):  # A broken EXIF block: ignore it.
+  except Exception:  # pylint: disable=broad-except (a broken EXIF block: ignore it)
     return 1
 
 
@@ -224,9 +228,10 @@ def load_rgb(path: str,
     raise FileNotFoundError(f"image file not found: {path}") from e
   except ImageDecodeError:
     raise
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-          UnidentifiedImageError, MemoryError, EOFError) as e:
-    # PIL reports broken files through many exception types.
+  except Exception as e:  # pylint: disable=broad-except
+    # PIL reports broken files through many exception types (OSError, SyntaxError,
+    # ValueError, EOFError, struct.error, IndexError, DecompressionBombError, ...): any of
+    # them means "this file is unreadable", skipped and listed, never a crash.
     raise ImageDecodeError(path, _classify(e), str(e)) from e
   if rotate % 360:
     # np.rot90 turns counter-clockwise for positive k.

@@ -57,7 +57,12 @@ def image_problem(path: str, check: str = "header") -> Optional[str]:
           return "unidentified"
     except UnidentifiedImageError:
       return "unidentified"
-    except (OSError, SyntaxError, ValueError):
+    except Image.DecompressionBombError:
+      return "too_large"
+    except Exception:  # pylint: disable=broad-except
+      # Any decoder's error (PIL raises OSError, SyntaxError, ValueError, struct.error,
+      # EOFError, ... depending on the format) means "this file is unreadable": listed,
+      # never a crash.
       return "unreadable"
   return None
 
