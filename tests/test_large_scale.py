@@ -41,7 +41,6 @@ def test_chunked_dba_qe_and_ranks_equal_the_unchunked_formula(monkeypatch):
   db, q = _unit_rows(rng, 203, 12), _unit_rows(rng, 9, 12)
   monkeypatch.setattr(rerank, "ROWS_PER_CHUNK", 7)
   monkeypatch.setattr(rerank, "KNN_ROWS", 30)
-  monkeypatch.setattr(search, "DB_BLOCK", 64)  # not seen by knn's default: passed below
   opts = dict(db_block=64, query_batch=16)
   dba = rerank.alpha_database_augmentation(db, 4, 3.0, **opts)
   np.testing.assert_allclose(dba, _numpy_reweighted(db, db, 4, 3.0, False), atol=1e-5)
