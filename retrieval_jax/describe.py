@@ -121,16 +121,6 @@ def _written_chunks(work: str, fingerprint: str, num_chunks: int) -> List[int]:
   return []
 
 
-def _agreed(done: List[int], num_chunks: int) -> List[int]:
-  """Process 0's list of written chunks, on every process."""
-  if jax.process_count() <= 1:
-    return done
-  mask = np.zeros((num_chunks,), np.int32)
-  mask[done] = 1
-  mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
-  return [int(c) for c in np.flatnonzero(mask)]
-
-
 def _save_npy(path: str, array: np.ndarray) -> None:
   buf = io.BytesIO()
   np.save(buf, np.ascontiguousarray(array, np.float32))
@@ -189,7 +179,7 @@ def describe_images(model, variables, images, out_dir: str, *, mesh, long_side: 
     storage.write_bytes(storage.join(work, _STATE), json.dumps(
         {"fingerprint": fingerprint, "settings": settings, "num_images": len(paths)}).encode())
   sharding_lib.sync("describe_start", timeout_s=sharding_lib.WRITE_TIMEOUT_S)
-  done = set(_agreed(done, len(starts)))
+  done = set(sharding_lib.agreed_indices(done, len(starts)))
   already = sum(len(paths[s:s + chunk]) for c, s in enumerate(starts) if c in done)
   if done:
     logging.info("describe: resuming, %d of %d chunks (%d images) already written", len(done),

@@ -8,7 +8,6 @@ and pictures of the first queries' top results with correct (green) / junk (oran
 wrong (red) borders: `<tag>_top.png` (one row per query) and `<tag>_queries/query_NNN.png`.
 """
 import json
-import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from absl import logging
@@ -154,7 +153,7 @@ def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_
   if approximate and dataset.gnd is not None and "easy" in dataset.gnd[0]:
     report = folder_search.revisited_exact_and_approximate(
         dataset.name, q, db, dataset.gnd, k=int(approximate["k"]), mesh=mesh,
-        index_dir=os.path.join(workdir or ".", "faiss", f"{dataset.name}_{tag}"),
+        index_dir=storage.join(workdir or ".", "faiss", f"{dataset.name}_{tag}"),
         factory=approximate["factory"], nprobe=int(approximate["nprobe"]))
     result["lines"] = list(result["lines"]) + report.pop("lines")
     result.update(report)

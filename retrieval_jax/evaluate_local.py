@@ -9,7 +9,6 @@ resumable; `<tag>` is the checkpoint, so features of another step are never reus
 `eval.asmk_train_images` training images and kept in `<workdir>/local/<tag>/`).
 """
 import json
-import os
 from typing import Any, Dict, Optional, Tuple
 
 from absl import logging
@@ -20,6 +19,7 @@ from retrieval_jax import extract as extract_lib
 from retrieval_jax import networks
 from retrieval_jax import paths
 from retrieval_jax import sharding as sharding_lib
+from retrieval_jax import storage
 from retrieval_jax.data import datasets
 from retrieval_jax.local import asmk_index
 from retrieval_jax.local import evaluate as local_eval
@@ -31,7 +31,7 @@ RERANK_MODES = ("", "local", "asmk")
 
 
 def local_dir(workdir: str, tag: str) -> str:
-  return os.path.join(workdir, "local", tag)
+  return storage.join(workdir, "local", tag)
 
 
 def _extract_kwargs(config) -> Dict[str, Any]:
@@ -56,7 +56,7 @@ def extract_local_features(config, workdir: str, model, variables, mesh,
   out = []
   for part, images, bbx in (("query", dataset.query_images, dataset.query_bbx),
                             ("db", dataset.db_images, None)):
-    folder = os.path.join(local_dir(workdir, tag), f"{dataset.name}_{part}")
+    folder = storage.join(local_dir(workdir, tag), f"{dataset.name}_{part}")
     out.append(local_extract.extract_to_store(model, variables, images, folder, mesh=mesh,
                                               bboxes=bbx, **kw))
     sharding_lib.sync(f"local_{part}")
@@ -68,8 +68,8 @@ def _asmk_index(config, workdir: str, model, variables, mesh, tag: str, db_store
   """ASMK over the database; the codebook from training images, learned once per tag."""
   size = int(config.eval.asmk_codebook_size)
   index = asmk_index.AsmkIndex(asmk_index.asmk_params(codebook_size=size))
-  path = os.path.join(local_dir(workdir, tag), f"asmk_codebook_{size}.npz")
-  if os.path.exists(path):
+  path = storage.join(local_dir(workdir, tag), f"asmk_codebook_{size}.npz")
+  if sharding_lib.agree(storage.exists(path)):  # learning it is collective: agree first
     index.load_codebook(path)
   else:
     train = datasets.get_dataset(config.data.name, paths.data_root(config, workdir),
@@ -78,7 +78,7 @@ def _asmk_index(config, workdir: str, model, variables, mesh, tag: str, db_store
     pick = np.random.default_rng(config.seed).choice(len(train.images), n, replace=False)
     images = [train.images[i] for i in sorted(pick)]
     store = local_extract.extract_to_store(
-        model, variables, images, os.path.join(local_dir(workdir, tag), "asmk_train"),
+        model, variables, images, storage.join(local_dir(workdir, tag), "asmk_train"),
         mesh=mesh, **_extract_kwargs(config))
     sample = np.concatenate([store[i]["descriptors"] for i in range(len(store))])
     logging.info("ASMK: codebook of %d words from %d descriptors of %d training images",
@@ -137,10 +137,8 @@ def evaluate_rerank(config, workdir: str, model, variables, mesh,
     logging.info("%s %s", tag, line)
   if workdir and sharding_lib.is_main_process():
     out = paths.results_dir(workdir)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{tag}_rerank.json"), "w") as f:
-      json.dump({k: (float(v) if isinstance(v, (int, float, np.number)) else v)
-                 for k, v in result.items()
-                 if isinstance(v, (int, float, np.number)) or k in ("lines", "rerank")},
-                f, indent=1)
+    storage.write_text(storage.join(out, f"{tag}_rerank.json"), json.dumps(
+        {k: (float(v) if isinstance(v, (int, float, np.number)) else v)
+         for k, v in result.items()
+         if isinstance(v, (int, float, np.number)) or k in ("lines", "rerank")}, indent=1))
   return result

@@ -14,6 +14,8 @@ Each returns the JSON summary main.py prints. The extraction settings are `confi
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from typing import Any, Dict
 
 from absl import logging
@@ -69,10 +71,15 @@ def export_mode(config, workdir: str) -> Summary:
           "pretrained": config.model.pretrained if net.source == restore.PRETRAINED else "",
           "config": json.loads(config.to_json_best_effort())}
   if sharding_lib.is_main_process():
-    meta = export_lib.export_model(net.model, net.variables, out, options,
+    # jax.export / TF write local files: a bucket gets a local copy uploaded, export.json last.
+    local = tempfile.mkdtemp(prefix="retrieval_jax_export_") if storage.is_remote(out) else out
+    meta = export_lib.export_model(net.model, net.variables, local, options,
                                    platforms=tuple(ec.platforms) or None,
                                    saved_model=bool(ec.saved_model), info=info)
-  sharding_lib.sync("export")
+    if local != out:
+      storage.upload_folder(local, out, last=export_lib.EXPORT_JSON)
+      shutil.rmtree(local, ignore_errors=True)
+  sharding_lib.sync("export", timeout_s=sharding_lib.WRITE_TIMEOUT_S)
   return {"export_dir": out, "descriptor_dim": meta["descriptor_dim"] if
           sharding_lib.is_main_process() else None, "source": net.source}
 

@@ -78,6 +78,23 @@ WRITE_TIMEOUT_S = 3600.0
 _BARRIERS: Dict[str, int] = {}
 
 
+def agree(flag: bool) -> bool:
+  """Process 0's `flag` on every process (a decision that starts collective work)."""
+  if jax.process_count() <= 1:
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag))))
+
+
+def agreed_indices(indices, n: int) -> list:
+  """Process 0's subset `indices` of range(n) (e.g. chunks already written), on every
+  process: which work is skipped must be the same everywhere, since the work is collective."""
+  if jax.process_count() <= 1:
+    return sorted(int(i) for i in indices)
+  mask = np.zeros((n,), np.int32)
+  mask[list(indices)] = 1
+  return [int(i) for i in np.flatnonzero(multihost_utils.broadcast_one_to_all(mask))]
+
+
 class BarrierTimeoutError(RuntimeError):
   """A process waited longer than its timeout for the others at a barrier."""
 

@@ -21,6 +21,7 @@ from absl import logging
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from retrieval_jax import sharding
 from retrieval_jax.data import datasets
 
 VIEW_LONG_SIDE = 192
@@ -137,16 +138,39 @@ def build(root: str, seed: int = 0, views_train: int = 10, views_test: int = 8,
           test_fraction: float = 0.3) -> str:
   """Builds (once) the demo set under `root/demo-<seed>`; returns that folder.
 
-  Held-out landmarks give one query and `views_test - 1` database views each.
+  Held-out landmarks give one query and `views_test - 1` database views each. On several
+  processes (every one calls it), process 0 builds the set while the others wait at a
+  barrier with a timeout: one writer per file, in a folder all of them must see.
   """
   out = os.path.join(root, f"demo-{seed}")
-  meta_path = os.path.join(out, "meta.json")
   key = dict(version=_FORMAT_VERSION, seed=seed, views_train=views_train,
              views_test=views_test, test_fraction=test_fraction)
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      if json.load(f).get("key") == key:
-        return out
+  if sharding.jax.process_count() <= 1:
+    return _build(out, key, seed, views_train, views_test, test_fraction)
+  if sharding.is_main_process():
+    _build(out, key, seed, views_train, views_test, test_fraction)
+  sharding.sync("demo_build", timeout_s=sharding.WRITE_TIMEOUT_S)
+  if not _is_built(out, key):
+    raise datasets.DatasetNotFoundError(
+        f"process {sharding.jax.process_index()} does not see the demo set that process 0 "
+        f"built in {out}: on several hosts data.root must be a folder they share")
+  return out
+
+
+def _is_built(out: str, key: Dict) -> bool:
+  meta_path = os.path.join(out, "meta.json")
+  if not os.path.exists(meta_path):
+    return False
+  with open(meta_path) as f:
+    return json.load(f).get("key") == key
+
+
+def _build(out: str, key: Dict, seed: int, views_train: int, views_test: int,
+           test_fraction: float) -> str:
+  """Writes the demo set into `out` unless it is there already."""
+  meta_path = os.path.join(out, "meta.json")
+  if _is_built(out, key):
+    return out
   logging.info("Building the demo set in %s (once; cached) ...", out)
   os.makedirs(os.path.join(out, "images"), exist_ok=True)
   landmarks = source_landmarks()
