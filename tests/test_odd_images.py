@@ -18,6 +18,7 @@ import pytest
 
 from configs import demo as demo_config
 from retrieval_jax import describe
+from retrieval_jax import errors
 from retrieval_jax import evaluate as evaluate_lib
 from retrieval_jax import extract
 from retrieval_jax import folder_search
@@ -154,9 +155,10 @@ def test_extraction_evaluation_describe_search_and_local_features(odd, net, tmp_
     listed = [line.split("\t")[1] for line in f.read().splitlines()[1:]]
   assert _names(listed) == sorted(odd_images.UNREADABLE)
   for query in ("text.jpg", "bomb.png"):  # a query that is not an image: a user error
-    with pytest.raises(folder_search.QueryError, match="none of the 1 query images"):
+    with pytest.raises(folder_search.QueryError, match="none of the 1 query images") as err:
       folder_search.search_folder(net["model"], net["variables"], out, paths[query],
                                   str(tmp_path / "search1"), k=3, **kw)
+    assert errors.is_user_error(err.value)
 
   # local features: no crash, no keypoints for the unreadable ones, finite for the others.
   delf = local_model.DelfNet(backbone="resnet18", backbone_kwargs=tiny_models.TINY_KWARGS,
