@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from absl import logging
 from etils import epath
+import fsspec
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -58,17 +59,38 @@ class NoImagesError(errors.UserError, ValueError):
   """`describe.images` holds no image (a one-line error, exit code 2)."""
 
 
+def _list_remote(source: str) -> List[str]:
+  """A bucket folder (listed once, recursively) or a list file in a bucket."""
+  p = epath.Path(source)
+  if p.is_dir():
+    # One recursive prefix listing (fsspec's find), not one request per sub-folder.
+    fs, root = fsspec.core.url_to_fs(source.rstrip("/"))
+    names = [n for n in fs.find(root) if n.rsplit("/", 1)[-1].lower().endswith(
+        IMAGE_EXTENSIONS) and not n.rsplit("/", 1)[-1].startswith(".")]
+    return sorted(fs.unstrip_protocol(n) for n in names)
+  if not p.exists():
+    raise FileNotFoundError(f"describe.images: {source!r} is neither a folder nor a list "
+                            "file of image paths")
+  base = os.fspath(p.parent)
+  lines = [ln.strip() for ln in p.read_text().splitlines()]
+  return [ln if "://" in ln or os.path.isabs(ln) else storage.join(base, ln)
+          for ln in lines if ln and not ln.startswith("#")]
+
+
 def list_images(source: str) -> List[str]:
   """Image paths of a folder (recursive, common extensions, sorted) or of a list file.
 
   A list file holds one path per line (blank lines and '#' comments ignored); relative
-  paths are taken relative to the list file's folder.
+  paths are taken relative to the list file's folder. A `gs://` folder or list file is read
+  through epath (the folder listed once); its images are then read as bytes, one by one.
 
   Raises:
     FileNotFoundError: `source` does not exist.
     NoImagesError: it holds no image.
   """
-  if os.path.isdir(source):
+  if storage.is_remote(source):
+    out = _list_remote(source)
+  elif os.path.isdir(source):
     out = []
     for root, dirs, files in os.walk(source):
       dirs.sort()

@@ -200,6 +200,17 @@ def test_describe_and_search_write_to_a_bucket(gcs_env, tmp_path, caplog):
   assert {"photos_index/faiss_Flat.index", "photos_index/faiss_Flat.index.json",
           "search_out/results.json"} <= names
   assert "reusing the faiss index gs://bucket/photos_index/faiss_Flat.index" in caplog.text
+  # The photos themselves in a bucket: listed once, each read as bytes; same descriptors.
+  storage.upload_folder(str(photos), "gs://bucket/photos")
+  remote = describe.describe_images(model, variables, "gs://bucket/photos",
+                                    str(tmp_path / "from_bucket"), chunk=4, **kw)
+  assert remote["images"] == [f"gs://bucket/photos/{i}.jpg" for i in range(6)]
+  assert remote["skipped"] == ["gs://bucket/photos/broken.jpg"]
+  np.testing.assert_allclose(np.asarray(remote["descriptors"]),
+                             np.asarray(got["descriptors"]), atol=1e-6)
+  found = folder_search.search_folder(model, variables, index, "gs://bucket/photos/3.jpg",
+                                      str(tmp_path / "search_local"), k=1, **kw)
+  assert found["results"][0]["results"][0]["image"] == str(photos / "3.jpg")
   assert not any(p.name.startswith("gs:") for p in tmp_path.rglob("*"))
 
 

@@ -32,11 +32,13 @@ Decisions (they change pixels, so they are written down here once):
   DCT scaling (not bit-identical to a full decode; leave it None for reference parity).
 """
 import collections
+import io
 import math
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
+from etils import epath
 import numpy as np
 from PIL import Image
 from PIL import UnidentifiedImageError
@@ -166,6 +168,17 @@ def _orientation(im: Image.Image) -> int:
     return 1
 
 
+def open_image_file(path: str):
+  """A local file, or the bytes of an object in a bucket (gs://...) read whole into memory
+  (PIL decodes from memory; a missing object is FileNotFoundError, as a missing file)."""
+  if "://" not in path:
+    return open(path, "rb")
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(path)
+  return io.BytesIO(p.read_bytes())
+
+
 def load_rgb(path: str,
              bbx: Optional[BBox] = None,
              max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
@@ -201,7 +214,7 @@ def load_rgb(path: str,
   if rotate % 90:
     raise ValueError(f"rotate must be a multiple of 90, got {rotate}")
   try:
-    with open(path, "rb") as f:
+    with open_image_file(path) as f:
       with Image.open(f) as im:
         full_size = im.size
         if im.format == "JPEG":
