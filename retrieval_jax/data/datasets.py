@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from retrieval_jax import errors
+from retrieval_jax import storage
 
 _REGISTRY: Dict[str, Callable[..., Any]] = {}
 _DEFAULT_SPLIT: Dict[str, str] = {}
@@ -158,7 +159,7 @@ def download_command(download_name: str, root: str) -> str:
 def require(path: str, dataset: str, root: str, download_name: Optional[str] = None,
             what: str = "file") -> str:
   """Returns `path` if it exists, else raises DatasetNotFoundError with the fix."""
-  if os.path.exists(path):
+  if (storage.exists(path) if storage.is_remote(path) else os.path.exists(path)):
     return path
   raise DatasetNotFoundError(
       f"{dataset}: missing {what} {path}\n"
@@ -241,7 +242,7 @@ def safe_load_pickle(path: str) -> Any:
   Raises:
     pickle.UnpicklingError: the file asks for anything outside `_SAFE_GLOBALS`.
   """
-  with open(path, "rb") as f:
+  with storage.open_file(path, "rb") as f:  # a local file or an object in a bucket
     return safe_load_pickle_bytes(f.read())
 
 
