@@ -62,7 +62,8 @@ class LocalFeatureWriter:
                  "image_list": list(image_list) if image_list is not None else None,
                  "config": dict(config or {})}
     meta_path = self.folder / META
-    if meta_path.exists():
+    # Process 0 checks and writes meta.json (a failure there stops every process).
+    if self._main and meta_path.exists():
       old, new = json.loads(meta_path.read_text()), json.loads(json.dumps(self.meta))
       if old != new:
         diff = sorted(k for k in new if old.get(k) != new[k])
