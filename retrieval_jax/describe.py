@@ -180,9 +180,10 @@ def describe_images(model, variables, images, out_dir: str, *, mesh, long_side: 
     extract_fn: the extraction function (tests count its calls).
     on_chunk: called with the chunk number after each chunk is safely written.
   Returns:
-    {"descriptors": [N, D] memmap (None on processes other than 0), "images": N paths,
-    "skipped": paths, "dim": D, "resumed": number of chunks an earlier run had written,
-    "described": number of images described by this run}.
+    {"descriptors": [N, D] memmap, "images": N paths, "skipped": paths, "dim": D,
+    "resumed": number of chunks an earlier run had written, "described": number of images
+    described by this run}. On processes other than 0 (which write nothing), "descriptors"
+    is None and "images" / "skipped" are lists of None of the right lengths.
   """
   paths = list_images(images) if isinstance(images, str) else list(images)
   if not paths:
