@@ -15,7 +15,6 @@ import numpy as np
 
 from retrieval_jax import search
 from retrieval_jax.evaluation import rerank
-from retrieval_jax.evaluation import revisited
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
