@@ -93,7 +93,7 @@ def main(argv):
   # A local path becomes absolute, a URL (gs://bucket/run) stays one; an unwritable workdir
   # fails here, naming it, before anything is compiled.
   config, workdir = _CONFIG.value, storage.resolve(_WORKDIR.value)
-  storage.check_writable(workdir)
+  errors.report_user_errors(storage.check_writable, workdir, verbose=_VERBOSE.value)
   if jax.process_index() == 0:
     storage.write_text(storage.join(workdir, f"config_{_MODE.value}.json"),
                        config.to_json_best_effort(indent=1))

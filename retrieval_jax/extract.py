@@ -265,7 +265,8 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
           acc[rows] += multiscale.power_term(d, p)
         _report(progress, len(rows))
   if acc is None:
-    raise RuntimeError("no image could be read: check the dataset paths")
+    raise image_io.NothingReadableError(
+        f"none of the {len(paths)} images could be read (e.g. {paths[0]}): check the paths")
   if writer is not None:
     if not single:
       _finalize(acc, len(scales), p, acc)

@@ -14,6 +14,8 @@ a picture per query: the query, then its top k, each tile labelled "#rank score"
 import json
 import os
 import re
+import shutil
+import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
@@ -22,13 +24,22 @@ from PIL import Image
 from PIL import ImageDraw
 
 from retrieval_jax import describe as describe_lib
+from retrieval_jax import errors
 from retrieval_jax import descriptor_store
 from retrieval_jax import extract as extract_lib
 from retrieval_jax import knn as search_lib
+from retrieval_jax import sharding as sharding_lib
+from retrieval_jax import storage
+from retrieval_jax.data import image_io
 from retrieval_jax.evaluation import pictures
 from retrieval_jax.evaluation import revisited
 
 BACKENDS = ("exact", "faiss")
+SKIPPED_FILE = "skipped.txt"  # in search.out: the query images that could not be read
+
+
+class QueryError(errors.UserError, ValueError):
+  """No query image could be read (a one-line error, exit code 2)."""
 _QUERY_COLOUR = (0, 90, 255)
 _RESULT_COLOUR = (60, 60, 60)
 
@@ -42,7 +53,57 @@ def _faiss():
 
 
 def faiss_index_path(index_dir: str, factory: str) -> str:
-  return os.path.join(index_dir, "faiss_" + re.sub(r"[^A-Za-z0-9_.-]", "_", factory) + ".index")
+  return storage.join(index_dir,
+                      "faiss_" + re.sub(r"[^A-Za-z0-9_.-]", "_", factory) + ".index")
+
+
+def _read_saved_index(path: str, meta: Dict[str, Any]):
+  """The saved faiss index at `path` (local or in a bucket) if it matches `meta`, else None.
+
+  faiss reads local files only: an index in a bucket is copied to a local temporary file.
+  """
+  if not (storage.exists(path) and storage.exists(path + ".json")):
+    return None
+  if json.loads(storage.read_text(path + ".json")) != meta:
+    return None
+  faiss = _faiss()
+  if not storage.is_remote(path):
+    return faiss.read_index(path)
+  with tempfile.TemporaryDirectory(prefix="retrieval_jax_faiss_") as tmp:
+    local = os.path.join(tmp, "index")
+    with storage.open_file(path, "rb") as src, open(local, "wb") as dst:
+      shutil.copyfileobj(src, dst, 1 << 24)
+    return faiss.read_index(local)
+
+
+def _write_index(index, path: str, meta: Dict[str, Any]) -> None:
+  """faiss writes local files only: written locally, then copied (a bucket is fine)."""
+  faiss = _faiss()
+  if storage.is_remote(path):
+    with tempfile.TemporaryDirectory(prefix="retrieval_jax_faiss_") as tmp:
+      local = os.path.join(tmp, "index")
+      faiss.write_index(index, local)
+      with open(local, "rb") as src, storage.open_file(path, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+  else:
+    storage.makedirs(os.path.dirname(path))
+    faiss.write_index(index, path + ".tmp")
+    os.replace(path + ".tmp", path)
+  storage.write_text(path + ".json", json.dumps(meta))  # last: marks the index complete
+
+
+def _build_index(database: np.ndarray, factory: str, train_size: int, seed: int):
+  faiss = _faiss()
+  x = database
+  index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+  if not index.is_trained:
+    train = x
+    if train_size and train_size < len(x):
+      train = x[np.sort(np.random.default_rng(seed).choice(len(x), train_size, False))]
+    index.train(np.ascontiguousarray(train, np.float32))
+  for s in range(0, len(x), 1 << 16):  # a memory-mapped database is read chunk by chunk
+    index.add(np.ascontiguousarray(x[s:s + (1 << 16)], np.float32))
+  return index
 
 
 def build_or_load_faiss(index_dir: str, database: np.ndarray, factory: str,
@@ -50,41 +111,38 @@ def build_or_load_faiss(index_dir: str, database: np.ndarray, factory: str,
                         seed: int = 0):
   """A faiss inner-product index of `database`, built once and saved in `index_dir`.
 
+  On several processes, process 0 builds and saves it while the others wait at a barrier,
+  then read it (or build it themselves where `index_dir` is a folder they cannot see).
+
   Args:
-    index_dir: the descriptor folder; the index goes to `faiss_index_path`.
-    database: [N, D] float32 descriptors.
+    index_dir: the descriptor folder (local or gs://); the index goes to `faiss_index_path`.
+    database: [N, D] float32 descriptors (may be memory-mapped).
     factory: `faiss.index_factory` string, e.g. "IVF1024,PQ32" or "HNSW32".
     nprobe: IVF lists visited per query; ef_search: HNSW search depth.
     train_size: rows used to train IVF/PQ (0: all, capped at 256 per centroid by faiss).
     seed: which rows train, when sampled.
+
   Returns:
     The faiss index, search parameters set.
   """
-  faiss = _faiss()
   path = faiss_index_path(index_dir, factory)
   meta = {"factory": factory, "n": int(database.shape[0]), "d": int(database.shape[1])}
   index = None
-  if os.path.exists(path) and os.path.exists(path + ".json"):
-    with open(path + ".json") as f:
-      if json.load(f) == meta:
-        index = faiss.read_index(path)
-        logging.info("search: reusing the faiss index %s", path)
+  if sharding_lib.is_main_process():
+    index = _read_saved_index(path, meta)
+    if index is not None:
+      logging.info("search: reusing the faiss index %s", path)
+    else:
+      index = _build_index(database, factory, train_size, seed)
+      _write_index(index, path, meta)
+      logging.info("search: built and saved the faiss index %s (%d vectors)", path,
+                   len(database))
+  sharding_lib.sync("faiss_index", timeout_s=sharding_lib.WRITE_TIMEOUT_S)
   if index is None:
-    x = np.ascontiguousarray(database, np.float32)
-    index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-      train = x
-      if train_size and train_size < len(x):
-        train = x[np.sort(np.random.default_rng(seed).choice(len(x), train_size, False))]
-      index.train(train)
-    for s in range(0, len(x), 1 << 16):
-      index.add(x[s:s + (1 << 16)])
-    os.makedirs(index_dir, exist_ok=True)
-    faiss.write_index(index, path)
-    with open(path + ".json", "w") as f:
-      json.dump(meta, f)
-    logging.info("search: built and saved the faiss index %s (%d vectors)", path, len(x))
-  ivf = faiss.try_extract_index_ivf(index)
+    index = _read_saved_index(path, meta)
+  if index is None:  # a local folder that process 0 wrote on another machine
+    index = _build_index(database, factory, train_size, seed)
+  ivf = _faiss().try_extract_index_ivf(index)
   if ivf is not None:
     ivf.nprobe = nprobe
   if hasattr(index, "hnsw"):
@@ -243,29 +301,46 @@ def search_folder(model, variables, index_dir: str, query: str, out_dir: str, *,
   if not db_paths or len(db_paths) != database.shape[0]:
     raise ValueError(f"{index_dir} has no images.txt matching its descriptors: describe the "
                      "folder with --mode=describe")
-  if os.path.isfile(query) and query.lower().endswith(describe_lib.IMAGE_EXTENSIONS):
+  if storage.is_remote(query) or (os.path.isfile(query) and
+                                   query.lower().endswith(describe_lib.IMAGE_EXTENSIONS)):
     queries = [query]
   else:
     queries = describe_lib.list_images(query)
-  q = np.asarray(extract_lib.extract_descriptors(model, variables, queries, mesh=mesh,
-                                                 **extract_kwargs), np.float32)
+  skips = image_io.SkipCounter()
+  try:
+    q = np.asarray(extract_lib.extract_descriptors(model, variables, queries, mesh=mesh,
+                                                   skipped=skips, **extract_kwargs), np.float32)
+  except image_io.NothingReadableError:
+    q = np.zeros((len(queries), database.shape[1]), np.float32)
   readable = np.flatnonzero(np.any(q != 0, axis=1))
-  if len(readable) < len(queries):
-    logging.warning("search: %d query images could not be read and were skipped",
-                    len(queries) - len(readable))
+  reasons = dict(skips.entries)
+  unreadable = [(queries[i], reasons.get(queries[i], "unreadable"))
+                for i in np.setdiff1d(np.arange(len(queries)), readable)]
+  if not len(readable):
+    raise QueryError(f"search.query: none of the {len(queries)} query images could be read "
+                     f"({', '.join(f'{p} ({r})' for p, r in unreadable[:3])}): give an image "
+                     "file, a folder of images or a list file of image paths")
+  if unreadable:
+    logging.warning("search: %d query images could not be read and were skipped (listed in "
+                    "%s): %s", len(unreadable), storage.join(out_dir, SKIPPED_FILE),
+                    ", ".join(f"{p} ({r})" for p, r in unreadable[:5]))
   queries = [queries[i] for i in readable]
   scores, idx = top_k(q[readable], database, k, backend=backend, mesh=mesh,
                       index_dir=index_dir, factory=factory, nprobe=nprobe,
                       ef_search=ef_search)
   results = results_json(queries, db_paths, scores, idx)
-  os.makedirs(out_dir, exist_ok=True)
-  json_path = os.path.join(out_dir, "results.json")
-  with open(json_path, "w") as f:
-    json.dump(results, f, indent=1)
+  json_path = storage.join(out_dir, "results.json")
   written = []
-  for n, entry in enumerate(results[:pictures_max]):
-    name = os.path.splitext(os.path.basename(entry["query"]))[0]
-    path = os.path.join(out_dir, f"{n:04d}_{name}.png")
-    results_picture(entry["query"], entry["results"], thumb=thumb).save(path)
-    written.append(path)
+  if sharding_lib.is_main_process():  # every process has the results; one writes them
+    storage.write_text(json_path, json.dumps(results, indent=1))
+    text = image_io.skipped_list_text(unreadable)
+    if text:
+      storage.write_text(storage.join(out_dir, SKIPPED_FILE), text)
+    for n, entry in enumerate(results[:pictures_max]):
+      name = os.path.splitext(os.path.basename(entry["query"]))[0]
+      path = storage.join(out_dir, f"{n:04d}_{name}.png")
+      with storage.open_file(path, "wb") as f:
+        results_picture(entry["query"], entry["results"], thumb=thumb).save(f, "PNG")
+      written.append(path)
+  sharding_lib.sync("search_results", timeout_s=sharding_lib.WRITE_TIMEOUT_S)
   return {"results": results, "json": json_path, "pictures": written}

@@ -22,15 +22,11 @@ from retrieval_jax.data import image_io
 def data_root(config, workdir: str) -> str:
   """`config.data.root`, or `<workdir>/data` when it is empty.
 
-  Datasets are read from a local (or mounted, e.g. gcsfuse) folder: with a bucket workdir
-  (gs://...) the default data folder is a local cache named after it, and a bucket as
-  `data.root` is refused with what to do instead.
+  `data.root` may be a local folder, a mounted bucket (gcsfuse: the fast path) or a bucket
+  URL (gs://...), read through epath (each image read whole as bytes, decoded from memory).
+  With a bucket workdir the default data folder is a local cache named after it.
   """
   root = config.data.root
-  if root and storage.is_remote(root):
-    raise ValueError(f"data.root={root}: datasets are read from a local or mounted folder; "
-                     "copy the dataset to local disk or mount the bucket (gcsfuse) and give "
-                     "that path. (Workdirs, checkpoints and results may be gs://.)")
   if root:
     return root
   if storage.is_remote(workdir):

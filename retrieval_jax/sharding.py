@@ -7,10 +7,11 @@ module for it. Input pipelines hand over host-local numpy, `to_global` turns it 
 jax.Arrays sharded along that axis. Params and optimiser state are replicated (retrieval
 backbones fit one device).
 """
-from typing import Any, Mapping, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax._src import distributed as jax_distributed  # the runtime client's barrier
 from jax.experimental import multihost_utils
 import numpy as np
 
@@ -84,7 +85,51 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def sync(name: str) -> None:
-  """All processes reach this point before any goes on (no-op on one process)."""
-  if jax.process_count() > 1:
+# How long the other processes wait for process 0 to write a shared file (a demo set, an
+# index, a whitening) before giving up with an error naming what they waited for.
+WRITE_TIMEOUT_S = 3600.0
+_BARRIERS: Dict[str, int] = {}
+
+
+def agree(flag: bool) -> bool:
+  """Process 0's `flag` on every process (a decision that starts collective work)."""
+  if jax.process_count() <= 1:
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag))))
+
+
+def agreed_indices(indices, n: int) -> list:
+  """Process 0's subset `indices` of range(n) (e.g. chunks already written), on every
+  process: which work is skipped must be the same everywhere, since the work is collective."""
+  if jax.process_count() <= 1:
+    return sorted(int(i) for i in indices)
+  mask = np.zeros((n,), np.int32)
+  mask[list(indices)] = 1
+  return [int(i) for i in np.flatnonzero(multihost_utils.broadcast_one_to_all(mask))]
+
+
+class BarrierTimeoutError(RuntimeError):
+  """A process waited longer than its timeout for the others at a barrier."""
+
+
+def sync(name: str, timeout_s: Optional[float] = None) -> None:
+  """All processes reach this point before any goes on (no-op on one process).
+
+  With `timeout_s`, the wait is bounded: a process whose peers do not arrive in time raises
+  `BarrierTimeoutError` naming the barrier (e.g. process 0 is still writing, or died).
+  """
+  if jax.process_count() <= 1:
+    return
+  client = getattr(jax_distributed.global_state, "client", None)
+  if timeout_s is None or client is None:
     multihost_utils.sync_global_devices(name)
+    return
+  # Every process passes the same barriers in the same order: the count makes ids unique.
+  _BARRIERS[name] = _BARRIERS.get(name, 0) + 1
+  barrier = f"retrieval_jax_{name}_{_BARRIERS[name]}"
+  try:
+    client.wait_at_barrier(barrier, int(timeout_s * 1000))
+  except Exception as e:  # pylint: disable=broad-except (the runtime's error type varies)
+    raise BarrierTimeoutError(
+        f"process {jax.process_index()} waited {timeout_s:.0f}s at barrier {name!r} for the "
+        f"other processes (process 0 writes the shared files; did it fail?): {e}") from e

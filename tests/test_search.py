@@ -42,10 +42,10 @@ def test_knn_matches_brute_force_with_ragged_batches():
 
 def test_knn_compiles_once_for_all_batches():
   q, db = _data(1, 25, 40, 13)  # A dimension no other test uses: a fresh cache entry.
-  before = knn._topk_single._cache_size()
+  before = knn._topk_block._cache_size()
   knn.knn(q, db, 3, query_batch=10)
   knn.knn(q[:7], db, 3, query_batch=10)  # Fewer queries than a batch: batch = 7.
-  assert knn._topk_single._cache_size() - before == 2
+  assert knn._topk_block._cache_size() - before == 2
 
 
 @pytest.mark.parametrize('n_dev,nd,k', [(8, 101, 7), (8, 21, 10), (2, 9, 9), (8, 64, 1)])
@@ -118,3 +118,19 @@ def test_knn_rejects_bad_arguments():
     knn.knn(q, db, 2, dtype='float16')
   with pytest.raises(ValueError):
     knn.knn(q[:, :3], db, 2)
+
+
+@pytest.mark.parametrize('devices', [0, 8])
+def test_blocked_database_gives_the_unblocked_top_k_and_ranks(devices):
+  """A database visited in blocks (the last one padded) = brute force, ties to lower index."""
+  q, db = _data(7, 9, 61, 8)
+  db[40] = db[3]  # Equal rows in different blocks: the lower index ranks first.
+  db[58] = db[3]
+  mesh = _mesh(devices) if devices else None
+  s, i = knn.knn(q, db, 12, mesh=mesh, query_batch=4, db_block=16)
+  ref_s, ref_i = _brute_force(q, db, 12)
+  np.testing.assert_array_equal(i, ref_i)
+  np.testing.assert_allclose(s, ref_s, rtol=1e-5, atol=1e-5)
+  ranks = knn.rank_all(q, db, mesh=mesh, query_batch=4, db_block=16, max_scores=150)
+  ref = np.argsort(-(db.astype(np.float64) @ q.T.astype(np.float64)), axis=0, kind='stable')
+  np.testing.assert_array_equal(ranks, ref)

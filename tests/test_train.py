@@ -259,6 +259,17 @@ def test_epoch_mining_picks_hardest_negatives_of_distinct_clusters(demo_root, tm
   # Same seed and epoch, same params: the same tuples.
   again = inputs.mine(0, state.variables)
   assert all(np.array_equal(x, y) for x, y in zip((qidxs, pidxs, nidxs), again))
+  # A negative that turns out truncated (it passed the header check) is dropped from the
+  # pool, not a crash: the other queries keep their negatives (issue 18).
+  hardest = nidxs[0, 0]
+  truncated = tmp_path / "truncated.jpg"
+  with open(train_set.images[hardest], "rb") as f:
+    truncated.write_bytes(f.read()[:200])
+  inputs.images[hardest] = str(truncated)
+  _, _, dropped = inputs.mine(0, state.variables)
+  assert hardest not in dropped and dropped.shape == nidxs.shape
+  untouched = ~(nidxs == hardest).any(axis=1)
+  np.testing.assert_array_equal(dropped[untouched], nidxs[untouched])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,10 +11,12 @@ import numpy as np
 from retrieval_jax.models import retrieval_net
 
 
+TINY_KWARGS = {"width": 8, "stage_sizes": (1, 1, 1, 1)}
+
+
 def tiny_resnet(pooling: str = "gem", **kwargs) -> retrieval_net.RetrievalNet:
-  return retrieval_net.RetrievalNet(
-      backbone="resnet18", backbone_kwargs={"width": 8, "stage_sizes": (1, 1, 1, 1)},
-      pooling=pooling, **kwargs)
+  return retrieval_net.RetrievalNet(backbone="resnet18", backbone_kwargs=dict(TINY_KWARGS),
+                                    pooling=pooling, **kwargs)
 
 
 def random_variables(model, seed: int = 0, p: float = 3.0, image_size: int = 64):

@@ -32,6 +32,7 @@ import numpy as np
 
 from retrieval_jax import errors
 from retrieval_jax import registry
+from retrieval_jax import storage
 
 DOWNLOAD_MODULE = "retrieval_jax.data.download"
 
@@ -191,7 +192,7 @@ def download_command(download_name: str, root: str) -> str:
 def require(path: str, dataset: str, root: str, download_name: Optional[str] = None,
             what: str = "file") -> str:
   """Returns `path` if it exists, else raises DatasetNotFoundError with the fix."""
-  if os.path.exists(path):
+  if (storage.exists(path) if storage.is_remote(path) else os.path.exists(path)):
     return path
   raise DatasetNotFoundError(
       f"{dataset}: missing {what} {path}\n"
@@ -274,7 +275,7 @@ def safe_load_pickle(path: str) -> Any:
   Raises:
     pickle.UnpicklingError: the file asks for anything outside `_SAFE_GLOBALS`.
   """
-  with open(path, "rb") as f:
+  with storage.open_file(path, "rb") as f:  # a local file or an object in a bucket
     return safe_load_pickle_bytes(f.read())
 
 

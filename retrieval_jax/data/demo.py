@@ -21,6 +21,8 @@ from absl import logging
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from retrieval_jax import sharding
+from retrieval_jax import storage
 from retrieval_jax.data import datasets
 
 VIEW_LONG_SIDE = 192
@@ -137,18 +139,40 @@ def build(root: str, seed: int = 0, views_train: int = 10, views_test: int = 8,
           test_fraction: float = 0.3) -> str:
   """Builds (once) the demo set under `root/demo-<seed>`; returns that folder.
 
-  Held-out landmarks give one query and `views_test - 1` database views each.
+  Held-out landmarks give one query and `views_test - 1` database views each. On several
+  processes (every one calls it), process 0 builds the set while the others wait at a
+  barrier with a timeout: one writer per file, in a folder all of them must see.
   """
-  out = os.path.join(root, f"demo-{seed}")
-  meta_path = os.path.join(out, "meta.json")
+  out = storage.join(root, f"demo-{seed}")
   key = dict(version=_FORMAT_VERSION, seed=seed, views_train=views_train,
              views_test=views_test, test_fraction=test_fraction)
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      if json.load(f).get("key") == key:
-        return out
+  if sharding.jax.process_count() <= 1:
+    return _build(out, key, seed, views_train, views_test, test_fraction)
+  if sharding.is_main_process():
+    _build(out, key, seed, views_train, views_test, test_fraction)
+  sharding.sync("demo_build", timeout_s=sharding.WRITE_TIMEOUT_S)
+  if not _is_built(out, key):
+    raise datasets.DatasetNotFoundError(
+        f"process {sharding.jax.process_index()} does not see the demo set that process 0 "
+        f"built in {out}: on several hosts data.root must be a folder they share")
+  return out
+
+
+def _is_built(out: str, key: Dict) -> bool:
+  meta_path = storage.join(out, "meta.json")
+  if not storage.exists(meta_path):
+    return False
+  return json.loads(storage.read_text(meta_path)).get("key") == key
+
+
+def _build(out: str, key: Dict, seed: int, views_train: int, views_test: int,
+           test_fraction: float) -> str:
+  """Writes the demo set into `out` unless it is there already."""
+  meta_path = storage.join(out, "meta.json")
+  if _is_built(out, key):
+    return out
   logging.info("Building the demo set in %s (once; cached) ...", out)
-  os.makedirs(os.path.join(out, "images"), exist_ok=True)
+  storage.makedirs(storage.join(out, "images"))
   landmarks = source_landmarks()
   rng = np.random.default_rng(seed)
   order = rng.permutation(len(landmarks))
@@ -166,17 +190,15 @@ def build(root: str, seed: int = 0, views_train: int = 10, views_test: int = 8,
       photo = photos[v % len(photos)]
       jpeg = random_view(photo, view_rng)
       rel = f"images/{lid:03d}_{v:02d}.jpg"
-      with open(os.path.join(out, rel), "wb") as f:
-        f.write(jpeg)
+      storage.write_bytes(storage.join(out, rel), jpeg)  # a local folder or a bucket
       if not held_out:
         split = "train"
       else:
         split = "query" if v == 0 else "db"
       meta[f"{split}_images"].append(rel)
       meta[f"{split}_labels"].append(lid)
-  with open(meta_path + ".tmp", "w") as f:
-    json.dump({"key": key, **meta}, f)
-  os.replace(meta_path + ".tmp", meta_path)  # The cache is valid only once complete.
+  # Last, and whole (renamed into place locally): the cache is valid only once complete.
+  storage.write_bytes(meta_path, json.dumps({"key": key, **meta}).encode())
   return out
 
 
@@ -191,12 +213,11 @@ def fingerprint(folder: str) -> str:
 
 def _load_meta(root: str, seed: int):
   folder = build(root, seed)
-  with open(os.path.join(folder, "meta.json")) as f:
-    return folder, json.load(f)
+  return folder, json.loads(storage.read_text(storage.join(folder, "meta.json")))
 
 
 def _paths(folder: str, rels: Sequence[str]) -> List[str]:
-  return [os.path.join(folder, r) for r in rels]
+  return [storage.join(folder, r) for r in rels]
 
 
 @datasets.register("demo")

@@ -32,11 +32,13 @@ Decisions (they change pixels, so they are written down here once):
   DCT scaling (not bit-identical to a full decode; leave it None for reference parity).
 """
 import collections
+import io
 import math
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
+from etils import epath
 import numpy as np
 from PIL import Image
 from PIL import UnidentifiedImageError
@@ -71,6 +73,10 @@ class ImageDecodeError(errors.UserError, RuntimeError):
     if detail:
       msg += f": {detail}"
     super().__init__(msg)
+
+
+class NothingReadableError(errors.UserError, RuntimeError):
+  """Not one of the images given could be read (a one-line error, exit code 2)."""
 
 
 def _classify(exc: BaseException) -> str:
@@ -158,8 +164,19 @@ _ORIENTATION = {
 def _orientation(im: Image.Image) -> int:
   try:
     return int(im.getexif().get(0x0112, 1) or 1)
-  except (ValueError, TypeError, OSError, SyntaxError):  # A broken EXIF block: ignore it.
+  except Exception:  # pylint: disable=broad-except (a broken EXIF block: ignore it)
     return 1
+
+
+def open_image_file(path: str):
+  """A local file, or the bytes of an object in a bucket (gs://...) read whole into memory
+  (PIL decodes from memory; a missing object is FileNotFoundError, as a missing file)."""
+  if "://" not in path:
+    return open(path, "rb")
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(path)
+  return io.BytesIO(p.read_bytes())
 
 
 def load_rgb(path: str,
@@ -197,7 +214,7 @@ def load_rgb(path: str,
   if rotate % 90:
     raise ValueError(f"rotate must be a multiple of 90, got {rotate}")
   try:
-    with open(path, "rb") as f:
+    with open_image_file(path) as f:
       with Image.open(f) as im:
         full_size = im.size
         if im.format == "JPEG":
@@ -224,9 +241,10 @@ def load_rgb(path: str,
     raise FileNotFoundError(f"image file not found: {path}") from e
   except ImageDecodeError:
     raise
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-          UnidentifiedImageError, MemoryError, EOFError) as e:
-    # PIL reports broken files through many exception types.
+  except Exception as e:  # pylint: disable=broad-except
+    # PIL reports broken files through many exception types (OSError, SyntaxError,
+    # ValueError, EOFError, struct.error, IndexError, DecompressionBombError, ...): any of
+    # them means "this file is unreadable", skipped and listed, never a crash.
     raise ImageDecodeError(path, _classify(e), str(e)) from e
   if rotate % 360:
     # np.rot90 turns counter-clockwise for positive k.

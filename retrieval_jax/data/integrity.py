@@ -17,10 +17,12 @@ images gave "mAP E: 0.95"). So every mode checks its images before extracting or
 """
 import concurrent.futures
 import dataclasses
+import io
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
+from etils import epath
 import numpy as np
 from PIL import Image
 from PIL import UnidentifiedImageError
@@ -28,6 +30,7 @@ from PIL import UnidentifiedImageError
 from retrieval_jax.data import datasets
 
 CHECKS = ("exists", "header")
+_HEADER_BYTES = 1 << 16
 _SHOW = 5  # Paths quoted in an error message.
 
 
@@ -45,19 +48,30 @@ def image_problem(path: str, check: str = "header") -> Optional[str]:
   """
   if check not in CHECKS:
     raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
+  remote = "://" in path
   try:
-    if os.path.getsize(path) == 0:
+    if (epath.Path(path).stat().length if remote else os.path.getsize(path)) == 0:
       return "empty"
-  except OSError:
+  except Exception:  # pylint: disable=broad-except (OSError locally, others from a bucket)
     return "missing"
   if check == "header":
     try:
-      with Image.open(path) as im:
+      # An object in a bucket: its first 64 KB hold the header of every common format.
+      source = path
+      if remote:
+        with epath.Path(path).open("rb") as f:
+          source = io.BytesIO(f.read(_HEADER_BYTES))
+      with Image.open(source) as im:
         if im.size[0] < 1 or im.size[1] < 1:
           return "unidentified"
     except UnidentifiedImageError:
       return "unidentified"
-    except (OSError, SyntaxError, ValueError):
+    except Image.DecompressionBombError:
+      return "too_large"
+    except Exception:  # pylint: disable=broad-except
+      # Any decoder's error (PIL raises OSError, SyntaxError, ValueError, struct.error,
+      # EOFError, ... depending on the format) means "this file is unreadable": listed,
+      # never a crash.
       return "unreadable"
   return None
 

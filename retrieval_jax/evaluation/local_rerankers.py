@@ -16,7 +16,6 @@ registered in `evaluation.rerankers.RERANKERS`):
   full ranking; its codebook learned once from `eval.asmk_train_images` training images
   and kept in `<workdir>/local/<tag>/`.
 """
-import os
 from typing import Tuple
 
 from absl import logging
@@ -25,6 +24,7 @@ import numpy as np
 from retrieval_jax import networks
 from retrieval_jax import paths
 from retrieval_jax import sharding as sharding_lib
+from retrieval_jax import storage
 from retrieval_jax.data import datasets
 from retrieval_jax.evaluation import Ranking
 from retrieval_jax.evaluation import rerankers
@@ -36,7 +36,7 @@ from retrieval_jax.local import store as store_lib
 
 
 def local_dir(workdir: str, tag: str) -> str:
-  return os.path.join(workdir, "local", tag)
+  return storage.join(workdir, "local", tag)
 
 
 def _store(model, variables, images, folder: str, *, mesh, settings, bboxes=None
@@ -61,7 +61,7 @@ def extract_local_features(model, variables, mesh, settings, dataset: datasets.R
   out = []
   for part, images, bbx in (("query", dataset.query_images, dataset.query_bbx),
                             ("db", dataset.db_images, None)):
-    folder = os.path.join(local_dir(workdir, tag), f"{dataset.name}_{part}")
+    folder = storage.join(local_dir(workdir, tag), f"{dataset.name}_{part}")
     out.append(_store(model, variables, images, folder, mesh=mesh, settings=settings,
                       bboxes=bbx))
     sharding_lib.sync(f"local_{part}")
@@ -101,8 +101,8 @@ def _asmk_index(context: rerankers.Context, db_store) -> asmk_index.AsmkIndex:
   config, workdir, tag = context.config, context.workdir, context.weights_tag
   size = int(config.eval.asmk_codebook_size)
   index = asmk_index.AsmkIndex(asmk_index.asmk_params(codebook_size=size))
-  path = os.path.join(local_dir(workdir, tag), f"asmk_codebook_{size}.npz")
-  if os.path.exists(path):
+  path = storage.join(local_dir(workdir, tag), f"asmk_codebook_{size}.npz")
+  if sharding_lib.agree(storage.exists(path)):  # learning it is collective: agree first
     index.load_codebook(path)
   else:
     train = datasets.get_dataset(config.data.name, paths.data_root(config, workdir),
@@ -111,7 +111,7 @@ def _asmk_index(context: rerankers.Context, db_store) -> asmk_index.AsmkIndex:
     pick = np.random.default_rng(config.seed).choice(len(train.images), n, replace=False)
     images = [train.images[i] for i in sorted(pick)]
     store = _store(context.model, context.variables, images,
-                   os.path.join(local_dir(workdir, tag), "asmk_train"), mesh=context.mesh,
+                   storage.join(local_dir(workdir, tag), "asmk_train"), mesh=context.mesh,
                    settings=context.settings)
     sample = np.concatenate([store[i]["descriptors"] for i in range(len(store))])
     logging.info("ASMK: codebook of %d words from %d descriptors of %d training images",

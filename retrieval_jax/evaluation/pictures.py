@@ -14,10 +14,12 @@ import io
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
+from absl import logging
 import numpy as np
 from PIL import Image
 
 from retrieval_jax import storage
+from retrieval_jax.data import image_io
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
 Colour = Tuple[int, int, int]
@@ -35,8 +37,12 @@ def to_pil(image: ImageLike) -> Image.Image:
   if isinstance(image, Image.Image):
     return image.convert('RGB')
   if isinstance(image, (str, os.PathLike)):
-    with Image.open(image) as im:
-      return im.convert('RGB')
+    try:
+      with image_io.open_image_file(os.fspath(image)) as f, Image.open(f) as im:
+        return im.convert('RGB')
+    except Exception as e:  # pylint: disable=broad-except (an unreadable file: grey tile)
+      logging.warning('pictures: cannot read %s (%s)', os.fspath(image), e)
+      return Image.new('RGB', (8, 8), _CELL_FILL)
   arr = np.asarray(image)
   if arr.dtype != np.uint8:
     # Float images are taken to be in [0, 1], the usual convention before normalisation.

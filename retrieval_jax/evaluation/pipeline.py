@@ -238,7 +238,7 @@ def evaluate(context: rerankers.Context, stages: Stages, describe_fn=None) -> Di
     a = stages.approximate
     report = index_search.revisited_exact_and_approximate(
         dataset.name, stage.q, stage.db, dataset.gnd, k=int(a["k"]), mesh=mesh,
-        index_dir=os.path.join(context.workdir or ".", "faiss",
+        index_dir=storage.join(context.workdir or ".", "faiss",
                                f"{dataset.name}_{context.tag}_{stage.name}"),
         factory=a["factory"], nprobe=int(a["nprobe"]))
     result["lines"] = list(result["lines"]) + report.pop("lines")

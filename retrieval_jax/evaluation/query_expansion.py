@@ -24,7 +24,7 @@ alpha) power; they are rare inside a top-k list and the papers' alpha=3 then agr
 Descriptors are rows, `[N, D]`; neighbours come from `knn.knn`, so the mesh / dtype /
 batching options are those of `knn`. Outputs are float32 numpy arrays.
 """
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -37,24 +37,45 @@ def _l2n(x: np.ndarray) -> np.ndarray:
   return x / (np.linalg.norm(x, axis=-1, keepdims=True) + _EPS)
 
 
+# Rows augmented at once: bounds the [rows, k, D] float64 neighbour block (~64 MB at k = 10,
+# D = 2048) and the [rows, k] neighbour lists, whatever the number of rows.
+ROWS_PER_CHUNK = 400
+KNN_ROWS = 8192  # rows whose k-NN are searched in one pass over the database
+
+
 def _weighted_sum(database: np.ndarray, scores: np.ndarray, indices: np.ndarray,
                   alpha: float) -> np.ndarray:
-  """sum_i max(s_i, 0)^alpha d_i for every row: [N, k] scores/indices -> [N, D]."""
-  w = np.power(np.maximum(scores, 0.).astype(np.float64), alpha)  # [N, k]
-  return np.einsum('nk,nkd->nd', w, database[indices].astype(np.float64))
+  """sum_i max(s_i, 0)^alpha d_i for every row: [n, k] scores/indices -> [n, D] float64."""
+  w = np.power(np.maximum(scores, 0.).astype(np.float64), alpha)  # [n, k]
+  flat = np.sort(np.unique(indices))  # rows read from a memory-mapped database in order
+  neighbours = np.asarray(database[flat], np.float64)[np.searchsorted(flat, indices)]
+  return np.einsum('nk,nkd->nd', w, neighbours)
 
 
 def _reweighted(queries: np.ndarray, database: np.ndarray, k: int, alpha: float,
-                add_queries: bool, knn_options: Dict[str, Any]) -> np.ndarray:
+                add_queries: bool, knn_options: Dict[str, Any],
+                out: Optional[np.ndarray] = None) -> np.ndarray:
   """normalise([queries +] sum of the top-k database rows weighted max(s, 0)^alpha), float32.
 
-  queries [N, D] float32, database [Nd, D] float32 -> [N, D].
+  queries [N, D], database [Nd, D] (either may be memory-mapped) -> [N, D] float32, written
+  into `out` if given (e.g. a memory-mapped file). Done `ROWS_PER_CHUNK` rows at a time
+  (their k-NN against the whole database, see `knn.knn`), so host memory beyond the
+  descriptors does not grow with N.
   """
-  s, i = knn.knn(queries, database, k, **knn_options)
-  out = _weighted_sum(database, s, i, alpha)
-  if add_queries:
-    out = queries.astype(np.float64) + out
-  return _l2n(out).astype(np.float32)
+  n = queries.shape[0]
+  if out is None:
+    out = np.empty((n, database.shape[1]), np.float32)
+  for outer in range(0, n, KNN_ROWS):  # one pass over the database per KNN_ROWS rows
+    s_all, i_all = knn.knn(np.asarray(queries[outer:outer + KNN_ROWS], np.float32),
+                              database, k, **knn_options)
+    for start in range(0, len(s_all), ROWS_PER_CHUNK):
+      end = min(start + ROWS_PER_CHUNK, len(s_all))
+      rows = slice(outer + start, outer + end)
+      summed = _weighted_sum(database, s_all[start:end], i_all[start:end], alpha)
+      if add_queries:
+        summed += np.asarray(queries[rows], np.float64)
+      out[rows] = _l2n(summed).astype(np.float32)
+  return out
 
 
 def alpha_query_expansion(queries: np.ndarray, database: np.ndarray, k: int,

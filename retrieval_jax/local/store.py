@@ -23,6 +23,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from etils import epath
 import numpy as np
 
+from retrieval_jax import sharding
 from retrieval_jax.local import keypoints as kp_lib
 
 META = "meta.json"
@@ -54,23 +55,28 @@ class LocalFeatureWriter:
     if dtype not in ("float32", "float16"):
       raise ValueError(f"local feature dtype must be float32 or float16, got {dtype!r}")
     self.folder = epath.Path(folder)
-    self.folder.mkdir(parents=True, exist_ok=True)
+    # On several processes every one extracts (collectively), process 0 alone writes.
+    self._main = sharding.is_main_process()
     self.meta = {"num_images": int(num_images), "chunk_size": int(chunk_size),
                  "dim": int(dim), "dtype": dtype,
                  "image_list": list(image_list) if image_list is not None else None,
                  "config": dict(config or {})}
     meta_path = self.folder / META
-    if meta_path.exists():
+    # Process 0 checks and writes meta.json (a failure there stops every process).
+    if self._main and meta_path.exists():
       old, new = json.loads(meta_path.read_text()), json.loads(json.dumps(self.meta))
       if old != new:
         diff = sorted(k for k in new if old.get(k) != new[k])
         raise ValueError(f"{self.folder} holds local features with other settings ({diff}); "
                          "use a fresh folder or delete it to re-extract")
-    else:
+    elif self._main:
+      self.folder.mkdir(parents=True, exist_ok=True)
       meta_path.write_text(json.dumps(self.meta))
     self.num_chunks = -(-int(num_images) // int(chunk_size)) if num_images else 0
-    self._written = {c for c in range(self.num_chunks)
-                     if (self.folder / _chunk_name(c)).exists()}
+    written = ([c for c in range(self.num_chunks) if (self.folder / _chunk_name(c)).exists()]
+               if self._main else [])
+    # Process 0's view: every process skips the same chunks.
+    self._written = set(sharding.agreed_indices(written, self.num_chunks))
     self._pending: Dict[int, Dict[int, Dict[str, np.ndarray]]] = collections.defaultdict(dict)
 
   def done(self, index: int) -> bool:
@@ -112,18 +118,21 @@ class LocalFeatureWriter:
         "scales": cat("scales", (-1,), np.float32),
         "scores": cat("scores", (-1,), np.float32),
         "descriptors": cat("descriptors", (-1, dim), self.meta["dtype"])}
+    self._written.add(c)
+    if not self._main:
+      return
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     tmp = self.folder / (_chunk_name(c) + ".tmp")
     tmp.write_bytes(buf.getvalue())
     tmp.rename(self.folder / _chunk_name(c))
-    self._written.add(c)
 
   def close(self) -> "LocalFeatureStore":
     """Writes the incomplete chunks (missing images: no keypoints) and opens the store."""
     for c in range(self.num_chunks):
       if c not in self._written:
         self._write(c)
+    sharding.sync("local_store_written", timeout_s=sharding.WRITE_TIMEOUT_S)
     return LocalFeatureStore(str(self.folder))
 
 

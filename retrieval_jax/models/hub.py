@@ -26,6 +26,7 @@ from typing import Dict, Optional
 
 from absl import logging
 
+from retrieval_jax import errors
 from retrieval_jax.data import transfer
 from retrieval_jax.models import pretrained
 from retrieval_jax.models import weight_files
@@ -102,8 +103,9 @@ MODELS: Dict[str, HubModel] = {
 }
 
 
-class OfflineError(RuntimeError):
-  """The weights are not cached and cannot be downloaded."""
+class OfflineError(errors.UserError, RuntimeError):
+  """The weights are not cached and cannot be downloaded (its message says where to put
+  the file: main.py shows only it, exit code 2)."""
 
 
 def cache_dir() -> str:

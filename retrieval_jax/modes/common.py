@@ -1,5 +1,4 @@
 """What several modes share: the restored network, its tag, the printed summary."""
-import os
 from typing import Any, Dict, Optional, Tuple
 
 from absl import logging
@@ -8,6 +7,7 @@ import numpy as np
 from retrieval_jax import descriptor_settings
 from retrieval_jax import restore
 from retrieval_jax import sharding as sharding_lib
+from retrieval_jax import storage
 from retrieval_jax.evaluation import pipeline
 
 Summary = Dict[str, Any]
@@ -52,7 +52,7 @@ def summary(workdir: str, results: Dict[str, Any], step: Optional[int] = None) -
 def output_dir(value: str, workdir: str, name: str) -> str:
   """A mode's output folder: `value` (`export.dir`, `describe.out`, `search.out`,
   `search.index`), or `<workdir>/<name>` where the config leaves it "" (the default)."""
-  return os.path.abspath(value or os.path.join(workdir, name))
+  return storage.resolve(value or storage.join(workdir, name))
 
 
 def settings_for_folders(config, net, overrides=None) -> descriptor_settings.DescriptorSettings:

@@ -20,4 +20,4 @@ def describe(config, workdir: str) -> common.Summary:
                                      mesh=mesh, chunk=int(config.describe.chunk),
                                      config_json=record, **settings.extract_kwargs())
   return {"index": out, "images": len(got["images"]), "skipped": len(got["skipped"]),
-          "dim": int(got["descriptors"].shape[1])}
+          "dim": int(got["dim"])}

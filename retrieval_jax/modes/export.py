@@ -3,10 +3,13 @@ said in the log) as `jax.export` + TF SavedModel + export.json in `export.dir`
 (`export.py`), describing as the descriptor settings say (`export.long_side`, `scales`,
 `multiscale_combine` replace `extract.*`'s where set)."""
 import json
+import shutil
+import tempfile
 
 from retrieval_jax import export as export_lib
 from retrieval_jax import restore
 from retrieval_jax import sharding as sharding_lib
+from retrieval_jax import storage
 from retrieval_jax.modes import common
 from retrieval_jax.postprocess import whitening_store
 
@@ -30,9 +33,14 @@ def export(config, workdir: str) -> common.Summary:
           "pretrained": config.model.pretrained if net.source == restore.PRETRAINED else "",
           "config": json.loads(config.to_json_best_effort())}
   if sharding_lib.is_main_process():
-    meta = export_lib.export_model(net.model, net.variables, out, options,
+    # jax.export / TF write local files: a bucket gets a local copy uploaded, export.json last.
+    local = tempfile.mkdtemp(prefix="retrieval_jax_export_") if storage.is_remote(out) else out
+    meta = export_lib.export_model(net.model, net.variables, local, options,
                                    platforms=tuple(ec.platforms) or None,
                                    saved_model=bool(ec.saved_model), info=info)
-  sharding_lib.sync("export")
+    if local != out:
+      storage.upload_folder(local, out, last=export_lib.EXPORT_JSON)
+      shutil.rmtree(local, ignore_errors=True)
+  sharding_lib.sync("export", timeout_s=sharding_lib.WRITE_TIMEOUT_S)
   return {"export_dir": out, "descriptor_dim": meta["descriptor_dim"] if
           sharding_lib.is_main_process() else None, "source": net.source}

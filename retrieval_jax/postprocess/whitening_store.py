@@ -43,6 +43,7 @@ import numpy as np
 from retrieval_jax import descriptor_settings
 from retrieval_jax import extract
 from retrieval_jax import paths
+from retrieval_jax import sharding
 from retrieval_jax import storage
 from retrieval_jax.data import datasets
 from retrieval_jax.mining import pairs as pairs_lib
@@ -145,9 +146,11 @@ def compute_and_save(config, workdir: str, model, variables, mesh, step: Optiona
   else:
     m, proj = whitening.learn(x[readable], kind, num_features=key.get("num_features", 0))
   path = whitening_path(workdir, kind)
-  save(path, m, proj, dict(key, num_pairs=int(ok.sum()), num_images=int(len(used)),
-                           dim_in=int(proj.shape[1]), rank=int(proj.shape[0])))
-  logging.info("wrote %s (P %s)", path, proj.shape)
+  if sharding.is_main_process():  # every process learned the same; process 0 writes it
+    save(path, m, proj, dict(key, num_pairs=int(ok.sum()), num_images=int(len(used)),
+                             dim_in=int(proj.shape[1]), rank=int(proj.shape[0])))
+    logging.info("wrote %s (P %s)", path, proj.shape)
+  sharding.sync("whitening_saved", timeout_s=sharding.WRITE_TIMEOUT_S)
   return path
 
 
@@ -163,7 +166,9 @@ def get_or_compute(config, workdir: str, model, variables, mesh, step: Optional[
   path = whitening_path(workdir, kind)
   want, _ = _key(config, kind, model, variables, step)
   stored = load(path) if storage.exists(path) else None
-  if stored is None or any(stored["info"].get(k) != v for k, v in want.items()):
+  # Learning extracts on every process: process 0's view of the file decides for all.
+  stale = stored is None or any(stored["info"].get(k) != v for k, v in want.items())
+  if sharding.agree(stale):
     if stored is not None:
       logging.info("%s is stale (computed for other settings or another checkpoint); "
                    "learning it again", path)
@@ -192,8 +197,10 @@ def save_imported(config, workdir: str, imported, model, variables) -> Optional[
   kind = kind if kind in entry else sorted(entry)[0]
   m, proj = entry[kind]
   path = whitening_path(workdir, "learned")
-  save(path, m, proj, dict(key, source=f"meta Lw {name}/{kind}",
-                           rank=int(proj.shape[0]), dim_in=int(proj.shape[1])))
+  if sharding.is_main_process():
+    save(path, m, proj, dict(key, source=f"meta Lw {name}/{kind}",
+                             rank=int(proj.shape[0]), dim_in=int(proj.shape[1])))
+  sharding.sync("whitening_imported", timeout_s=sharding.WRITE_TIMEOUT_S)
   logging.info("using the checkpoint's precomputed whitening %s/%s -> %s", name, kind, path)
   return path
 

@@ -12,7 +12,7 @@ Every input kind is built as `cls(config, train_set, mesh, model, workdir)` and 
 """
 import os
 import time
-from typing import Dict
+from typing import Dict, Tuple
 
 from absl import logging
 import jax
@@ -25,6 +25,7 @@ from retrieval_jax import registry
 from retrieval_jax import sharding as sharding_lib
 from retrieval_jax import storage
 from retrieval_jax.data import grain_pipeline
+from retrieval_jax.data import image_io
 from retrieval_jax.data import tuples as tuples_lib
 from retrieval_jax.mining import epoch as epoch_mining
 from retrieval_jax.mining import pairs as pairs_lib
@@ -149,9 +150,10 @@ class EpochTupleInputs:
     self.epoch = epoch
     self.iterator = grain_pipeline.train_iterator(ds, num_threads=c.num_threads)
 
-  def describe(self, variables, indices: np.ndarray) -> np.ndarray:
-    """Descriptors [len(indices), D] of `images[indices]`, as training sees them."""
-    out = None
+  def describe(self, variables, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Descriptors [len(indices), D] of `images[indices]`, as training sees them, and which
+    rows were read ([len(indices)] bool; an unreadable image keeps a zero row)."""
+    out, read = None, np.zeros((len(indices),), bool)
     for rows, d in extract.described_training_rows(
         self._describe, variables, self.images, indices, mesh=self.mesh,
         image_size=self.config.data.image_size,
@@ -160,17 +162,32 @@ class EpochTupleInputs:
       if out is None:
         out = np.zeros((len(indices), d.shape[1]), np.float32)
       out[rows] = d
-    return out
+      read[rows] = True
+    if out is None:
+      raise image_io.NothingReadableError(
+          f"epoch mining: none of the {len(indices)} images to describe could be read "
+          f"(e.g. {self.images[indices[0]]})")
+    return out, read
 
   def mine(self, epoch: int, variables):
-    """(qidxs, pidxs, nidxs) of `epoch`: cirtorch's `create_epoch_tuples`."""
+    """(qidxs, pidxs, nidxs) of `epoch`: cirtorch's `create_epoch_tuples`.
+
+    An image that cannot be read is dropped as training drops it: never a negative (it
+    leaves the pool), and a query's tuple with one is voided when loaded (weight 0).
+    """
     c, seed = self.config.data, self.config.seed
     t0 = time.time()
     pick = tuples_lib.epoch_queries(len(self.qpool), c.query_size, seed, epoch)
     qidxs, pidxs = self.qpool[pick], self.ppool[pick]
     pool = tuples_lib.negative_pool(len(self.images), c.pool_size, seed, epoch)
-    qvecs = self.describe(variables, qidxs)
-    poolvecs = self.describe(variables, pool)
+    qvecs, q_read = self.describe(variables, qidxs)
+    poolvecs, pool_read = self.describe(variables, pool)
+    unreadable = sorted({self.images[i] for i in np.concatenate(
+        [qidxs[~q_read], pool[~pool_read]]).tolist()})
+    if unreadable:
+      logging.warning("epoch %d: %d images could not be read and are dropped from mining "
+                      "(first: %s)", epoch, len(unreadable), ", ".join(unreadable[:5]))
+      pool, poolvecs = pool[pool_read], poolvecs[pool_read]
     neg = epoch_mining.mine_epoch_negatives(qvecs, poolvecs, self.clusters[qidxs],
                                             self.clusters[pool],
                                             int(self.config.loss.num_negatives),

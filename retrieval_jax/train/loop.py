@@ -12,7 +12,7 @@ its birth: `state.py`; the optimiser: `optim.py`.
 """
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from absl import logging
 import jax
@@ -51,9 +51,13 @@ class MetricWriter:
   """Metrics to <workdir>/metrics.jsonl (and TensorBoard when tensorboardX is installed).
 
   Only process 0 writes; the others hold a writer that drops everything. In a bucket
-  (gs://...), where objects cannot be appended to, the file is rewritten whole at each write
-  and TensorBoard files are not written.
+  (gs://...), where objects cannot be appended to, the lines go to a rolling set of shards,
+  `metrics.jsonl`, `metrics.jsonl.1`, `metrics.jsonl.2`, ... of at most `SHARD_LINES` lines
+  each: a write rewrites only the last shard, so its cost does not grow with the run
+  (`read_metrics` reads them back in order). TensorBoard files are not written there.
   """
+
+  SHARD_LINES = 1000
 
   def __init__(self, workdir: str):
     self._f = self._tb = None
@@ -62,11 +66,13 @@ class MetricWriter:
       return
     path = storage.join(workdir, "metrics.jsonl")
     if storage.is_remote(workdir):
-      self._path = path
-      self._remote_lines = (storage.read_text(path).splitlines(keepends=True)
-                            if storage.exists(path) else [])
-      logging.info("metrics to %s (rewritten at each write; no TensorBoard files in a "
-                   "bucket)", path)
+      self._base = path
+      shards = _metric_shards(workdir)
+      self._shard = len(shards) - 1 if shards else 0
+      self._remote_lines = (storage.read_text(shards[-1]).splitlines(keepends=True)
+                            if shards else [])
+      logging.info("metrics to %s (shards of %d lines; no TensorBoard files in a bucket)",
+                   path, self.SHARD_LINES)
       return
     os.makedirs(workdir, exist_ok=True)
     self._f = open(path, "a")
@@ -80,8 +86,11 @@ class MetricWriter:
   def write(self, step: int, metrics: Dict[str, float]):
     line = json.dumps({"step": step, **metrics}) + "\n"
     if self._remote_lines is not None:
+      if len(self._remote_lines) >= self.SHARD_LINES:
+        self._shard, self._remote_lines = self._shard + 1, []
       self._remote_lines.append(line)
-      storage.write_text(self._path, "".join(self._remote_lines))
+      name = self._base if self._shard == 0 else f"{self._base}.{self._shard}"
+      storage.write_text(name, "".join(self._remote_lines))
       return
     if self._f is None:
       return
@@ -96,6 +105,21 @@ class MetricWriter:
       self._f.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _metric_shards(workdir: str) -> List[str]:
+  """metrics.jsonl, metrics.jsonl.1, ... that exist, in order."""
+  base = storage.join(workdir, "metrics.jsonl")
+  shards = []
+  while storage.exists(base if not shards else f"{base}.{len(shards)}"):
+    shards.append(base if not shards else f"{base}.{len(shards)}")
+  return shards
+
+
+def read_metrics(workdir: str) -> List[Dict[str, Any]]:
+  """Every metrics line a run wrote (a local file, or a bucket's shards), in order."""
+  return [json.loads(line) for path in _metric_shards(workdir)
+          for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def _eval(config, workdir, model, state, mesh, tag) -> Optional[Dict[str, Any]]:
