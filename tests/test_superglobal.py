@@ -1,0 +1,145 @@
+"""SuperGlobal's GeM+, ReLU+, regional GeM, scale-GeM and re-ranking against a torch
+transcription of the official modules (tests/superglobal_reference.py), random inputs."""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from retrieval_jax import sharding as sharding_lib
+from retrieval_jax.evaluation import superglobal as rerank_lib
+from retrieval_jax.models import pooling
+from retrieval_jax.models import superglobal
+
+sys.path.insert(0, os.path.dirname(__file__))
+import superglobal_reference as ref  # pylint: disable=wrong-import-position
+
+TOL = 1e-5
+
+
+def _nchw(x):
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float64).transpose(0, 3, 1, 2)))
+
+
+def _maps(seed, shape=(2, 7, 9, 6)):
+  return np.random.default_rng(seed).uniform(0, 2, shape).astype(np.float32)
+
+
+def test_gem_plus_is_fixed_p_gem():
+  x = _maps(0)
+  x[0, :2] = 0.0  # ReLU zeros: the clamp matters
+  mod = pooling.GeM(p_init=superglobal.GEM_PLUS_P, trainable=False, eps=1e-8)
+  variables = mod.init(jax.random.PRNGKey(0), jnp.asarray(x))
+  assert "params" not in variables or not variables["params"]  # nothing to train
+  got = np.asarray(mod.apply(variables, jnp.asarray(x)))
+  t = _nchw(x)
+  want = ref.gemp()(t.reshape(t.shape[0], t.shape[1], -1))[..., 0].numpy()
+  np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+
+
+def test_relu_plus():
+  x = np.random.default_rng(1).normal(0, 0.05, (2, 5, 4, 3)).astype(np.float32)
+  got = np.asarray(superglobal.relu_plus(jnp.asarray(x), 0.014))
+  want = ref.relup(0.014)(_nchw(x)).numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 9, 6), (1, 3, 3, 4), (1, 12, 5, 2)])
+def test_regional_gem(shape):
+  x = _maps(2, shape)
+  got = np.asarray(superglobal.regional_gem(jnp.asarray(x), 2.5, 5))
+  want = ref.rgem(2.5, 5)(_nchw(x)).numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+
+
+def test_regional_gem_padded_equals_unpadded():
+  small = _maps(3, (1, 4, 6, 5))
+  other = _maps(4, (1, 8, 7, 5))
+  batch = np.zeros((2, 8, 7, 5), np.float32)
+  batch[0, :4, :6] = small[0]
+  batch[1] = other[0]
+  mask = np.zeros((2, 8, 7), bool)
+  mask[0, :4, :6] = True
+  mask[1] = True
+  got = np.asarray(superglobal.regional_gem(jnp.asarray(batch), mask=jnp.asarray(mask)))
+  alone = np.asarray(superglobal.regional_gem(jnp.asarray(small)))
+  np.testing.assert_allclose(got[0, :4, :6], alone[0], rtol=TOL, atol=TOL)
+  assert np.all(got[0, 4:] == 0) and np.all(got[0, :, 6:] == 0)
+  want_other = ref.rgem()(_nchw(other)).numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(got[1], want_other[0], rtol=TOL, atol=TOL)
+
+
+def test_regional_gem_gradient_is_finite_on_zero_windows():
+  x = np.zeros((1, 6, 6, 2), np.float32)
+  x[0, 0, 0] = 1.0
+  g = jax.grad(lambda v: jnp.sum(superglobal.regional_gem(v)))(jnp.asarray(x))
+  assert np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.parametrize("infinity", [True, False])
+def test_scale_gem(infinity):
+  d = np.random.default_rng(5).normal(0, 1, (3, 4, 16)).astype(np.float32)  # [B, S, D]
+  got = np.asarray(superglobal.scale_gem(jnp.asarray(d), 10.0, infinity))
+  module = ref.sgem(10.0, infinity)
+  want = np.stack([module([torch.from_numpy(d[b, s].astype(np.float64)) for s in range(4)])
+                   .numpy() for b in range(3)])
+  np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+
+
+def _official_rerank(q, x, m, k, beta, ranks):
+  qt, xt = torch.from_numpy(q), torch.from_numpy(x)
+  ranks = torch.from_numpy(ranks)
+  outs = ref.MDescAug(m, k, beta)(xt, qt, ranks)
+  mda = ref.RerankwMDA(m, k, beta)
+  out = mda(ranks, *outs).numpy()
+  return out, mda.scores.numpy()
+
+
+def _unit_rows(rng, n, d):
+  v = rng.normal(0, 1, (n, d))
+  return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_superglobal_rerank_matches_official_70_by_6000():
+  rng = np.random.default_rng(6)
+  x = _unit_rows(rng, 6000, 64)
+  # Queries near database images, so that the top M is not a random set.
+  q = x[rng.choice(6000, 70, replace=False)] + 0.8 * _unit_rows(rng, 70, 64)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  # One global ranking for both: the test is about the re-ranking, not about how float32
+  # and float64 order near-equal similarities far down the list.
+  global_ranks = np.argsort(-(x @ q.T), axis=0, kind="stable")
+  want, want_scores = _official_rerank(q, x, 400, 9, 0.15, global_ranks)
+  mesh = sharding_lib.make_mesh((-1,), ("data",))
+  got = rerank_lib.superglobal_ranks(q.astype(np.float32), x.astype(np.float32), m=400, k=9,
+                                     beta=0.15, mesh=mesh, ranks=global_ranks)
+  assert got.shape == (6000, 70)
+  assert not np.array_equal(global_ranks[:400], want[:400])  # the re-ranking moves things
+  np.testing.assert_array_equal(got[400:], global_ranks[400:])
+  # The final scores, sorted, to 1e-5 (float32 here, float64 in the transcription).
+  top = jnp.asarray(global_ranks[:400].T)
+  _, scores = rerank_lib.rerank_top(jnp.asarray(q, jnp.float32),
+                                    jnp.asarray(x, jnp.float32)[top], top, k=9, beta=0.15)
+  np.testing.assert_allclose(np.asarray(scores), want_scores, rtol=0, atol=TOL)
+  # The same order, except where two final scores are within float32 rounding (1e-6) of
+  # each other: there the two neighbours may swap.
+  differ = np.argwhere(got != want)
+  assert len(differ) <= 4, differ
+  for r, c in differ:
+    assert r < 400
+    nearest = np.min(np.abs(np.delete(want_scores[c], r) - want_scores[c, r]))
+    assert nearest < 1e-6, (r, c, nearest)
+
+
+def test_superglobal_rerank_small_database():
+  rng = np.random.default_rng(7)
+  x = _unit_rows(rng, 30, 8).astype(np.float32)
+  q = _unit_rows(rng, 5, 8).astype(np.float32)
+  got = rerank_lib.superglobal_ranks(q, x, m=400, k=9, beta=0.15, query_block=2)
+  global_ranks = np.argsort(-(x @ q.T), axis=0, kind="stable")
+  want, _ = _official_rerank(q.astype(np.float64), x.astype(np.float64), 30, 9, 0.15,
+                             global_ranks)
+  np.testing.assert_array_equal(got, want)
