@@ -165,10 +165,62 @@ def find_problems(config: Any, mode: str = "train") -> List[str]:
       protocol.from_config(extract)
     except ValueError as e:
       errors.append(f"config.{e}")
+  errors.extend(superglobal_problems(config, mode))
   if mode in _MODE_NEEDS_TRAINING and _get(config, "train.num_steps") == 0 and not _get(
       config, "train.num_epochs"):
     errors.append("config.train.num_steps=0: there is nothing to train; give a number of "
                   "steps, or run --mode=evaluate to evaluate the pretrained network")
+  return errors
+
+
+# eval.rerank values: "" (none), DELG local features (evaluate_local), SuperGlobal (global).
+RERANKS = ("", "local", "asmk", "superglobal")
+# Modes whose extraction combines scales through extract.extract_descriptors.
+_SCALE_GEM_MODES = ("train", "evaluate", "extract")
+
+
+def superglobal_problems(config: Any, mode: str) -> List[str]:
+  """SuperGlobal's fields (model.relup_alpha / regional_gem*, extract.multiscale_combine
+  sgem*, eval.rerank=superglobal and eval.superglobal_*)."""
+  errors: List[str] = []
+  rerank = _get(config, "eval.rerank")
+  if rerank is not None:
+    _check_name(errors, "eval.rerank", rerank, RERANKS, allow_empty=True)
+  if rerank == "superglobal":
+    m, k = _get(config, "eval.superglobal_m"), _get(config, "eval.superglobal_k")
+    beta = _get(config, "eval.superglobal_beta")
+    if not isinstance(m, int) or m < 2:
+      errors.append(f"config.eval.superglobal_m={m!r} must be an integer >= 2 (paper: 400)")
+    if not isinstance(k, int) or k < 1 or (isinstance(m, int) and k >= m):
+      errors.append(f"config.eval.superglobal_k={k!r} must be an integer in [1, "
+                    "eval.superglobal_m) (paper: 9)")
+    if not _is_number(beta) or beta < 0:
+      errors.append(f"config.eval.superglobal_beta={beta!r} must be >= 0 (paper: 0.15)")
+  alpha = _get(config, "model.relup_alpha")
+  if alpha is not None and (not _is_number(alpha) or alpha < 0):
+    errors.append(f"config.model.relup_alpha={alpha!r} must be >= 0 (0: off; SuperGlobal: "
+                  "0.014)")
+  if _get(config, "model.regional_gem"):
+    size, p = _get(config, "model.regional_gem_size"), _get(config, "model.regional_gem_p")
+    if not isinstance(size, int) or size < 1 or size % 2 == 0:
+      errors.append(f"config.model.regional_gem_size={size!r} must be an odd positive "
+                    "integer (SuperGlobal: 5)")
+    if not _is_number(p) or p <= 0:
+      errors.append(f"config.model.regional_gem_p={p!r} must be > 0 (SuperGlobal: 2.5)")
+  if (_get(config, "model.relup_alpha") or _get(config, "model.regional_gem")) and _get(
+      config, "model.local_head"):
+    errors.append("config.model.relup_alpha / model.regional_gem apply to RetrievalNet's "
+                  "global head; the DELG network (model.local_head) does not have them")
+  if _get(config, "extract.multiscale_combine") in ("sgem", "sgem_power"):
+    if mode not in _SCALE_GEM_MODES:
+      errors.append(f"config.extract.multiscale_combine=sgem* is not supported by "
+                    f"--mode={mode} (only {', '.join(_SCALE_GEM_MODES)}); use gem or mean")
+    if _get(config, "extract.multiscale_resize", "interpolate") != "interpolate":
+      errors.append("config.extract.multiscale_combine=sgem* combines a batch's scales on "
+                    "the device: set --config.extract.multiscale_resize=interpolate")
+    sgem_p = _get(config, "extract.sgem_p")
+    if not _is_number(sgem_p) or sgem_p <= 0:
+      errors.append(f"config.extract.sgem_p={sgem_p!r} must be > 0 (SuperGlobal: 10)")
   return errors
 
 

@@ -26,6 +26,7 @@ from retrieval_jax.data import image_io
 from retrieval_jax.data import integrity
 from retrieval_jax.evaluation import pictures as pictures_lib
 from retrieval_jax.evaluation import rerank as rerank_lib
+from retrieval_jax.evaluation import superglobal as superglobal_rerank
 from retrieval_jax.postprocess import whitening as whitening_lib
 
 
@@ -82,8 +83,18 @@ def with_saved_before(workdir: str, results: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def rerank_config(eval_config) -> Dict[str, Any]:
-  """The re-ranking fields of `config.eval` (alpha-QE / alpha-DBA; k = 0 turns one off)."""
-  return {k: eval_config[k] for k in ("qe_k", "qe_alpha", "dba_k", "dba_alpha")}
+  """The re-ranking fields of `config.eval` (alpha-QE / alpha-DBA; k = 0 turns one off),
+  plus "superglobal": {"m", "k", "beta"} when `eval.rerank="superglobal"`."""
+  out = {k: eval_config[k] for k in ("qe_k", "qe_alpha", "dba_k", "dba_alpha")}
+  if eval_config.get("rerank", "") == SUPERGLOBAL:
+    out[SUPERGLOBAL] = {"m": int(eval_config.superglobal_m), "k": int(eval_config.superglobal_k),
+                        "beta": float(eval_config.superglobal_beta)}
+  return out
+
+
+# `eval.rerank` value of SuperGlobal's global-only re-ranking (evaluation/superglobal.py),
+# run here on the final descriptors; "local" / "asmk" are evaluate_local's.
+SUPERGLOBAL = "superglobal"
 
 
 def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_config,
@@ -107,8 +118,9 @@ def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_
       pictures show the whitened ranking.
     describe_fn: a compiled `extract.make_describe_fn(model, mesh)` to reuse.
     rerank: optional {"qe_k", "qe_alpha", "dba_k", "dba_alpha"} (`rerank_config`): alpha-DBA
-      then alpha-QE on the final descriptors, reported with a `_rerank` suffix. The
-      pictures show the last variant's ranking.
+      then alpha-QE on the final descriptors, reported with a `_rerank` suffix; with a
+      "superglobal" entry, SuperGlobal's re-ranking of them after that, with a
+      `_superglobal` suffix. The pictures show the last descriptors' global ranking.
     allow_missing: `config.eval.allow_missing`: evaluate without missing / unreadable
       images (else they are an error, `data/integrity.py`); the counts go into the result.
     data_root: the set's data root, for the download command in those errors.
@@ -159,8 +171,9 @@ def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_
     result["lines"] = list(result["lines"]) + report.pop("lines")
     result.update(report)
 
-  def add_variant(suffix: str, label: str, q, db):
-    extra = score(q, db, gt, mesh=mesh)
+  def add_variant(suffix: str, label: str, q, db, ranker=None):
+    extra = score(q, db, gt, mesh=mesh) if ranker is None else score(q, db, gt, mesh=mesh,
+                                                                        ranker=ranker)
     result.update({f"{k}_{suffix}": v for k, v in extra.items() if k != "lines"})
     result["lines"] = list(result["lines"]) + [
         line.replace(":", f" + {label}:", 1) for line in extra["lines"]]
@@ -179,6 +192,10 @@ def evaluate(model, variables, dataset: datasets.RetrievalSet, *, mesh, extract_
       q = rerank_lib.alpha_query_expansion(
           q, db, rerank["qe_k"], rerank["qe_alpha"], mesh=mesh)
     add_variant("rerank", f"aQE k={rerank['qe_k']} aDBA k={rerank['dba_k']}", q, db)
+  if rerank and rerank.get(SUPERGLOBAL):
+    sg = rerank[SUPERGLOBAL]
+    add_variant(SUPERGLOBAL, f"SuperGlobal M={sg['m']} K={sg['k']} beta={sg['beta']}", q, db,
+                ranker=superglobal_rerank.ranker(**sg))
   for line in result["lines"]:
     logging.info("%s %s", tag, line)
   if workdir and sharding.is_main_process():

@@ -41,9 +41,13 @@ from retrieval_jax.data import protocol as protocol_lib
 from retrieval_jax.data import tuples as tuples_lib
 from retrieval_jax.models import layers
 from retrieval_jax.models import pooling_ops
+from retrieval_jax.models import superglobal
 
 # Multi-scale combinations accepted in `config.extract.multiscale_combine`.
-MULTISCALE_COMBINE = ("gem", "mean", "early_fusion")
+MULTISCALE_COMBINE = ("gem", "mean", "early_fusion", "sgem", "sgem_power")
+# SuperGlobal's scale-GeM (models/superglobal.py): combined from all scales of a batch at once,
+# so they need the scales made on the device (extract.multiscale_resize="interpolate").
+SCALE_GEM = ("sgem", "sgem_power")
 
 def make_describe_fn(model, mesh):
   """jit'd (variables, images [B, H, W, 3], mask [B, H, W]) -> descriptors [B, D].
@@ -106,7 +110,17 @@ def extract_kwargs(extract_config, variables, model=None, dataset: str = "") -> 
               multiscale_p=multiscale_p_from(variables, combine,
                                              getattr(model, "pooling", None)),
               early_fusion=combine == "early_fusion",
-              protocol=protocol_lib.from_config(extract_config, dataset))
+              protocol=protocol_lib.from_config(extract_config, dataset),
+              **scale_gem_kwargs(extract_config))
+
+
+def scale_gem_kwargs(extract_config) -> Dict[str, Any]:
+  """{"scale_gem": (infinity, p)} for `multiscale_combine` sgem / sgem_power, else {}."""
+  combine = extract_config.multiscale_combine
+  if combine not in SCALE_GEM:
+    return {}
+  return {"scale_gem": (combine == "sgem", float(extract_config.get("sgem_p",
+                                                                    superglobal.SGEM_P)))}
 
 
 def described_rows(describe: Callable[..., Any], variables, batches: Iterable[Mapping[str, Any]],
@@ -250,7 +264,8 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
                         image_list: Optional[Sequence[str]] = None, config_json: str = "{}",
                         num_threads: int = 2, log_every_s: float = 10.0,
                         protocol: protocol_lib.EvalProtocol = protocol_lib.REFERENCE,
-                        skipped: Optional[image_io.SkipCounter] = None) -> np.ndarray:
+                        skipped: Optional[image_io.SkipCounter] = None,
+                        scale_gem: Optional[Tuple[bool, float]] = None) -> np.ndarray:
   """Descriptors [N, D] (float32, rows L2-normalised) of `paths`, in order.
 
   Args:
@@ -278,6 +293,8 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
       the `long_side` batch on the device, as the reference; "decode": each scale decoded
       again at `round(long_side * s)`).
     skipped: counter of unreadable images (default `image_io.GLOBAL_SKIPS`).
+    scale_gem: (infinity, p): SuperGlobal's scale-GeM combines the scales instead
+      (`superglobal.scale_gem`; `scale_gem_kwargs`); needs the "interpolate" protocol.
   Returns:
     [N, D] float32. Images that cannot be read get a zero row (logged by the pipeline).
   """
@@ -296,6 +313,12 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
   describe = describe_fn or make_describe_fn(model, mesh)
   p = 1.0 if multiscale_p is None else float(multiscale_p)
   single = len(scales) == 1
+  if scale_gem is not None and not single:
+    return _extract_scale_gem(describe, variables, paths, mesh=mesh, long_side=long_side,
+                              batch_size=batch_size, scales=scales, bboxes=bboxes,
+                              rotations=rotations, writer=writer, num_threads=num_threads,
+                              log_every_s=log_every_s, protocol=protocol, skipped=skipped,
+                              scale_gem=scale_gem)
   acc = None  # [N, D]: the descriptors (one scale) or the sum of their p-th powers.
   progress = progress_lib.Progress(n * len(scales), every_s=log_every_s)
   on_device = not single and protocol.multiscale_resize == "interpolate"
@@ -332,6 +355,34 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
   _finalize(acc, len(scales), p, out)
   return out
 
+
+
+def _extract_scale_gem(describe, variables, paths, *, mesh, long_side, batch_size, scales,
+                       bboxes, rotations, writer, num_threads, log_every_s, protocol, skipped,
+                       scale_gem: Tuple[bool, float]) -> np.ndarray:
+  """`extract_descriptors` with SuperGlobal's scale-GeM over each batch's [B, S, D]."""
+  if protocol.multiscale_resize != "interpolate":
+    raise ValueError("extract.multiscale_combine=sgem / sgem_power combines the scales of a "
+                     "batch on the device: set extract.multiscale_resize=interpolate")
+  infinity, p = scale_gem
+  n = len(paths)
+  fn = _multiscale_fn(describe, scales)
+  out = None
+  progress = progress_lib.Progress(n * len(scales), every_s=log_every_s)
+  batches = grain_pipeline.eval_batches(paths, long_side=long_side, batch_size=batch_size,
+                                        bboxes=bboxes, rotations=rotations,
+                                        num_threads=num_threads, protocol=protocol,
+                                        skipped=skipped)
+  for rows, ds in described_rows(fn, variables, batches, mesh):  # ds: [n, S, D]
+    d = np.asarray(pooling_ops.normalize(superglobal.scale_gem(ds, p, infinity)), np.float32)
+    if out is None:
+      out = (writer.allocate(d.shape[1]) if writer is not None
+             else np.zeros((n, d.shape[1]), np.float32))
+    out[rows] = d  # Unreadable images have no row here: theirs stay zero.
+    _report(progress, len(rows) * len(scales))
+  if out is None:
+    raise RuntimeError("no image could be read: check the dataset paths")
+  return writer.close() if writer is not None else out
 
 
 # ----------------------------------------------------------------------------------------------

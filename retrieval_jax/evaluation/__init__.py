@@ -6,7 +6,8 @@ Every evaluator has the signature
               mesh=None, dtype='float32') -> dict
 
 and returns its metrics (percent unless said otherwise) plus 'lines', the printable
-summary. Descriptors are rows, L2-normalised; similarity is the inner product computed by
+summary. The ranking evaluators also take `ranker=fn(q, db, mesh=, dtype=) -> ranks [Nd, Nq]`
+to score a re-ranking (e.g. `superglobal.ranker`) instead of `search.rank_all`. Descriptors are rows, L2-normalised; similarity is the inner product computed by
 `retrieval_jax.search` (sharded over the mesh's "data" axis when a mesh is given).
 
 The ground truth may always be given as `{'gnd': [per-query dicts]}` in the revisitop
@@ -78,12 +79,25 @@ def get_evaluator(name: str) -> Evaluator:
   raise KeyError(f'Unknown evaluator {name!r}; known: {sorted(EVALUATORS)}.')
 
 
+def _ranks(q, db, mesh, dtype, ranker=None) -> np.ndarray:
+  """Full rankings [Nd, Nq]: `ranker`'s, else `search.rank_all`'s."""
+  return (ranker or search.rank_all)(q, db, mesh=mesh, dtype=dtype)
+
+
+def _top(q, db, k: int, mesh, dtype, ranker=None) -> np.ndarray:
+  """The top-k database indices [Nq, k] of every query (`ranker`'s order when given)."""
+  if ranker is None:
+    return search.knn(q, db, k, mesh=mesh, dtype=dtype)[1]
+  return np.ascontiguousarray(ranker(q, db, mesh=mesh, dtype=dtype)[:k].T)
+
+
 def _gnd_list(gt: Any) -> Sequence[Mapping[str, Any]]:
   return gt['gnd'] if isinstance(gt, Mapping) else gt
 
 
 def labels_map(q_desc: np.ndarray, db_desc: np.ndarray, q_labels: Sequence[int],
-               db_labels: Sequence[int], *, mesh=None, dtype: str = 'float32') -> float:
+               db_labels: Sequence[int], *, mesh=None, dtype: str = 'float32',
+               ranker=None) -> float:
   """mAP (percent) where a database image is positive when it shares the query's label.
 
   Args:
@@ -99,21 +113,21 @@ def labels_map(q_desc: np.ndarray, db_desc: np.ndarray, q_labels: Sequence[int],
   db_labels = np.asarray(db_labels)
   gnd = [{'ok': np.flatnonzero(db_labels == l), 'junk': np.empty(0, np.int64)}
          for l in np.asarray(q_labels)]
-  ranks = search.rank_all(q_desc, db_desc, mesh=mesh, dtype=dtype)
+  ranks = _ranks(q_desc, db_desc, mesh, dtype, ranker)
   return 100. * compute_map(ranks, gnd, kappas=())[0]
 
 
 def _revisited(name: str) -> Evaluator:
-  def evaluate(q, db, gt, *, mesh=None, dtype='float32', kappas=(1, 5, 10)):
-    ranks = search.rank_all(q, db, mesh=mesh, dtype=dtype)
+  def evaluate(q, db, gt, *, mesh=None, dtype='float32', kappas=(1, 5, 10), ranker=None):
+    ranks = _ranks(q, db, mesh, dtype, ranker)
     return evaluate_revisited(name, ranks, _gnd_list(gt), kappas)
   evaluate.__doc__ = f'Revisited {name}: mAP and mP@k for Easy / Medium / Hard.'
   return evaluate
 
 
 def _classic(name: str) -> Evaluator:
-  def evaluate(q, db, gt, *, mesh=None, dtype='float32'):
-    ranks = search.rank_all(q, db, mesh=mesh, dtype=dtype)
+  def evaluate(q, db, gt, *, mesh=None, dtype='float32', ranker=None):
+    ranks = _ranks(q, db, mesh, dtype, ranker)
     return classic.evaluate_classic(name, ranks, _gnd_list(gt))
   evaluate.__doc__ = f'Original {name} protocol: mAP with good+ok positives.'
   return evaluate
@@ -131,9 +145,9 @@ def _has_gnd(gt: Any) -> bool:
 
 
 @register('holidays')
-def _holidays(q, db, gt, *, mesh=None, dtype='float32'):
+def _holidays(q, db, gt, *, mesh=None, dtype='float32', ranker=None):
   """INRIA Holidays mAP; the query itself is junk in its own ranking."""
-  ranks = search.rank_all(q, db, mesh=mesh, dtype=dtype)
+  ranks = _ranks(q, db, mesh, dtype, ranker)
   if _has_gnd(gt):
     m = 100. * compute_map(ranks, gt['gnd'], kappas=())[0]
   else:
@@ -142,9 +156,9 @@ def _holidays(q, db, gt, *, mesh=None, dtype='float32'):
 
 
 @register('ukbench')
-def _ukbench(q, db, gt=None, *, mesh=None, dtype='float32'):
+def _ukbench(q, db, gt=None, *, mesh=None, dtype='float32', ranker=None):
   """UKBench N-S score (top-4 same-object count, 4 is perfect)."""
-  _, idx = search.knn(q, db, 4, mesh=mesh, dtype=dtype)
+  idx = _top(q, db, 4, mesh, dtype, ranker)
   if _has_gnd(gt):
     score = float(np.mean([np.isin(idx[i], np.asarray(g['ok'])).sum()
                            for i, g in enumerate(gt['gnd'])]))
@@ -154,10 +168,11 @@ def _ukbench(q, db, gt=None, *, mesh=None, dtype='float32'):
 
 
 @register('gldv2_retrieval')
-def _gldv2_retrieval(q, db, gt, *, mesh=None, dtype='float32', max_predictions=100):
+def _gldv2_retrieval(q, db, gt, *, mesh=None, dtype='float32', max_predictions=100,
+                     ranker=None):
   """GLDv2 retrieval mAP@100 (percent); per 'usage' split too when the gnd has one."""
   k = min(max_predictions, db.shape[0])
-  _, idx = search.knn(q, db, k, mesh=mesh, dtype=dtype)
+  idx = _top(q, db, k, mesh, dtype, ranker)
   if _has_gnd(gt):
     positives = [g['ok'] for g in gt['gnd']]
     usages = [g.get('usage') for g in gt['gnd']]
@@ -180,8 +195,11 @@ EVALUATORS['gldv2'] = _gldv2_retrieval
 
 
 @register('gldv2_recognition')
-def _gldv2_recognition(q, db, gt, *, mesh=None, dtype='float32'):
+def _gldv2_recognition(q, db, gt, *, mesh=None, dtype='float32', ranker=None):
   """GLDv2 recognition GAP (percent) by the label of the nearest database image."""
+  if ranker is not None:
+    raise ValueError('gldv2_recognition scores by the nearest image\'s similarity; a '
+                     're-ranking (eval.rerank) gives no such score: evaluate without it')
   s, idx = search.knn(q, db, 1, mesh=mesh, dtype=dtype)
   pred = np.asarray(gt['db_labels'])[idx[:, 0]]
   gap = 100. * gldv2_recognition_gap(pred, s[:, 0], gt['query_labels'])
@@ -189,9 +207,10 @@ def _gldv2_recognition(q, db, gt, *, mesh=None, dtype='float32'):
 
 
 @register('labels')
-def _labels(q, db, gt, *, mesh=None, dtype='float32'):
+def _labels(q, db, gt, *, mesh=None, dtype='float32', ranker=None):
   """Same-label mAP (percent)."""
-  m = labels_map(q, db, gt['query_labels'], gt['db_labels'], mesh=mesh, dtype=dtype)
+  m = labels_map(q, db, gt['query_labels'], gt['db_labels'], mesh=mesh, dtype=dtype,
+                 ranker=ranker)
   return {'mAP': m, 'lines': [f'>> labels: mAP {m:.2f}']}
 
 

@@ -66,6 +66,14 @@ def rerank_top(queries: jnp.ndarray, top_db: jnp.ndarray, top_index: jnp.ndarray
           jnp.take_along_axis(scores, order, axis=-1))
 
 
+def ranker(m: int = 400, k: int = 9, beta: float = 0.15):
+  """An evaluator's `ranker` (`evaluation.__init__`): (q, db, mesh=, dtype=) -> ranks."""
+  def rank(queries, database, *, mesh=None, dtype="float32"):
+    ranks = search.rank_all(queries, database, mesh=mesh, dtype=dtype)
+    return superglobal_ranks(queries, database, m=m, k=k, beta=beta, mesh=mesh, ranks=ranks)
+  return rank
+
+
 def superglobal_ranks(queries: np.ndarray, database: np.ndarray, *, m: int = 400, k: int = 9,
                       beta: float = 0.15, mesh: Optional[jax.sharding.Mesh] = None,
                       ranks: Optional[np.ndarray] = None,
