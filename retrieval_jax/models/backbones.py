@@ -52,6 +52,13 @@ def _efficientnet_lite0():
                       efficientnet_lite.EfficientNetLite0.out_features, mean, std)
 
 
+def _vit(name):
+  def spec():
+    from retrieval_jax.models import vit  # pylint: disable=import-outside-toplevel
+    return BackboneSpec(vit.make_vit(name), vit.convert_timm_vit, vit.VIT_SIZES[name][0])
+  return spec
+
+
 # Lazily imported, so a config only pays for the trunk it uses.
 _BACKBONES: Dict[str, Callable[[], BackboneSpec]] = {
     "mobilenet_v2": _mobilenet_v2,
@@ -59,6 +66,8 @@ _BACKBONES: Dict[str, Callable[[], BackboneSpec]] = {
     "resnet101": _resnet(101), "resnet152": _resnet(152),
     "vgg16": _vgg16,
     "efficientnet_lite0": _efficientnet_lite0,
+    # DINOv2-layout ViTs (models/vit.py): timm `vit_*_patch14_dinov2` / DINOv2 weights.
+    "vit_s14": _vit("vit_s14"), "vit_b14": _vit("vit_b14"), "vit_l14": _vit("vit_l14"),
 }
 
 

@@ -82,6 +82,7 @@ class RetrievalNet(nn.Module):
   def _forward(self, images, mask, train: bool, maps: Optional[Maps], trunk_only: bool):
     """The one compact body (submodule names "backbone", "pool", "pool_prev", "whiten"):
     images -> maps (unless `maps` are given), then, unless `trunk_only`, maps -> head."""
+    cls = None
     if maps is None:
       feats = trunk_features(self, images, mask, train)
       maps = [(feats["feature_map"].astype(jnp.float32), feats["mask"])]
@@ -89,7 +90,8 @@ class RetrievalNet(nn.Module):
         maps.append((feats["stages"][-2].astype(jnp.float32), feats["stage_masks"][-2]))
       if trunk_only:
         return maps
-    return global_head(self, maps)
+      cls = feats.get("cls")  # a ViT's class token
+    return global_head(self, maps, cls)
 
 
 def normalize_images(images: jnp.ndarray, mean: Sequence[float], std: Sequence[float],
@@ -113,19 +115,23 @@ def trunk_features(net: nn.Module, images, mask, train: bool) -> Dict[str, Any]:
   return trunk(x, mask, train)
 
 
-def global_head(net: nn.Module, maps: Maps) -> Dict[str, jnp.ndarray]:
+def global_head(net: nn.Module, maps: Maps, cls: Optional[jnp.ndarray] = None
+                ) -> Dict[str, jnp.ndarray]:
   """Pooling, L2, optional whitening and L2 of `maps` for `net` (submodules "pool",
   "pool_prev" when two maps are given, "whiten"); called from a network's compact body.
+  `cls`: a ViT's class token [B, D], for the `pooling.TOKEN_POOLINGS`.
 
   Returns:
     {"feature_map": maps[0][0], "pooled": [B, D0] L2-normalised, "descriptor": [B, D]}.
   """
   pool_kwargs = dict(net.pooling_kwargs or {})
   prepared = [prepare_maps(net, x, m) for x, m in maps]
-  pooled = pooling_lib.build_pooling(net.pooling, name="pool", **pool_kwargs)(*prepared[0])
+  token = {"cls": cls} if net.pooling in pooling_lib.TOKEN_POOLINGS else {}
+  pooled = pooling_lib.build_pooling(net.pooling, name="pool", **pool_kwargs)(*prepared[0],
+                                                                             **token)
   if len(maps) > 1:
     extra = pooling_lib.build_pooling(net.pooling, name="pool_prev", **pool_kwargs)(
-        *prepared[1])
+        *prepared[1], **token)
     pooled = jnp.concatenate([pooling_ops.l2n(pooled), pooling_ops.l2n(extra)], axis=-1)
   pooled = pooling_ops.l2n(pooled)
   descriptor = pooled
