@@ -18,6 +18,7 @@ from retrieval_jax.models import weight_files
 
 sys.path.insert(0, os.path.dirname(__file__))
 import torchvision_cpu  # pylint: disable=wrong-import-position
+from test_train import demo_root  # pylint: disable=wrong-import-position,unused-import
 
 TOL = 1e-4
 TIMM_NAMES = {"vit_s14": "vit_small_patch14_dinov2", "vit_b14": "vit_base_patch14_dinov2",
@@ -164,3 +165,35 @@ def test_weight_file_import_by_path(tmp_path, suffix):
 def test_register_tokens_are_refused():
   with pytest.raises(ValueError, match="register"):
     vit.convert_timm_vit({"reg_token": np.zeros((1, 4, 8))})
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: a tiny ViT on the demo set, sharded over the 8 fake devices, both minings.
+
+TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2, "pos_grid": 2}
+
+
+@pytest.mark.parametrize("mining", ["in_batch", "epoch"])
+def test_tiny_vit_trains_and_evaluates(demo_root, tmp_path, mining):
+  # pylint: disable=import-outside-toplevel
+  from retrieval_jax import checkpointing
+  from retrieval_jax.train import loop as train_loop
+  import test_train
+  extra = dict(test_train.EPOCH) if mining == "epoch" else {}
+  c = test_train.tiny_config(demo_root, **{"train.num_steps": 2, "optim.lr": 1e-3,
+                                           "model.backbone": "vit_s14",
+                                           "model.backbone_kwargs": dict(TINY_VIT)}, **extra)
+  if mining == "in_batch":  # evaluated on the demo's test split at the end
+    c.eval.dataset, c.extract.long_side, c.eval.pictures = "demo", 64, 0
+  train_loop.train_and_evaluate(c, str(tmp_path))
+  state = checkpointing.read_state(str(tmp_path))
+  params = state["params"]["backbone"]
+  assert params["pos_embed"].shape == (1, 5, 32)
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["params"]))
+  fresh = retrieval_net.from_config(c.model)[0].init(
+      jax.random.PRNGKey(c.seed), jnp.zeros((1, 32, 32, 3), jnp.uint8))["params"]["backbone"]
+  assert not np.allclose(params["blocks_1"]["mlp"]["fc2"]["kernel"],
+                         fresh["blocks_1"]["mlp"]["fc2"]["kernel"])
+  if mining == "in_batch":
+    results = os.listdir(os.path.join(tmp_path, "results"))
+    assert any(name.endswith(".json") for name in results), results
