@@ -166,6 +166,7 @@ def find_problems(config: Any, mode: str = "train") -> List[str]:
     except ValueError as e:
       errors.append(f"config.{e}")
   errors.extend(superglobal_problems(config, mode))
+  errors.extend(vit_problems(config))
   if mode in _MODE_NEEDS_TRAINING and _get(config, "train.num_steps") == 0 and not _get(
       config, "train.num_epochs"):
     errors.append("config.train.num_steps=0: there is nothing to train; give a number of "
@@ -221,6 +222,24 @@ def superglobal_problems(config: Any, mode: str) -> List[str]:
     sgem_p = _get(config, "extract.sgem_p")
     if not _is_number(sgem_p) or sgem_p <= 0:
       errors.append(f"config.extract.sgem_p={sgem_p!r} must be > 0 (SuperGlobal: 10)")
+  return errors
+
+
+def vit_problems(config: Any) -> List[str]:
+  """The ViT trunks' class-token poolings need a ViT and per-scale descriptors."""
+  errors: List[str] = []
+  backbone, pool = _get(config, "model.backbone", ""), _get(config, "model.pooling", "")
+  is_vit = str(backbone).startswith("vit_")
+  if pool in pooling.TOKEN_POOLINGS:
+    if not is_vit:
+      errors.append(f"config.model.pooling={pool!r} pools a ViT's class token; "
+                    f"model.backbone={backbone!r} has none: use gem (or a vit_* backbone)")
+    if _get(config, "extract.multiscale_combine") == "early_fusion":
+      errors.append(f"config.extract.multiscale_combine=early_fusion fuses feature maps; "
+                    f"model.pooling={pool!r} needs the class token: use gem or mean")
+  if is_vit and _get(config, "model.multi_layer"):
+    errors.append("config.model.multi_layer=True concatenates two CNN stages; a ViT trunk has "
+                  "one token map: set it to False")
   return errors
 
 

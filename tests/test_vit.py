@@ -197,3 +197,17 @@ def test_tiny_vit_trains_and_evaluates(demo_root, tmp_path, mining):
   if mining == "in_batch":
     results = os.listdir(os.path.join(tmp_path, "results"))
     assert any(name.endswith(".json") for name in results), results
+
+
+def test_config_checks_name_the_token_pooling_fields():
+  from configs import common  # pylint: disable=import-outside-toplevel
+  from retrieval_jax import config_checks  # pylint: disable=import-outside-toplevel
+  c = common.base_config()
+  c.model.backbone, c.model.pooling = "vit_b14", "cls_gem"
+  assert not config_checks.find_problems(c, "evaluate")
+  c.extract.multiscale_combine, c.model.multi_layer = "early_fusion", True
+  c.model.backbone = "resnet50"
+  problems = "\n".join(config_checks.find_problems(c, "evaluate"))
+  assert "model.pooling='cls_gem'" in problems and "early_fusion" in problems
+  c.model.backbone = "vit_s14"
+  assert "model.multi_layer=True" in "\n".join(config_checks.find_problems(c, "evaluate"))
