@@ -212,7 +212,10 @@ def superglobal_problems(config: Any, mode: str) -> List[str]:
       config, "model.local_head"):
     errors.append("config.model.relup_alpha / model.regional_gem apply to RetrievalNet's "
                   "global head; the DELG network (model.local_head) does not have them")
-  if _get(config, "extract.multiscale_combine") in ("sgem", "sgem_power"):
+  combine = _get(config, "extract.multiscale_combine")
+  if mode == "export" and _get(config, "export.multiscale_combine"):
+    combine = _get(config, "export.multiscale_combine")
+  if combine in ("sgem", "sgem_power"):
     if mode not in _SCALE_GEM_MODES:
       errors.append(f"config.extract.multiscale_combine=sgem* is not supported by "
                     f"--mode={mode} (only {', '.join(_SCALE_GEM_MODES)}); use gem or mean")
