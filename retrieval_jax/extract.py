@@ -313,12 +313,11 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
   describe = describe_fn or make_describe_fn(model, mesh)
   p = 1.0 if multiscale_p is None else float(multiscale_p)
   single = len(scales) == 1
-  if scale_gem is not None and not single:
-    return _extract_scale_gem(describe, variables, paths, mesh=mesh, long_side=long_side,
-                              batch_size=batch_size, scales=scales, bboxes=bboxes,
-                              rotations=rotations, writer=writer, num_threads=num_threads,
-                              log_every_s=log_every_s, protocol=protocol, skipped=skipped,
-                              scale_gem=scale_gem)
+  # SuperGlobal's scale-GeM: all scales of a batch at once, one descriptor per image.
+  combined = scale_gem is not None and not single
+  if combined and protocol.multiscale_resize != "interpolate":
+    raise ValueError("extract.multiscale_combine=sgem / sgem_power combines the scales of a "
+                     "batch on the device: set extract.multiscale_resize=interpolate")
   acc = None  # [N, D]: the descriptors (one scale) or the sum of their p-th powers.
   progress = progress_lib.Progress(n * len(scales), every_s=log_every_s)
   on_device = not single and protocol.multiscale_resize == "interpolate"
@@ -333,56 +332,32 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
                                           skipped=skipped)
     fn = _multiscale_fn(describe, pass_scales) if on_device else describe
     for rows, ds in described_rows(fn, variables, batches, mesh):
+      if combined:  # [n, S, D] -> [n, 1, D], then stored as one scale.
+        ds = np.asarray(pooling_ops.normalize(superglobal.scale_gem(
+            ds, scale_gem[1], scale_gem[0])), np.float32)[:, None]
       for d in (ds.transpose(1, 0, 2) if on_device else (ds,)):  # [S, n, D] on the device.
         if acc is None:
           acc = (writer.allocate(d.shape[1]) if writer is not None
-                 else np.zeros((n, d.shape[1]), np.float32 if single else np.float64))
-        if single:
+                 else np.zeros((n, d.shape[1]), np.float32 if single or combined
+                               else np.float64))
+        if single or combined:
           acc[rows] = d
         else:
           # Sums of powers accumulate in place, so a streamed run needs no [N, D] in memory.
           acc[rows] += d if p == 1 else np.maximum(d, 0) ** p
-        _report(progress, len(rows))
+        _report(progress, len(rows) * (len(scales) if combined else 1))
   if acc is None:
     raise RuntimeError("no image could be read: check the dataset paths")
   if writer is not None:
-    if not single:
+    if not single and not combined:
       _finalize(acc, len(scales), p, acc)
     return writer.close()
-  if single:
+  if single or combined:
     return acc
   out = np.empty(acc.shape, np.float32)
   _finalize(acc, len(scales), p, out)
   return out
 
-
-
-def _extract_scale_gem(describe, variables, paths, *, mesh, long_side, batch_size, scales,
-                       bboxes, rotations, writer, num_threads, log_every_s, protocol, skipped,
-                       scale_gem: Tuple[bool, float]) -> np.ndarray:
-  """`extract_descriptors` with SuperGlobal's scale-GeM over each batch's [B, S, D]."""
-  if protocol.multiscale_resize != "interpolate":
-    raise ValueError("extract.multiscale_combine=sgem / sgem_power combines the scales of a "
-                     "batch on the device: set extract.multiscale_resize=interpolate")
-  infinity, p = scale_gem
-  n = len(paths)
-  fn = _multiscale_fn(describe, scales)
-  out = None
-  progress = progress_lib.Progress(n * len(scales), every_s=log_every_s)
-  batches = grain_pipeline.eval_batches(paths, long_side=long_side, batch_size=batch_size,
-                                        bboxes=bboxes, rotations=rotations,
-                                        num_threads=num_threads, protocol=protocol,
-                                        skipped=skipped)
-  for rows, ds in described_rows(fn, variables, batches, mesh):  # ds: [n, S, D]
-    d = np.asarray(pooling_ops.normalize(superglobal.scale_gem(ds, p, infinity)), np.float32)
-    if out is None:
-      out = (writer.allocate(d.shape[1]) if writer is not None
-             else np.zeros((n, d.shape[1]), np.float32))
-    out[rows] = d  # Unreadable images have no row here: theirs stay zero.
-    _report(progress, len(rows) * len(scales))
-  if out is None:
-    raise RuntimeError("no image could be read: check the dataset paths")
-  return writer.close() if writer is not None else out
 
 
 # ----------------------------------------------------------------------------------------------
