@@ -67,7 +67,8 @@ class MDescAug(torch.nn.Module):
 
   def forward(self, X, Q, ranks):  # pylint: disable=invalid-name
     ranks_trans_1000 = torch.transpose(ranks, 1, 0)[:, :self.M]
-    X_tensor1 = X[ranks_trans_1000].clone()  # torch.tensor(...) in the original  # pylint: disable=invalid-name
+    # torch.tensor(X[...]) in the original.
+    X_tensor1 = X[ranks_trans_1000].clone()  # pylint: disable=invalid-name
     res_ie = torch.einsum('abc,adc->abd', X_tensor1, X_tensor1)
     res_ie_ranks = torch.unsqueeze(torch.argsort(-res_ie.clone(), axis=-1)[:, :, :self.K], -1)
     res_ie_ranks_value = torch.unsqueeze(
@@ -101,7 +102,8 @@ class RerankwMDA(torch.nn.Module):
     ranks_value_trans_1000 = -torch.sort(-res_top1000_dba, -1)[0]
     ranks_trans = torch.unsqueeze(ranks_trans_1000_pre[:, :self.K], -1)
     X1 = torch.take_along_dim(x_dba, ranks_trans, 1)  # pylint: disable=invalid-name
-    X2 = torch.take_along_dim(x_dba, torch.unsqueeze(ranks_trans_1000_pre, -1), 1)  # pylint: disable=invalid-name
+    X2 = torch.take_along_dim(  # pylint: disable=invalid-name
+        x_dba, torch.unsqueeze(ranks_trans_1000_pre, -1), 1)
     X1 = torch.max(X1, 1, True)[0]  # pylint: disable=invalid-name
     res_rerank = torch.sum(torch.einsum('abc,adc->abd', X1, X2), 1)
     res_rerank = (ranks_value_trans_1000 + res_rerank) / 2.

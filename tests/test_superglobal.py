@@ -258,3 +258,26 @@ def test_config_checks_name_the_superglobal_fields():
     assert key in problems, key
   c.eval.rerank = "superglobal"
   assert "eval.superglobal_k=0" in "\n".join(config_checks.find_problems(c, "evaluate"))
+
+
+def test_command_line_switches_reach_the_config():
+  # pylint: disable=import-outside-toplevel
+  from absl import flags
+  from ml_collections import config_flags
+  from retrieval_jax import config_checks
+  demo = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
+  argv = ["prog", f"--config={demo}",
+          "--config.model.pooling_kwargs.p_init=4.6",
+          "--config.model.pooling_kwargs.trainable=False", "--config.model.relup_alpha=0.014",
+          "--config.model.regional_gem=True", "--config.extract.multiscale_combine=sgem",
+          "--config.extract.scales=(0.7071,1.0,1.4142)", "--config.eval.rerank=superglobal",
+          "--config.eval.superglobal_m=100"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  c = fv.config
+  assert c.model.pooling_kwargs.trainable is False and c.model.regional_gem
+  assert not config_checks.find_problems(c, "evaluate")
+  from retrieval_jax import evaluate  # the evaluation receives the stage's settings
+  assert evaluate.rerank_config(c.eval)["superglobal"] == {"m": 100, "k": 9, "beta": 0.15}
