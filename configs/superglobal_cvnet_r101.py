@@ -13,7 +13,10 @@ Here (evaluation only; the weights file is imported once by path, models/cvnet.p
       --config.eval.root=DATA --config.model.pretrained=/path/to/CVPR2022_CVNet_R101.pyth
   # Paris: add --config.eval.dataset=rparis6k
 
-What it runs: the CVNet ResNet-101 trunk, ReLU+ (alpha 0.014), regional GeM (p 2.5, 5x5),
+What it runs: the CVNet ResNet-101 trunk with ReLU+ where the official code puts it (the
+block outputs of stages 1-3 and stage 1's inner activations clamped at 0.014:
+`backbone_kwargs.superglobal_relup`; `model.relup_alpha` is the trunk-agnostic variant on the
+pooled map), regional GeM (p 2.5, 5x5),
 GeM+ (fixed p 4.6, the file's learned p unused), L2, CVNet's 2048-d reduction, L2; three
 scales (2^-1/2, 1, 2^1/2) combined by scale-GeM (max of the L2-normalised scales); then
 SuperGlobal's re-ranking (M 400, K 9, beta 0.15), reported as `mAP_*_superglobal` beside the
@@ -21,9 +24,7 @@ global numbers.
 
 Expected result (published: the paper's SuperGlobal with re-ranking on ResNet-101, as
 listed by Papers with Code's ROxford / RParis Hard leaderboards): ROxford H 80.2,
-RParis H 86.7 mAP. Differences to expect: the official code clamps ReLU+ inside the ResNet
-(the residual outputs of stages 1-3), here it clamps the pooled feature map, on any trunk;
-the official images are OpenCV-decoded at full size with the other scales resized on the host
+RParis H 86.7 mAP. Differences to expect: the official images are OpenCV-decoded at full size with the other scales resized on the host
 (INTER_AREA down, INTER_LINEAR up), here the scales are made on the device
 (`F.interpolate`-style bilinear, extract.multiscale_resize="interpolate").
 """
@@ -38,7 +39,7 @@ def get_config():
   c.model.pooling = "gem"
   c.model.pooling_kwargs = {"p_init": 4.6, "trainable": False, "eps": 1e-8}  # GeM+
   c.model.whitening_dim = 2048       # CVNet's reduction layer
-  c.model.relup_alpha = 0.014        # ReLU+
+  c.model.backbone_kwargs.superglobal_relup = 0.014  # ReLU+, where the official code has it
   c.model.regional_gem = True        # regional GeM
   c.model.regional_gem_p = 2.5
   c.model.regional_gem_size = 5

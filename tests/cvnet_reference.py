@@ -1,6 +1,7 @@
 """Torch transcription of CVNet's global network (sungonce/CVNet `model/resnet.py`: the pycls
 ResNet and `GlobalHead`) and of SuperGlobal's single-scale forward on it
-(ShihaoShao-GH/SuperGlobal `model/resnet.py`, `_forward_singlescale`), for the import tests.
+(ShihaoShao-GH/SuperGlobal `model/resnet.py`, `_forward_singlescale`, with its in-trunk ReLU+:
+`relup=True`), for the import tests.
 Inputs are BGR, normalised with the BGR-ordered ImageNet mean/std, NCHW, as in the original.
 """
 import torch
@@ -33,16 +34,28 @@ class GlobalHead(nn.Module):
     self.fc = nn.Linear(w_in, nc, bias=True)
 
 
+class Relup(nn.Module):
+  """SuperGlobal's `relup`: x.clamp(alpha) (alpha 0 is a ReLU)."""
+
+  def __init__(self, alpha):
+    super().__init__()
+    self.alpha = alpha
+
+  def forward(self, x):
+    return x.clamp(self.alpha)
+
+
 class BottleneckTransform(nn.Module):
-  def __init__(self, w_in, w_out, stride, w_b, num_gs):
+  def __init__(self, w_in, w_out, stride, w_b, num_gs, relup=False):
     super().__init__()
     (s1, s3) = (1, stride)  # STRIDE_1X1 = False
     self.a = nn.Conv2d(w_in, w_b, 1, stride=s1, padding=0, bias=False)
     self.a_bn = nn.BatchNorm2d(w_b, eps=BN_EPS, momentum=BN_MOM)
-    self.a_relu = nn.ReLU(inplace=True)
+    # SuperGlobal: relup(0.014) when w_out == 256 (its ResBlock always passes a truthy value).
+    self.a_relu = Relup(0.014) if (w_out == 256 and relup) else nn.ReLU(inplace=True)
     self.b = nn.Conv2d(w_b, w_b, 3, stride=s3, padding=1, groups=num_gs, bias=False)
     self.b_bn = nn.BatchNorm2d(w_b, eps=BN_EPS, momentum=BN_MOM)
-    self.b_relu = nn.ReLU(inplace=True)
+    self.b_relu = Relup(0.014) if (w_out == 256 and relup) else nn.ReLU(inplace=True)
     self.c = nn.Conv2d(w_b, w_out, 1, stride=1, padding=0, bias=False)
     self.c_bn = nn.BatchNorm2d(w_out, eps=BN_EPS, momentum=BN_MOM)
 
@@ -53,30 +66,35 @@ class BottleneckTransform(nn.Module):
 
 
 class ResBlock(nn.Module):
-  def __init__(self, w_in, w_out, stride, w_b=None, num_gs=1):
+  def __init__(self, w_in, w_out, stride, w_b=None, num_gs=1, relup=False):
     super().__init__()
     self.proj_block = (w_in != w_out) or (stride != 1)
     if self.proj_block:
       self.proj = nn.Conv2d(w_in, w_out, 1, stride=stride, padding=0, bias=False)
       self.bn = nn.BatchNorm2d(w_out, eps=BN_EPS, momentum=BN_MOM)
-    self.f = BottleneckTransform(w_in, w_out, stride, w_b, num_gs)
+    self.f = BottleneckTransform(w_in, w_out, stride, w_b, num_gs, relup)
     self.relu = nn.ReLU(True)
+    self.w_out = w_out
+    self.relup = Relup(0.014 if relup else 0.)
 
   def forward(self, x):
     if self.proj_block:
       x = self.bn(self.proj(x)) + self.f(x)
     else:
       x = x + self.f(x)
+    if self.w_out != 2048:  # SuperGlobal: relup on every stage but the last
+      return self.relup(x)
     return self.relu(x)
 
 
 class ResStage(nn.Module):
-  def __init__(self, w_in, w_out, stride, d, w_b=None, num_gs=1):
+  def __init__(self, w_in, w_out, stride, d, w_b=None, num_gs=1, relup=False):
     super().__init__()
     for i in range(d):
       b_stride = stride if i == 0 else 1
       b_w_in = w_in if i == 0 else w_out
-      self.add_module("b{}".format(i + 1), ResBlock(b_w_in, w_out, b_stride, w_b, num_gs))
+      self.add_module("b{}".format(i + 1),
+                      ResBlock(b_w_in, w_out, b_stride, w_b, num_gs, relup))
 
   def forward(self, x):
     for block in self.children():
@@ -101,15 +119,15 @@ class ResStemIN(nn.Module):
 class ResNet(nn.Module):
   """CVNet's `encoder_q`."""
 
-  def __init__(self, depth, reduction_dim):
+  def __init__(self, depth, reduction_dim, relup=False):
     super().__init__()
     (d1, d2, d3, d4) = _IN_STAGE_DS[depth]
     w_b = 64
     self.stem = ResStemIN(3, 64)
-    self.s1 = ResStage(64, 256, stride=1, d=d1, w_b=w_b)
-    self.s2 = ResStage(256, 512, stride=2, d=d2, w_b=w_b * 2)
-    self.s3 = ResStage(512, 1024, stride=2, d=d3, w_b=w_b * 4)
-    self.s4 = ResStage(1024, 2048, stride=2, d=d4, w_b=w_b * 8)
+    self.s1 = ResStage(64, 256, stride=1, d=d1, w_b=w_b, relup=relup)
+    self.s2 = ResStage(256, 512, stride=2, d=d2, w_b=w_b * 2, relup=relup)
+    self.s3 = ResStage(512, 1024, stride=2, d=d3, w_b=w_b * 4, relup=relup)
+    self.s4 = ResStage(1024, 2048, stride=2, d=d4, w_b=w_b * 8, relup=relup)
     self.head = GlobalHead(2048, nc=reduction_dim)
 
   def feature_map(self, x):

@@ -70,17 +70,35 @@ def test_cvnet_checkpoint_gives_the_reference_descriptor(checkpoint):
   np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def test_superglobal_gem_plus_and_regional_gem_on_cvnet(checkpoint):
+def test_superglobal_relup_gem_plus_and_regional_gem_on_cvnet(checkpoint):
+  """SuperGlobal's single-scale descriptor: in-trunk ReLU+, regional GeM, GeM+, reduction."""
   net, path = checkpoint
   model, variables, _ = _load(path, pooling_kwargs={"p_init": 4.6, "trainable": False,
-                                                    "eps": 1e-8}, regional_gem=True)
+                                                    "eps": 1e-8}, regional_gem=True,
+                              backbone_kwargs={"superglobal_relup": 0.014})
   assert "pool" not in variables["params"]  # GeM+: the file's p is not used
+  relup_net = ref.ResNet(50, REDUCTION, relup=True).eval()
+  relup_net.load_state_dict(net.state_dict())  # ReLU+ holds no weights
   images = _images()
-  got = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(images))["descriptor"])
+  apply = jax.jit(model.apply)
+  got = np.asarray(apply(variables, jnp.asarray(images))["descriptor"])
   with torch.no_grad():
-    want = net.superglobal_singlescale(ref.bgr_input(images), sg_ref.gemp(4.6, 1e-8),
-                                       sg_ref.rgem(2.5, 5)).numpy()
+    want = relup_net.superglobal_singlescale(ref.bgr_input(images), sg_ref.gemp(4.6, 1e-8),
+                                             sg_ref.rgem(2.5, 5)).numpy()
+    plain = net.superglobal_singlescale(ref.bgr_input(images), sg_ref.gemp(4.6, 1e-8),
+                                        sg_ref.rgem(2.5, 5)).numpy()
   np.testing.assert_allclose(got, want, atol=1e-4)
+  assert np.abs(want - plain).max() > 1e-3  # the in-trunk ReLU+ changes the descriptor
+  # A padded batch: the floor does not leak into the padding.
+  padded = images.copy()
+  padded[0] = 0
+  padded[0, :50, :70] = images[0, :50, :70]
+  mask = np.zeros(images.shape[:3], bool)
+  mask[0, :50, :70] = True
+  mask[1] = True
+  got = np.asarray(apply(variables, jnp.asarray(padded), jnp.asarray(mask))["descriptor"])
+  alone = np.asarray(apply(variables, jnp.asarray(images[:1, :50, :70]))["descriptor"])
+  np.testing.assert_allclose(got[0], alone[0], atol=1e-5)
 
 
 def test_model_pretrained_path_and_mismatch_message(checkpoint, tmp_path):

@@ -5,9 +5,10 @@ modules are `modules/coarse_retrieval/{gemp,relup,rgem,sgem}.py` of ShihaoShao-G
 
 * GeM+ is plain GeM with a fixed p = 4.6: `pooling.GeM(p_init=4.6, trainable=False)`
   (config `model.pooling_kwargs.p_init=4.6`, `model.pooling_kwargs.trainable=False`).
-* ReLU+ (`relu_plus`): activations clamped below at alpha = 0.014 (`model.relup_alpha`).
-  The official CVNet trunk clamps inside its ResNet (the residual outputs of stages 1-3);
-  here the clamp applies to the pooled feature map, so it works on any trunk.
+* ReLU+ (`relu_plus`): activations clamped below at alpha = 0.014 (`model.relup_alpha`), on
+  the pooled feature map of any trunk. The official code clamps inside its ResNet instead
+  (the block outputs of stages 1-3 and stage 1's inner activations; the last stage keeps
+  ReLU): `resnet.ResNet.superglobal_relup` (`model.backbone_kwargs.superglobal_relup`).
 * Regional GeM (`regional_gem`, `model.regional_gem`): `0.5 * LPPool(p, k, stride 1)(
   ReflectionPad((k-1)//2)(x / (k^2)^(1/p))) + 0.5 * x` on the feature map before pooling.
 * Scale-GeM (`scale_gem`, `extract.multiscale_combine=sgem` / `sgem_power`): the per-scale
