@@ -34,9 +34,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.backbone_kwargs = ml_collections.ConfigDict({"bn_mode": "frozen_stats"})
   c.model.pretrained = ""          # .pth / .npz path, or "package:<module>/<relative path>"
   c.model.pooling = "gem"
-  c.model.pooling_kwargs = ml_collections.ConfigDict({"p_init": 3.0})
+  # GeM / regional: p_init, trainable (False: a fixed p; SuperGlobal's GeM+ is p_init=4.6).
+  c.model.pooling_kwargs = ml_collections.ConfigDict({"p_init": 3.0, "trainable": True})
   c.model.whitening_dim = 0
   c.model.multi_layer = False
+  # SuperGlobal (models/superglobal.py) on the feature map before pooling, any trunk:
+  c.model.relup_alpha = 0.0        # ReLU+: clamp below at alpha (SuperGlobal: 0.014); 0 = off
+  c.model.regional_gem = False     # regional GeM: 0.5 LPPool(reflect-padded) + 0.5 map
+  c.model.regional_gem_p = 2.5
+  c.model.regional_gem_size = 5    # odd window side
   # NetVLAD / ms_netvlad codebook before step 0: "" (random unit centres) or "kmeans" (faiss
   # k-means of the trunk's local features of netvlad_init_images training images).
   c.model.netvlad_init = ""
@@ -109,6 +115,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.extract.batch_size = 8
   c.extract.scales = (1.0,)        # e.g. (1, 2 ** -0.5, 0.5) for multi-scale
   c.extract.multiscale_combine = "gem"  # "gem" (the reference: learned p), "mean", "early_fusion"
+  # or SuperGlobal's scale-GeM: "sgem" (max of L2-normalised scales), "sgem_power" (sgem_p)
+  c.extract.sgem_p = 10.0
   c.extract.checkpoint_step = -1   # -1: latest
   # Evaluation input protocol (retrieval_jax/data/protocol.py); defaults = cirtorch's test.py:
   c.extract.query_resize = "reference"  # crop scaled as its whole image; or "long_side"
@@ -142,7 +150,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.dba_alpha = 3.0
   # Second-stage ranking (retrieval_jax/evaluation/rerankers.py, evaluation/local_rerankers.py), reported
   # beside the global-only numbers: "" off, "local" (DELG: RANSAC inliers), "asmk".
+  # "superglobal": SuperGlobal's global-only MDescAug + RerankwMDA (evaluation/superglobal.py)
+  # of the top superglobal_m, any network.
   c.eval.rerank = ""
+  c.eval.superglobal_m = 400
+  c.eval.superglobal_k = 9         # neighbours, the image itself excluded
+  c.eval.superglobal_beta = 0.15
   c.eval.rerank_top = 100          # global top-N re-ranked (asmk: -1 ranks by ASMK alone)
   c.eval.rerank_min_inliers = 15   # verified at >= this many inliers
   c.eval.rerank_matcher = "ratio"  # "ratio" (Lowe), "mutual_nn", "distance"

@@ -180,6 +180,8 @@ def find_problems(config: Any, mode: str = "train") -> List[str]:
               ("global", "slice", "chip"))
   if mode == "compile":
     errors.extend(_compile_problems(config))
+  errors.extend(superglobal_problems(config, mode))
+  errors.extend(vit_problems(config))
   if mode in _MODE_NEEDS_TRAINING and _get(config, "train.num_steps") == 0 and not _get(
       config, "train.num_epochs"):
     errors.append("config.train.num_steps=0: there is nothing to train; give a number of "
@@ -262,6 +264,8 @@ def _check_combinations(errors: List[str], config: Any, mode: str) -> None:
     if unknown:
       errors.append(f"config.train.eval_skip: {unknown} are not evaluation stages; they "
                     f"are {list(pipeline.STAGES)}")
+
+
 _COMPILE_PROGRAMS = ("train", "extract", "local", "search")
 
 
@@ -293,6 +297,65 @@ def _compile_problems(config: Any) -> List[str]:
       < 2 and axes[:1] != ("slice",)):
     errors.append("config.loss.mining_scope='slice' mines within each TPU slice: compile for "
                   "--config.compile.num_slices>=2 (or a mesh.axes starting with 'slice')")
+
+
+def superglobal_problems(config: Any, mode: str) -> List[str]:
+  """SuperGlobal's fields (model.relup_alpha / regional_gem*, extract.multiscale_combine
+  sgem*, eval.rerank=superglobal and eval.superglobal_*)."""
+  errors: List[str] = []
+  if _get(config, "eval.rerank") == "superglobal":
+    m, k = _get(config, "eval.superglobal_m"), _get(config, "eval.superglobal_k")
+    beta = _get(config, "eval.superglobal_beta")
+    if not isinstance(m, int) or m < 2:
+      errors.append(f"config.eval.superglobal_m={m!r} must be an integer >= 2 (paper: 400)")
+    if not isinstance(k, int) or k < 1 or (isinstance(m, int) and k >= m):
+      errors.append(f"config.eval.superglobal_k={k!r} must be an integer in [1, "
+                    "eval.superglobal_m) (paper: 9)")
+    if not _is_number(beta) or beta < 0:
+      errors.append(f"config.eval.superglobal_beta={beta!r} must be >= 0 (paper: 0.15)")
+  alpha = _get(config, "model.relup_alpha")
+  if alpha is not None and (not _is_number(alpha) or alpha < 0):
+    errors.append(f"config.model.relup_alpha={alpha!r} must be >= 0 (0: off; SuperGlobal: "
+                  "0.014)")
+  if _get(config, "model.regional_gem"):
+    size, p = _get(config, "model.regional_gem_size"), _get(config, "model.regional_gem_p")
+    if not isinstance(size, int) or size < 1 or size % 2 == 0:
+      errors.append(f"config.model.regional_gem_size={size!r} must be an odd positive "
+                    "integer (SuperGlobal: 5)")
+    if not _is_number(p) or p <= 0:
+      errors.append(f"config.model.regional_gem_p={p!r} must be > 0 (SuperGlobal: 2.5)")
+  combine = _get(config, "extract.multiscale_combine")
+  if mode == "export" and _get(config, "export.multiscale_combine"):
+    combine = _get(config, "export.multiscale_combine")
+  if combine in multiscale.COMBINES and multiscale.COMBINES.get(combine).scale_gem is not None:
+    if mode == "export":
+      errors.append(f"config.export.multiscale_combine: {combine!r} (scale-GeM) is not in "
+                    "the exported function (it combines per-scale descriptors as gem / "
+                    "mean only); set --config.export.multiscale_combine=gem (or mean)")
+    if _get(config, "extract.multiscale_resize", "interpolate") != "interpolate":
+      errors.append("config.extract.multiscale_combine=sgem* combines a batch's scales on "
+                    "the device: set --config.extract.multiscale_resize=interpolate")
+    sgem_p = _get(config, "extract.sgem_p")
+    if not _is_number(sgem_p) or sgem_p <= 0:
+      errors.append(f"config.extract.sgem_p={sgem_p!r} must be > 0 (SuperGlobal: 10)")
+  return errors
+
+
+def vit_problems(config: Any) -> List[str]:
+  """The ViT trunks' class-token poolings need a ViT and per-scale descriptors."""
+  errors: List[str] = []
+  backbone, pool = _get(config, "model.backbone", ""), _get(config, "model.pooling", "")
+  is_vit = str(backbone).startswith("vit_")
+  if pool in pooling.TOKEN_POOLINGS:
+    if not is_vit:
+      errors.append(f"config.model.pooling={pool!r} pools a ViT's class token; "
+                    f"model.backbone={backbone!r} has none: use gem (or a vit_* backbone)")
+    if _get(config, "extract.multiscale_combine") == "early_fusion":
+      errors.append(f"config.extract.multiscale_combine=early_fusion fuses feature maps; "
+                    f"model.pooling={pool!r} needs the class token: use gem or mean")
+  if is_vit and _get(config, "model.multi_layer"):
+    errors.append("config.model.multi_layer=True concatenates two CNN stages; a ViT trunk has "
+                  "one token map: set it to False")
   return errors
 
 

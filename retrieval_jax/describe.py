@@ -31,7 +31,7 @@ import hashlib
 import io
 import json
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 from etils import epath
@@ -159,6 +159,7 @@ def describe_images(model, variables, images, out_dir: str, *, mesh, long_side: 
                     batch_size: int = 8, chunk: int = 1024, early_fusion: bool = False,
                     config_json: str = "{}", describe_fn=None, num_threads: int = 2,
                     protocol: Optional[Any] = None,
+                    scale_gem: Optional[Tuple[bool, float]] = None,
                     extract_fn: Callable[..., np.ndarray] = extract_lib.extract_descriptors,
                     on_chunk: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
   """Describes every image of `images` into `out_dir` (see the module docstring).
@@ -177,6 +178,7 @@ def describe_images(model, variables, images, out_dir: str, *, mesh, long_side: 
     describe_fn: a compiled `extract.make_describe_fn` to reuse.
     num_threads: decoding threads.
     protocol: the input rule (`data.protocol.EvalProtocol`; default the extraction's).
+    scale_gem: SuperGlobal's scale-GeM (infinity, p), as `extract.extract_descriptors`.
     extract_fn: the extraction function (tests count its calls).
     on_chunk: called with the chunk number after each chunk is safely written.
   Returns:
@@ -192,6 +194,9 @@ def describe_images(model, variables, images, out_dir: str, *, mesh, long_side: 
               "multiscale_p": multiscale_p, "early_fusion": bool(early_fusion),
               "chunk": int(chunk), "protocol": repr(protocol)}
   extra = {} if protocol is None else {"protocol": protocol}
+  if scale_gem is not None:  # Recorded only when set: older indexes keep resuming.
+    settings["scale_gem"] = list(scale_gem)
+    extra["scale_gem"] = tuple(scale_gem)
   main = sharding_lib.is_main_process()
   work = storage.join(out_dir, _WORK)
   fingerprint = _fingerprint(paths, settings)

@@ -41,6 +41,7 @@ class DescriptorSettings:
     scales: input scales; more than one gives a multi-scale descriptor.
     multiscale_combine: a `multiscale.COMBINES` name.
     multiscale_p: the late-fusion exponent (None: the mean, or early fusion).
+    sgem_p: scale-GeM's p (`extract.sgem_p`) for the scale-GeM combinations, else None.
     protocol: the input rule (`data/protocol.py`).
     rotations: apply the set's per-image orientation fixes (Holidays).
     whitening: post-hoc whitening kind ("" none; `postprocess/whitening_store.py`).
@@ -58,6 +59,7 @@ class DescriptorSettings:
   whitening: str = ""
   whitening_dim: int = 0
   local: Optional[LocalSettings] = None
+  sgem_p: Optional[float] = None
 
   @property
   def early_fusion(self) -> bool:
@@ -65,9 +67,11 @@ class DescriptorSettings:
 
   def extract_kwargs(self) -> Dict[str, Any]:
     """The keyword arguments of `extract.extract_descriptors`."""
+    scale_gem = multiscale.scale_gem_of(self.multiscale_combine, self.sgem_p)
     return dict(long_side=self.long_side, batch_size=self.batch_size, scales=self.scales,
                 multiscale_p=self.multiscale_p, early_fusion=self.early_fusion,
-                protocol=self.protocol)
+                protocol=self.protocol,
+                **({} if scale_gem is None else {"scale_gem": scale_gem}))
 
   def image_rotations(self, rotations: Optional[Mapping[str, int]],
                       images: Sequence[str]) -> Optional[List[int]]:
@@ -77,10 +81,14 @@ class DescriptorSettings:
     return [int(rotations.get(p, 0)) for p in images]
 
   def record(self) -> Dict[str, Any]:
-    """A JSON-able dict of every field (`from_record` reads it back)."""
-    return dataclasses.asdict(self) | {"scales": list(self.scales)} | (
+    """A JSON-able dict of every field (`from_record` reads it back); `sgem_p` only when
+    set, so the digests of other settings stay those of before scale-GeM."""
+    out = dataclasses.asdict(self) | {"scales": list(self.scales)} | (
         {"local": dict(dataclasses.asdict(self.local), scales=list(self.local.scales))}
         if self.local is not None else {})
+    if out["sgem_p"] is None:
+      del out["sgem_p"]
+    return out
 
   def digest(self) -> str:
     """A short hash of `record()`: equal digests, equal descriptors (for given weights)."""
@@ -109,7 +117,8 @@ def from_record(record: Mapping[str, Any]) -> DescriptorSettings:
       rotations=bool(record.get("rotations", True)),
       whitening=str(record.get("whitening", "")),
       whitening_dim=int(record.get("whitening_dim", 0)),
-      local=None if not local else LocalSettings(**dict(local, scales=tuple(local["scales"]))))
+      local=None if not local else LocalSettings(**dict(local, scales=tuple(local["scales"]))),
+      sgem_p=None if record.get("sgem_p") is None else float(record["sgem_p"]))
 
 
 def _local(extract_config, has_local_head: bool) -> Optional[LocalSettings]:
@@ -149,4 +158,6 @@ def build(config, model, variables, dataset: str, *,
       protocol=protocol_lib.from_switches(e, dataset),
       whitening=str(config.eval.whitening or ""),
       whitening_dim=int(config.eval.whitening_dim or 0),
-      local=_local(e, networks.has_local_head(model)))
+      local=_local(e, networks.has_local_head(model)),
+      sgem_p=(float(e.sgem_p) if multiscale.COMBINES.get(combine).scale_gem is not None
+              else None))

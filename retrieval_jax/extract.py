@@ -42,6 +42,7 @@ from retrieval_jax.data import transforms
 from retrieval_jax.data import tuples as tuples_lib
 from retrieval_jax.models import layers
 from retrieval_jax.models import pooling_ops
+from retrieval_jax.models import superglobal
 
 def make_describe_fn(model, mesh):
   """jit'd (variables, images [B, H, W, 3], mask [B, H, W]) -> descriptors [B, D].
@@ -195,7 +196,8 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
                         image_list: Optional[Sequence[str]] = None, config_json: str = "{}",
                         num_threads: int = 2, log_every_s: float = 10.0,
                         protocol: protocol_lib.EvalProtocol = protocol_lib.REFERENCE,
-                        skipped: Optional[image_io.SkipCounter] = None) -> np.ndarray:
+                        skipped: Optional[image_io.SkipCounter] = None,
+                        scale_gem: Optional[Tuple[bool, float]] = None) -> np.ndarray:
   """Descriptors [N, D] (float32, rows L2-normalised) of `paths`, in order.
 
   Args:
@@ -224,6 +226,8 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
       the `long_side` batch on the device, as the reference; "decode": each scale decoded
       again at `round(long_side * s)`).
     skipped: counter of unreadable images (default `image_io.GLOBAL_SKIPS`).
+    scale_gem: (infinity, p): SuperGlobal's scale-GeM combines the scales instead
+      (`superglobal.scale_gem`; `multiscale.scale_gem_of`); needs the "interpolate" protocol.
   Returns:
     [N, D] float32. Images that cannot be read get a zero row (logged by the pipeline).
   """
@@ -237,6 +241,11 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
   fused = early_fusion and len(scales) > 1
   single = len(scales) == 1 or fused  # one descriptor per image, nothing to combine
   p = 1.0 if multiscale_p is None else float(multiscale_p)
+  # SuperGlobal's scale-GeM: all scales of a batch at once, one descriptor per image.
+  combined = scale_gem is not None and not single
+  if combined and protocol.multiscale_resize != "interpolate":
+    raise ValueError("extract.multiscale_combine=sgem / sgem_power combines the scales of a "
+                     "batch on the device: set extract.multiscale_resize=interpolate")
   on_device = not single and protocol.multiscale_resize == "interpolate"
   describe = describe_fn or make_describe_fn(model, mesh)
   # (decoded long side, describe function, its inputs of a batch) per decoding pass.
@@ -254,24 +263,28 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
                                           num_threads=num_threads, protocol=protocol,
                                           skipped=skipped)
     for rows, ds in described_rows(fn, variables, batches, mesh, inputs=inputs):
+      if combined:  # [n, S, D] -> [n, 1, D], then stored as one scale.
+        ds = np.asarray(pooling_ops.normalize(superglobal.scale_gem(
+            ds, scale_gem[1], scale_gem[0])), np.float32)[:, None]
       for d in (ds.transpose(1, 0, 2) if on_device else (ds,)):  # [S, n, D] on the device.
         if acc is None:
           acc = (writer.allocate(d.shape[1]) if writer is not None
-                 else np.zeros((n, d.shape[1]), np.float32 if single else np.float64))
-        if single:
+                 else np.zeros((n, d.shape[1]), np.float32 if single or combined
+                               else np.float64))
+        if single or combined:
           acc[rows] = d
         else:
           # Sums of powers accumulate in place, so a streamed run needs no [N, D] in memory.
           acc[rows] += multiscale.power_term(d, p)
-        _report(progress, len(rows))
+        _report(progress, len(rows) * (len(scales) if combined else 1))
   if acc is None:
     raise image_io.NothingReadableError(
         f"none of the {len(paths)} images could be read (e.g. {paths[0]}): check the paths")
   if writer is not None:
-    if not single:
+    if not single and not combined:
       _finalize(acc, len(scales), p, acc)
     return writer.close()
-  if single:
+  if single or combined:
     return acc
   out = np.empty(acc.shape, np.float32)
   _finalize(acc, len(scales), p, out)

@@ -7,9 +7,12 @@ how its exponent p follows from the network. Per-scale descriptors are combined 
 cnnimageretrieval-pytorch's `extract_ms`: `v = L2((mean_s v_s^p)^(1/p))`, written once
 here for numpy (the extraction, in float64 chunks) and jax (the exported function):
 `power_term` of each scale is summed, `finish` turns the sum into the descriptor.
+SuperGlobal's scale-GeM ("sgem", "sgem_power"; `models/superglobal.scale_gem`) instead
+combines all scales of an image at once (`Combine.scale_gem`), from the scales made on the
+device (`extract.multiscale_resize="interpolate"`).
 """
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 
@@ -50,15 +53,32 @@ class Combine:
     exponent: (variables, pooling name) -> p of `power_term` / `finish`, None for the mean.
     fuses_maps: the scales' feature maps are fused before pooling (no per-scale
       descriptors; `exponent` is not used).
+    scale_gem: SuperGlobal's scale-GeM of an image's descriptors at all scales at once
+      (`superglobal.scale_gem`): True its p = infinity form (max of the L2-normalised
+      scales), False the power form with `extract.sgem_p`; None: not scale-GeM.
   """
   exponent: Callable[[Any, Optional[str]], Optional[float]]
   fuses_maps: bool = False
+  scale_gem: Optional[bool] = None
 
 
 COMBINES: registry.Registry[Combine] = registry.Registry("extract.multiscale_combine")
 COMBINES.register("gem", Combine(reference_p))
 COMBINES.register("mean", Combine(lambda variables, pooling: None))
 COMBINES.register("early_fusion", Combine(lambda variables, pooling: None, fuses_maps=True))
+COMBINES.register("sgem", Combine(lambda variables, pooling: None, scale_gem=True))
+COMBINES.register("sgem_power", Combine(lambda variables, pooling: None, scale_gem=False))
+
+
+def scale_gem_of(combine: str, sgem_p: Optional[float]) -> Optional[Tuple[bool, float]]:
+  """(infinity, p) of `extract_descriptors(scale_gem=)` for a scale-GeM `combine`, else
+  None."""
+  infinity = COMBINES.get(combine).scale_gem
+  if infinity is None:
+    return None
+  if sgem_p is None:
+    raise ValueError(f"extract.multiscale_combine={combine!r} needs extract.sgem_p")
+  return (bool(infinity), float(sgem_p))
 
 
 def multiscale_p_from(variables, combine: str = "gem",

@@ -30,7 +30,8 @@ def build_network(model_config):
       reduced_dim=int(model_config.local_dim),
       attention_hidden=int(model_config.local_attention_hidden),
       classifier=model_config.local_classifier,
-      mean=tuple(spec.mean), std=tuple(spec.std), dtype=model_config.dtype)
+      mean=tuple(spec.mean), std=tuple(spec.std), dtype=model_config.dtype,
+      **retrieval_net.superglobal_fields(model_config))  # ReLU+ / regional GeM: global head
 
 
 def has_local_head(model) -> bool:

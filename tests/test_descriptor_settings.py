@@ -67,6 +67,21 @@ def test_export_overrides_replace_only_what_is_set(gem_net):
   assert (got.long_side, got.scales, got.multiscale_combine) == (64, (1.0, 0.5), "gem")
 
 
+def test_scale_gem_reaches_every_consumer_through_the_settings(gem_net):
+  """sgem / sgem_power: extract_kwargs carry (infinity, sgem_p); the record keeps sgem_p
+  (a describe index's queries are described alike), other settings' digests do not."""
+  model, variables = gem_net
+  plain = descriptor_settings.build(_config(scales=(1.0, 0.5)), model, variables, "")
+  assert "scale_gem" not in plain.extract_kwargs() and "sgem_p" not in plain.record()
+  for combine, infinity in (("sgem", True), ("sgem_power", False)):
+    c = _config(scales=(1.0, 0.5), multiscale_combine=combine, sgem_p=7.0)
+    s = descriptor_settings.build(c, model, variables, "")
+    assert s.multiscale_p is None and not s.early_fusion
+    assert s.extract_kwargs()["scale_gem"] == (infinity, 7.0)
+    assert descriptor_settings.from_record(s.record()) == s
+    assert s.digest() != plain.digest()
+
+
 def test_local_settings_of_a_delg_network():
   c = _config(long_side=96)
   c.extract.local_long_side = 0  # 0: extract.long_side
@@ -126,8 +141,11 @@ def test_registries_carry_the_per_dataset_facts():
   assert "resnet50" in backbones.BACKBONES and backbones.get_backbone("resnet50").channels == 2048
   with pytest.raises(ValueError, match="unknown backbone 'nope'"):
     backbones.get_backbone("nope")
-  assert {"local", "asmk"} <= set(rerankers.RERANKERS.names())
-  assert set(multiscale.COMBINES.names()) == {"gem", "mean", "early_fusion"}
+  assert {"local", "asmk", "superglobal"} <= set(rerankers.RERANKERS.names())
+  assert set(multiscale.COMBINES.names()) == {"gem", "mean", "early_fusion", "sgem",
+                                              "sgem_power"}
+  assert [multiscale.COMBINES.get(n).scale_gem for n in ("sgem", "sgem_power", "gem")] == [
+      True, False, None]
 
 
 def test_stages_off_by_config_are_reported():
@@ -148,7 +166,7 @@ def test_stages_off_by_config_are_reported():
     ({"model.netvlad_init": "kmeans"}, "train", "model.netvlad_init='kmeans' learns NetVLAD"),
     ({"model.netvlad_init": "random"}, "train", "model.netvlad_init='random' is not one of"),
     ({"eval.rerank": "local"}, "evaluate", "set --config.model.local_head=delg"),
-    ({"eval.rerank": "superglobal"}, "evaluate", "eval.rerank='superglobal' is not one of"),
+    ({"eval.rerank": "supreglobal"}, "evaluate", "eval.rerank='supreglobal' is not one of"),
     ({"model.local_head": "delg", "extract.local_iou": 0.0}, "evaluate",
      "extract.local_iou=0.0 must be in (0, 1]"),
     ({"model.local_head": "delg", "extract.local_scales": (1.0, -2.0)}, "evaluate",

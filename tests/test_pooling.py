@@ -404,7 +404,8 @@ def test_registry_and_modules():
   cent = _codebook(3, 5)
   dims = {"mac": 5, "spoc": 5, "gem": 5, "rmac": 5, "regional": 5, "seddati": 5,
           "seddati_cam": 5, "netvlad": 15, "ms_netvlad": 15}
-  assert set(dims) == set(pooling.POOLINGS)
+  # The ViT class-token poolings (`cls`, `cls_gem`) take the token too: tests/test_vit.py.
+  assert set(dims) | set(pooling.TOKEN_POOLINGS) == set(pooling.POOLINGS)
   for name, dim in dims.items():
     kwargs = {"num_clusters": 3} if "netvlad" in name else {}
     mod = pooling.build_pooling(name, name="pool", **kwargs)

@@ -10,7 +10,8 @@
   3. qe_dba    alpha-DBA then alpha-QE on the final descriptors (`query_expansion.py`),
                suffix `_rerank`;
   4. rerank    a second-stage re-ranker of the final ranking (`rerankers.RERANKERS`,
-               `config.eval.rerank`: "local" DELG verification, "asmk"), suffix `_<name>`;
+               `config.eval.rerank`: "local" DELG verification, "asmk", "superglobal"
+               SuperGlobal's MDescAug + RerankwMDA), suffix `_<name>`;
   5. approximate  for a revisited set, the mAP of the exact and of the faiss top-k lists
                of the final descriptors and the faiss recall@k.
 
@@ -42,6 +43,7 @@ from retrieval_jax.evaluation import query_expansion
 from retrieval_jax.evaluation import rerankers
 from retrieval_jax.evaluation import test_set as test_set_lib
 from retrieval_jax.evaluation import local_rerankers  # pylint: disable=unused-import
+from retrieval_jax.evaluation import superglobal  # pylint: disable=unused-import
 from retrieval_jax.postprocess import whitening as whitening_lib
 from retrieval_jax.postprocess import whitening_store
 

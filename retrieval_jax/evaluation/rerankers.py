@@ -8,7 +8,8 @@ ranking of the same queries (`Reranked`). Adding one is one entry:
   def _mine(context, stage) -> Reranked: ...
 
 The built-in ones use local features (`evaluation/local_rerankers.py`: "local" = DELG geometric
-verification, "asmk"); `pipeline.py` imports them.
+verification, "asmk") or the global descriptors alone (`evaluation/superglobal.py`:
+"superglobal"); `pipeline.py` imports them.
 """
 import dataclasses
 from typing import Any, Callable, Dict, List, Mapping, Optional

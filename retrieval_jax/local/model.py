@@ -73,7 +73,9 @@ class DelgNet(_LocalHeadAttributes, retrieval_net.GlobalAttributes):
 
   Attributes:
     backbone, backbone_kwargs, pooling, pooling_kwargs, whitening_dim, multi_layer, mean,
-      std, dtype: the RetrievalNet's (`retrieval_net.GlobalAttributes`).
+      std, dtype, relup_alpha, regional_gem*: the RetrievalNet's
+      (`retrieval_net.GlobalAttributes`; SuperGlobal's ReLU+ / regional GeM act on the
+      global head's maps only, the local head reads the trunk's stage unchanged).
     num_classes, reduced_dim, attention_hidden, classifier: `heads.LocalHead`'s.
   """
 

@@ -54,6 +54,13 @@ def _efficientnet_lite0():
                       efficientnet_lite.EfficientNetLite0.out_features, mean, std)
 
 
+def _vit(name):
+  def spec():
+    from retrieval_jax.models import vit  # pylint: disable=import-outside-toplevel
+    return BackboneSpec(vit.make_vit(name), vit.convert_timm_vit, vit.VIT_SIZES[name][0])
+  return spec
+
+
 # Entries are spec factories, imported lazily, so a config only pays for the trunk it uses.
 BACKBONES: registry.Registry[Callable[[], BackboneSpec]] = registry.Registry("backbone")
 BACKBONES.register("mobilenet_v2", _mobilenet_v2)
@@ -61,6 +68,9 @@ for _depth in (18, 34, 50, 101, 152):
   BACKBONES.register(f"resnet{_depth}", _resnet(_depth))
 BACKBONES.register("vgg16", _vgg16)
 BACKBONES.register("efficientnet_lite0", _efficientnet_lite0)
+# DINOv2-layout ViTs (models/vit.py): timm `vit_*_patch14_dinov2` / DINOv2 weights.
+for _name in ("vit_s14", "vit_b14", "vit_l14"):
+  BACKBONES.register(_name, _vit(_name))
 
 
 def get_backbone(name: str) -> BackboneSpec:

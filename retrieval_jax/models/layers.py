@@ -155,6 +155,7 @@ class ConvBN(nn.Module):
   bn_mode: str = "frozen_stats"
   dtype: Any = jnp.float32
   bn_eps: float = TORCH_BN_EPS
+  relu_floor: float = 0.0  # "relu" clamps below at this value (SuperGlobal's ReLU+)
 
   @nn.compact
   def __call__(self, x, mask=None, train=False):
@@ -166,7 +167,7 @@ class ConvBN(nn.Module):
                   use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="conv")(x)
     x = batch_norm(self.bn_mode, train, self.dtype, "bn", self.bn_eps)(x)
     if self.activation == "relu":
-      x = nn.relu(x)
+      x = jnp.maximum(x, jnp.asarray(self.relu_floor, x.dtype)) if self.relu_floor else nn.relu(x)
     elif self.activation == "relu6":
       x = jnp.clip(x, 0.0, 6.0)
     elif self.activation is not None:

@@ -58,6 +58,41 @@ class GeM(nn.Module):
     return ops.gem(x, p, self.eps, mask)
 
 
+class ClassToken(nn.Module):
+  """A ViT's class token as the descriptor (`cls`): [B, D] (unnormalised).
+
+  Called as `pool(x, mask, cls=...)` by `retrieval_net.global_head` for the names in
+  `TOKEN_POOLINGS`; the map is not used.
+  """
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Optional[Array] = None,
+               cls: Optional[Array] = None) -> Array:
+    return _class_token(cls, "cls")
+
+
+class ClassTokenGeM(nn.Module):
+  """The class token and GeM over the patch tokens, each L2-normalised, concatenated
+  (`cls_gem`): [B, 2D]. Attributes as GeM's."""
+  p_init: float = 3.0
+  trainable: bool = True
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Optional[Array] = None,
+               cls: Optional[Array] = None) -> Array:
+    token = _class_token(cls, "cls_gem")
+    gem = GeM(p_init=self.p_init, trainable=self.trainable, eps=self.eps, name="gem")(x, mask)
+    return jnp.concatenate([ops.l2n(token), ops.l2n(gem)], axis=-1)
+
+
+def _class_token(cls: Optional[Array], name: str) -> Array:
+  if cls is None:
+    raise ValueError(f"pooling {name!r} takes a ViT trunk's class token (model.backbone "
+                     "vit_s14 / vit_b14 / vit_l14), and no early fusion of scales")
+  return jnp.asarray(cls, jnp.float32)
+
+
 class RMAC(nn.Module):
   """R-MAC pooling module: [B, H, W, C] -> [B, C], L2-normalised."""
   levels: int = 3
@@ -210,8 +245,12 @@ POOLINGS: registry.Registry = registry.Registry("pooling")
 for _name, _module in (("mac", MAC), ("spoc", SPoC), ("gem", GeM), ("rmac", RMAC),
                        ("regional", RegionalPool), ("netvlad", NetVLAD),
                        ("ms_netvlad", MultiScaleNetVLAD), ("seddati", SeddatiPool),
-                       ("seddati_cam", CAMSeddatiPool)):
+                       ("seddati_cam", CAMSeddatiPool), ("cls", ClassToken),
+                       ("cls_gem", ClassTokenGeM)):
   POOLINGS.register(_name, _module)
+
+# Poolings that take a ViT trunk's class token (`cls=`) beside the patch-token map.
+TOKEN_POOLINGS = ("cls", "cls_gem")
 
 
 def build_pooling(pooling_name: str, /, **kwargs) -> nn.Module:

@@ -8,7 +8,7 @@ Weights are converted once from PyTorch layouts to our param trees; `main` saves
   (numpy reader, no pickle) and our `.npz`, refusing anything that is not a weight file;
 * `torch_keys.py`: per-backbone key mapping (timm ResNets, cirtorch `features.N`);
 * `cirtorch.py`: cnnimageretrieval-pytorch checkpoints (trunk, GeM p, whitening layer, meta,
-  precomputed `Lw`);
+  precomputed `Lw`); `cvnet.py`: CVNet's global networks (trunk, GeM p, reduction layer);
 * this module: which of those a file is, and merging it into a model's variables, checking
   every shape.
 
@@ -24,6 +24,7 @@ from flax import traverse_util
 
 from retrieval_jax.models import backbones
 from retrieval_jax.models import cirtorch
+from retrieval_jax.models import cvnet
 from retrieval_jax.models import torch_keys
 from retrieval_jax.models import weight_files
 
@@ -44,22 +45,24 @@ def load_pretrained_into(variables: Mapping[str, Any], model, path: str
                          ) -> Tuple[Dict[str, Any], Optional[cirtorch.ImportedNetwork]]:
   """`variables` of RetrievalNet `model` with everything the weight file `path` provides.
 
-  A cirtorch checkpoint fills the trunk, GeM p and the whitening layer (after checking that
+  A cirtorch or CVNet checkpoint fills the trunk, GeM p and the whitening layer (after checking that
   the model's backbone / pooling / whitening_dim match, and warning when its mean/std
   differ from the model's); any other file fills the trunk only.
 
   Returns:
-    (variables, the ImportedNetwork for a cirtorch file else None).
+    (variables, the ImportedNetwork for a cirtorch or CVNet file else None).
   """
   obj = None
   if not path.endswith((".npz", ".safetensors")):
     obj = weight_files.read_torch_checkpoint(path)
-  if obj is None or not cirtorch.is_cirtorch(obj):
+  is_network = obj is not None and (cirtorch.is_cirtorch(obj) or cvnet.is_cvnet(obj))
+  if not is_network:
     trunk = (load_backbone_variables(model.backbone, path) if obj is None else
              backbones.get_backbone(model.backbone).convert(torch_keys.prepare_trunk_dict(
                  model.backbone, weight_files.state_dict_of(obj))))
     return merge_backbone(variables, trunk), None
-  net = cirtorch.load_cirtorch(path, obj)
+  net = (cvnet.load_cvnet(path, obj) if cvnet.is_cvnet(obj)
+         else cirtorch.load_cirtorch(path, obj))
   cirtorch.check_model_matches(net, model.backbone, model.pooling, model.whitening_dim)
   if (np.abs(np.subtract(net.mean, model.mean)).max() > 1e-6
       or np.abs(np.subtract(net.std, model.std)).max() > 1e-6):
@@ -69,6 +72,12 @@ def load_pretrained_into(variables: Mapping[str, Any], model, path: str
   out = merge_backbone(variables, {k: v["backbone"] for k, v in net.variables.items()})
   params = dict(out["params"])
   for name in ("pool", "whiten"):
+    if name == "pool" and "pool" not in params and not dict(
+        model.pooling_kwargs or {}).get("trainable", True):
+      logging.info("%s: GeM p %s of the file not used, the model's p is fixed at %s "
+                   "(model.pooling_kwargs.trainable=False)", path,
+                   net.pooling_kwargs.get("p_init"), dict(model.pooling_kwargs).get("p_init"))
+      continue
     if name in net.variables["params"]:
       params[name] = _checked_replace(params.get(name), net.variables["params"][name], name)
   out["params"] = params

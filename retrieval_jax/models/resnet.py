@@ -54,26 +54,35 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-  """1x1 -> 3x3 (stride here: ResNet v1.5, as torchvision) -> 1x1 (x4), plus shortcut."""
+  """1x1 -> 3x3 (stride here: ResNet v1.5, as torchvision) -> 1x1 (x4), plus shortcut.
+
+  `out_floor` / `inner_floor`: the output / the two inner activations clamped below at
+  that value instead of 0 (SuperGlobal's in-trunk ReLU+, see `ResNet.superglobal_relup`).
+  """
   features: int  # the bottleneck width; the block outputs 4 * features channels.
   stride: int = 1
   downsample: bool = False
   bn_mode: str = "frozen_stats"
   dtype: Any = jnp.float32
+  out_floor: float = 0.0
+  inner_floor: float = 0.0
 
   @nn.compact
   def __call__(self, x, mask=None, train=False):
     """x: [B, H, W, Cin] -> ([B, H/s, W/s, 4 * features], mask [B, H/s, W/s] or None)."""
     kw = dict(bn_mode=self.bn_mode, dtype=self.dtype)
-    y, _ = layers.ConvBN(self.features, 1, 1, name="conv1", **kw)(x, mask, train)
-    y, out_mask = layers.ConvBN(self.features, 3, self.stride, name="conv2", **kw)(
-        y, mask, train)
+    y, _ = layers.ConvBN(self.features, 1, 1, name="conv1", relu_floor=self.inner_floor,
+                         **kw)(x, mask, train)
+    y, out_mask = layers.ConvBN(self.features, 3, self.stride, name="conv2",
+                                relu_floor=self.inner_floor, **kw)(y, mask, train)
     y, _ = layers.ConvBN(4 * self.features, 1, 1, activation=None, name="conv3", **kw)(
         y, out_mask, train)
     identity = x
     if self.downsample:
       identity, _ = layers.ConvBN(4 * self.features, 1, self.stride, activation=None,
                                   name="downsample", **kw)(x, mask, train)
+    if self.out_floor:  # the floor would leak into the padding: masked again
+      return layers.apply_mask(jnp.maximum(y + identity, self.out_floor), out_mask), out_mask
     return nn.relu(y + identity), out_mask
 
 
@@ -87,12 +96,17 @@ class ResNet(nn.Module):
     width: stem width (64 in torchvision); stages have width * (1, 2, 4, 8) channels
       (times 4 for Bottleneck). Small values give tiny test models.
     stage_sizes: blocks per stage; None takes torchvision's for `depth`.
+    superglobal_relup: SuperGlobal's ReLU+ where its official CVNet ResNet puts it
+      (ShihaoShao-GH/SuperGlobal `model/resnet.py`, Bottleneck only): the block outputs of
+      stages 1-3 and the inner activations of stage 1 clamped below at this value (0.014)
+      instead of 0; the last stage keeps ReLU. 0 = off.
   """
   depth: int = 50
   dtype: Any = jnp.float32
   bn_mode: str = "frozen_stats"
   width: int = 64
   stage_sizes: Optional[Sequence[int]] = None
+  superglobal_relup: float = 0.0
 
   @property
   def out_features(self) -> int:
@@ -117,6 +131,8 @@ class ResNet(nn.Module):
       sizes = tuple(self.stage_sizes)
     block_cls = BasicBlock if kind == "basic" else Bottleneck
     kw = dict(bn_mode=self.bn_mode, dtype=self.dtype)
+    if self.superglobal_relup and kind != "bottleneck":
+      raise ValueError("superglobal_relup follows SuperGlobal's Bottleneck ResNets (50/101/152)")
 
     x = x.astype(self.dtype)
     # Padding added before normalisation is -mean/std, not 0: zero it here.
@@ -134,8 +150,12 @@ class ResNet(nn.Module):
       for j in range(n_blocks):
         stride = 2 if (i > 0 and j == 0) else 1
         downsample = j == 0 and (stride != 1 or in_features != features * _EXPANSION[kind])
-        x, mask = block_cls(features, stride, downsample, name=f"layer{i + 1}_{j}", **kw)(
-            x, mask, train)
+        floors = {}
+        if self.superglobal_relup:
+          floors = dict(out_floor=self.superglobal_relup if i < 3 else 0.0,
+                        inner_floor=self.superglobal_relup if i == 0 else 0.0)
+        x, mask = block_cls(features, stride, downsample, name=f"layer{i + 1}_{j}", **kw,
+                            **floors)(x, mask, train)
         in_features = features * _EXPANSION[kind]
       stages.append(x)
       stage_masks.append(mask)

@@ -18,6 +18,7 @@ from retrieval_jax.models import backbones
 from retrieval_jax.models import layers
 from retrieval_jax.models import pooling as pooling_lib
 from retrieval_jax.models import pooling_ops
+from retrieval_jax.models import superglobal
 
 # Feature maps and their validity masks, as `RetrievalNet.trunk` returns them.
 Maps = List[Tuple[jnp.ndarray, Optional[jnp.ndarray]]]
@@ -36,6 +37,8 @@ class GlobalAttributes(nn.Module):
     mean, std: input normalisation of the trunk's weights (0..1 RGB scale).
     dtype: compute dtype of the trunk ("float32" or "bfloat16"); params stay float32 and
       pooling/normalisation run in float32.
+    relup_alpha, regional_gem, regional_gem_p, regional_gem_size: SuperGlobal's ReLU+ and
+      regional GeM on the maps before pooling (`prepare_maps`; 0 / False: off).
   """
   backbone: str = "mobilenet_v2"
   backbone_kwargs: Optional[Mapping[str, Any]] = None
@@ -46,6 +49,10 @@ class GlobalAttributes(nn.Module):
   mean: Sequence[float] = backbones.IMAGENET_MEAN
   std: Sequence[float] = backbones.IMAGENET_STD
   dtype: str = "float32"
+  relup_alpha: float = 0.0
+  regional_gem: bool = False
+  regional_gem_p: float = superglobal.REGIONAL_GEM_P
+  regional_gem_size: int = superglobal.REGIONAL_GEM_SIZE
 
   def global_attributes(self) -> Dict[str, Any]:
     """These attributes' values, by name (what builds an equal RetrievalNet)."""
@@ -91,7 +98,8 @@ class RetrievalNet(GlobalAttributes):
   def _forward(self, images, mask, train: bool, maps: Optional[Maps], until: str):
     """The one compact body (submodule names "backbone", "pool", "pool_prev", "whiten"):
     images -> the trunk's features (unless `maps` are given; returned if `until` is
-    "features"), -> maps (returned if "trunk"), then maps -> head."""
+    "features"), -> maps (returned if "trunk"), then maps (and a ViT's class token) -> head."""
+    cls = None
     if maps is None:
       feats = trunk_features(self, images, mask, train)
       if until == "features":
@@ -99,7 +107,8 @@ class RetrievalNet(GlobalAttributes):
       maps = maps_of(feats, self.multi_layer)
       if until == "trunk":
         return maps
-    return global_head(self, maps)
+      cls = feats.get("cls")  # a ViT's class token
+    return global_head(self, maps, cls)
 
 
 def maps_of(feats: Dict[str, Any], multi_layer: bool) -> Maps:
@@ -132,23 +141,40 @@ def trunk_features(net: nn.Module, images, mask, train: bool) -> Dict[str, Any]:
   return trunk(x, mask, train)
 
 
-def global_head(net: nn.Module, maps: Maps) -> Dict[str, jnp.ndarray]:
+def global_head(net: nn.Module, maps: Maps, cls: Optional[jnp.ndarray] = None
+                ) -> Dict[str, jnp.ndarray]:
   """Pooling, L2, optional whitening and L2 of `maps` for `net` (submodules "pool",
   "pool_prev" when two maps are given, "whiten"); called from a network's compact body.
+  `cls`: a ViT's class token [B, D], for the `pooling.TOKEN_POOLINGS`.
 
   Returns:
     {"feature_map": maps[0][0], "pooled": [B, D0] L2-normalised, "descriptor": [B, D]}.
   """
   pool_kwargs = dict(net.pooling_kwargs or {})
-  pooled = pooling_lib.build_pooling(net.pooling, name="pool", **pool_kwargs)(*maps[0])
+  prepared = [prepare_maps(net, x, m) for x, m in maps]
+  token = {"cls": cls} if net.pooling in pooling_lib.TOKEN_POOLINGS else {}
+  pooled = pooling_lib.build_pooling(net.pooling, name="pool", **pool_kwargs)(*prepared[0],
+                                                                             **token)
   if len(maps) > 1:
-    extra = pooling_lib.build_pooling(net.pooling, name="pool_prev", **pool_kwargs)(*maps[1])
+    extra = pooling_lib.build_pooling(net.pooling, name="pool_prev", **pool_kwargs)(
+        *prepared[1], **token)
     pooled = jnp.concatenate([pooling_ops.l2n(pooled), pooling_ops.l2n(extra)], axis=-1)
   pooled = pooling_ops.l2n(pooled)
   descriptor = pooled
   if net.whitening_dim:
     descriptor = pooling_ops.l2n(nn.Dense(net.whitening_dim, name="whiten")(pooled))
   return {"feature_map": maps[0][0], "pooled": pooled, "descriptor": descriptor}
+
+
+def prepare_maps(net: nn.Module, x: jnp.ndarray, mask: Optional[jnp.ndarray]
+                 ) -> Tuple[jnp.ndarray, Optional[jnp.ndarray]]:
+  """SuperGlobal's ReLU+ then regional GeM on a map before pooling, where `net` asks."""
+  alpha = float(getattr(net, "relup_alpha", 0.0) or 0.0)
+  if alpha:
+    x = superglobal.relu_plus(x, alpha, mask)
+  if getattr(net, "regional_gem", False):
+    x = superglobal.regional_gem(x, float(net.regional_gem_p), int(net.regional_gem_size), mask)
+  return x, mask
 
 
 def dummy_images(image_size: int) -> jnp.ndarray:
@@ -167,5 +193,14 @@ def build_retrieval_net(model_config) -> RetrievalNet:
       whitening_dim=int(model_config.whitening_dim),
       multi_layer=bool(model_config.multi_layer),
       mean=tuple(spec.mean), std=tuple(spec.std),
-      dtype=model_config.dtype)
+      dtype=model_config.dtype, **superglobal_fields(model_config))
   return net
+
+
+def superglobal_fields(model_config) -> Dict[str, Any]:
+  """RetrievalNet's SuperGlobal attributes from `config.model` (absent keys: off)."""
+  get = lambda k, d: model_config.get(k, d) if hasattr(model_config, "get") else d
+  return dict(relup_alpha=float(get("relup_alpha", 0.0)),
+              regional_gem=bool(get("regional_gem", False)),
+              regional_gem_p=float(get("regional_gem_p", superglobal.REGIONAL_GEM_P)),
+              regional_gem_size=int(get("regional_gem_size", superglobal.REGIONAL_GEM_SIZE)))
