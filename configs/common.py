@@ -175,6 +175,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.search.nprobe = 16             # IVF lists visited per query
   c.search.out = ""                # "" = <workdir>/search
   c.search.pictures = 20           # queries drawn with their results
+  # --mode=serve (retrieval_jax/search_page/): a search page + JSON API over the index of
+  # search.index / describe.out / <workdir>/describe, with search.k and search.backend.
+  c.serve = ml_collections.ConfigDict()
+  c.serve.host = "127.0.0.1"       # "0.0.0.0" makes the page reachable from other machines
+  c.serve.port = 8080
+  c.serve.max_bytes = 20 * 2 ** 20  # largest query upload; larger ones get a 413
   # Evaluation at scale (roxford5k+1m): also the faiss top-k (factory / nprobe above) with
   # its mAP and recall@k against the exact top-k.
   c.eval.search_backend = "exact"  # "exact" or "faiss" (both reported)

@@ -29,7 +29,7 @@ _NUMERIC_TUPLES = {
 }
 _POSITIVE = ("train.checkpoint_every", "train.log_every", "train.keep_checkpoints",
              "data.image_size", "data.num_threads", "extract.long_side", "extract.batch_size",
-             "optim.accumulate_steps")
+             "optim.accumulate_steps", "serve.max_bytes", "search.k")
 _NON_NEGATIVE = ("train.num_steps", "train.num_epochs", "train.eval_every",
                  "train.stop_after", "eval.pictures", "eval.qe_k", "eval.dba_k",
                  "eval.whitening_dim", "model.whitening_dim", "data.batch_size")
@@ -165,6 +165,13 @@ def find_problems(config: Any, mode: str = "train") -> List[str]:
       protocol.from_config(extract)
     except ValueError as e:
       errors.append(f"config.{e}")
+  port = _get(config, "serve.port")
+  if port is not None and (not isinstance(port, int) or isinstance(port, bool)
+                           or not 0 <= port <= 65535):
+    errors.append(f"config.serve.port={port!r} must be a port number in [0, 65535] (0: any "
+                  "free port)")
+  if mode == "serve" and not _get(config, "serve.host"):
+    errors.append("config.serve.host is empty: give the address to listen on, e.g. 127.0.0.1")
   if mode in _MODE_NEEDS_TRAINING and _get(config, "train.num_steps") == 0 and not _get(
       config, "train.num_epochs"):
     errors.append("config.train.num_steps=0: there is nothing to train; give a number of "

@@ -14,7 +14,8 @@ registered under its name; adding a mode is adding one entry:
             local head (DELG), local features to `<workdir>/local/<tag>/<set>_<part>/`;
   export    the network as a jax.export function + TF SavedModel (`serving.py`);
   describe  every image of a folder / list file to descriptors, resumable (`serving.py`);
-  search    top-k of query images in a described folder, JSON + pictures (`serving.py`).
+  search    top-k of query images in a described folder, JSON + pictures (`serving.py`);
+  serve     a search page and JSON API over a described folder (`search_page/`).
 """
 import os
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -32,6 +33,7 @@ from retrieval_jax import registry
 from retrieval_jax import restore
 from retrieval_jax import sharding as sharding_lib
 from retrieval_jax import serving
+from retrieval_jax.search_page import app as search_page_app
 from retrieval_jax.data import datasets
 from retrieval_jax.data import image_io
 from retrieval_jax.data import integrity
@@ -165,6 +167,7 @@ def _extract(config, workdir: str) -> Summary:
 MODES.register("export", serving.export_mode)
 MODES.register("describe", serving.describe_mode)
 MODES.register("search", serving.search_mode)
+MODES.register("serve", search_page_app.serve_mode)  # the search page (search_page/)
 
 
 def summary(workdir: str, results: Dict[str, Any], step: Optional[int] = None) -> Summary:

@@ -31,7 +31,8 @@ from retrieval_jax.postprocess import whitening_store
 Summary = Dict[str, Any]
 
 
-def _network(config, workdir: str):
+def network(config, workdir: str):
+  """(restored network, mesh): the latest checkpoint, else `model.pretrained` (said)."""
   mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)
   net = restore.restore_model(config, workdir, mesh)
   if net.source == restore.PRETRAINED:
@@ -48,7 +49,7 @@ def _or(value, default):
 
 def export_mode(config, workdir: str) -> Summary:
   """`D = export.dir` ("" = <workdir>/export): D/jax/, D/saved_model/, D/export.json."""
-  net, mesh = _network(config, workdir)
+  net, mesh = network(config, workdir)
   ec = config.export
   white = None
   if ec.whitening:
@@ -92,7 +93,7 @@ def describe_mode(config, workdir: str) -> Summary:
   """`describe.images` -> `describe.out` ("" = <workdir>/describe)."""
   if not config.describe.images:
     raise ValueError("--mode=describe needs --config.describe.images=<folder or list file>")
-  net, mesh = _network(config, workdir)
+  net, mesh = network(config, workdir)
   out = os.path.abspath(_or(config.describe.out, os.path.join(workdir, "describe")))
   settings = _extract_settings(config, net)
   record = json.dumps({"describe": dict(_recordable(settings), images=config.describe.images),
@@ -104,6 +105,22 @@ def describe_mode(config, workdir: str) -> Summary:
           "dim": int(got["descriptors"].shape[1])}
 
 
+def query_settings(config, net, stored: Dict[str, Any]) -> Dict[str, Any]:
+  """The extraction arguments that describe queries as the index `stored` was described.
+
+  `stored` is `descriptor_store.load_descriptors(index)`; the settings recorded by
+  --mode=describe in its config.json win over `config.extract`. --mode=search and
+  --mode=serve (`search_page/`) both describe their queries with these.
+  """
+  settings = _extract_settings(config, net)
+  recorded = stored["config"].get("describe") if isinstance(stored["config"], dict) else None
+  if recorded:
+    settings.update(long_side=int(recorded["long_side"]),
+                    scales=tuple(recorded["scales"]), multiscale_p=recorded["multiscale_p"],
+                    protocol=protocol_lib.EvalProtocol(**recorded["protocol"]))
+  return settings
+
+
 def search_mode(config, workdir: str) -> Summary:
   """Top `search.k` of `search.query` in `search.index`; JSON + pictures in `search.out`."""
   sc = config.search
@@ -111,13 +128,8 @@ def search_mode(config, workdir: str) -> Summary:
     raise ValueError("--mode=search needs --config.search.query=<image, folder or list file>")
   index = os.path.abspath(_or(sc.index, os.path.join(workdir, "describe")))
   stored = descriptor_store.load_descriptors(index)
-  net, mesh = _network(config, workdir)
-  settings = _extract_settings(config, net)
-  recorded = stored["config"].get("describe") if isinstance(stored["config"], dict) else None
-  if recorded:  # describe the queries as the index was described
-    settings.update(long_side=int(recorded["long_side"]),
-                    scales=tuple(recorded["scales"]), multiscale_p=recorded["multiscale_p"],
-                    protocol=protocol_lib.EvalProtocol(**recorded["protocol"]))
+  net, mesh = network(config, workdir)
+  settings = query_settings(config, net, stored)
   out = os.path.abspath(_or(sc.out, os.path.join(workdir, "search")))
   got = folder_search.search_folder(
       net.model, net.variables, index, sc.query, out, mesh=mesh, k=int(sc.k),
