@@ -14,6 +14,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = "demo"            # datasets registry name (retrieval_jax/data/datasets.py)
   c.data.root = ""                # dataset folder; "" = <workdir>/data
   c.data.split = "train"          # training split ("train_clean" for GLDv2-clean)
+  # data.name="folder" (retrieval_jax/data/folder.py): your photos, one sub-folder per landmark
+  # under data.root, or `path<TAB>label` lines in data.list; this share of the landmarks
+  # (seeded by `seed`) is held out and evaluated (eval.dataset="folder").
+  c.data.list = ""
+  c.data.heldout_fraction = 0.3
   c.data.backend = "grain"         # "grain", "tfdata" (same batches) or "tfds" (from records)
   c.data.tfds_dir = ""             # data.backend="tfds": TFDS records; "" = <workdir>/tfds
   c.data.image_size = 362         # training crop side (the reference's --image-size)

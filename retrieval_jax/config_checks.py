@@ -165,6 +165,17 @@ def find_problems(config: Any, mode: str = "train") -> List[str]:
       protocol.from_config(extract)
     except ValueError as e:
       errors.append(f"config.{e}")
+  fraction = _get(config, "data.heldout_fraction")
+  if fraction is not None and (not _is_number(fraction) or not 0 <= fraction < 1):
+    errors.append(f"config.data.heldout_fraction={fraction!r} must be in [0, 1)")
+  uses_folder = ((mode in _MODE_NEEDS_TRAINING and _get(config, "data.name") == "folder")
+                 or (mode in ("train", "evaluate", "extract")
+                     and _get(config, "eval.dataset") == "folder"
+                     and not _get(config, "eval.root")))
+  if uses_folder and not _get(config, "data.root") and not _get(config, "data.list"):
+    errors.append("config.data.name='folder' needs your photos: --config.data.root=<folder, one "
+                  "sub-folder per landmark> or --config.data.list=<file of path<TAB>label "
+                  "lines>")
   port = _get(config, "serve.port")
   if port is not None and (not isinstance(port, int) or isinstance(port, bool)
                            or not 0 <= port <= 65535):

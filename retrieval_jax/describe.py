@@ -29,9 +29,9 @@ import numpy as np
 from retrieval_jax import descriptor_store
 from retrieval_jax import extract as extract_lib
 from retrieval_jax import progress as progress_lib
+from retrieval_jax.data import image_io
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-                    ".ppm", ".pgm")
+IMAGE_EXTENSIONS = image_io.IMAGE_EXTENSIONS
 SKIPPED_FILE = "skipped.txt"
 _WORK = "work"
 _PARTIAL = "partial.npy"

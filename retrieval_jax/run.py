@@ -71,7 +71,7 @@ def prepare(config, workdir: str) -> Tuple[restore.Restored, Any, Any, Callable[
   checkpoint (`postprocess/whitening_store.py`); None unless `config.eval.whitening` asks.
   """
   root = config.eval.root or paths.data_root(config, workdir)
-  test_set = datasets.get_dataset(config.eval.dataset, root, config.eval.split)
+  test_set = datasets.get_dataset(config.eval.dataset, root, config.eval.split, config=config)
   # Every image of the benchmark must be there before any compute (data/integrity.py); a
   # cheap existence check here, the full one (headers, counts) where the set is described.
   integrity.check_retrieval_set(test_set, root=root, check="exists",

@@ -34,6 +34,8 @@ from retrieval_jax import errors
 
 _REGISTRY: Dict[str, Callable[..., Any]] = {}
 _DEFAULT_SPLIT: Dict[str, str] = {}
+# name -> fn(config) -> loader keyword arguments read from the experiment config.
+_CONFIG_OPTIONS: Dict[str, Callable[[Any], Dict[str, Any]]] = {}
 
 DOWNLOAD_MODULE = "retrieval_jax.data.download"
 
@@ -51,6 +53,8 @@ class TrainSet:
       training (or whitening) pairs.
     label_ids: optional [num_classes] original id of each contiguous label (GLDv2's
       landmark_id), where `labels` were remapped.
+    skipped: (path, reason) of source files the loader left out (a user folder's
+      unreadable photos), listed with the training run's other skipped files.
   """
   name: str
   images: Sequence[str]
@@ -58,6 +62,7 @@ class TrainSet:
   qidxs: Optional[np.ndarray] = None
   pidxs: Optional[np.ndarray] = None
   label_ids: Optional[np.ndarray] = None
+  skipped: Sequence[Tuple[str, str]] = ()
 
   @property
   def num_classes(self) -> int:
@@ -97,21 +102,27 @@ class DatasetNotFoundError(errors.UserError, FileNotFoundError):
   """A dataset file or folder is missing; the message says how to download it."""
 
 
-def register(name: str, default_split: str = "train"):
+def register(name: str, default_split: str = "train",
+             config_options: Optional[Callable[[Any], Dict[str, Any]]] = None):
   """Decorator adding a loader `fn(root: str, split: str, **kwargs)` to the registry.
 
   Args:
     name: registry name.
     default_split: split used when `get_dataset` is called without one.
+    config_options: fn(experiment config) -> loader keyword arguments, for a loader that
+      takes settings from the config (the folder dataset's held-out fraction, list file).
   """
   def wrap(fn):
     _REGISTRY[name] = fn
     _DEFAULT_SPLIT[name] = default_split
+    if config_options is not None:
+      _CONFIG_OPTIONS[name] = config_options
     return fn
   return wrap
 
 
-def get_dataset(name: str, root: str, split: Optional[str] = None, **kwargs):
+def get_dataset(name: str, root: str, split: Optional[str] = None, config: Any = None,
+                **kwargs):
   """Loads dataset `name` from folder `root`.
 
   Args:
@@ -119,7 +130,8 @@ def get_dataset(name: str, root: str, split: Optional[str] = None, **kwargs):
     root: data root (the `--dir` given to the download command).
     split: 'train', 'val', 'whiten', 'test', ...; None: the dataset's default ('train'
       for training sets, 'test' for retrieval benchmarks).
-    **kwargs: loader options (documented on each loader).
+    config: the experiment config, for loaders registered with `config_options`.
+    **kwargs: loader options (documented on each loader); they win over the config's.
 
   Returns:
     A `TrainSet` or a `RetrievalSet`.
@@ -129,6 +141,8 @@ def get_dataset(name: str, root: str, split: Optional[str] = None, **kwargs):
     raise ValueError(f"unknown dataset {name!r}; known: {sorted(_REGISTRY)}")
   if split is None:
     split = _DEFAULT_SPLIT[name]
+  if config is not None and name in _CONFIG_OPTIONS:
+    kwargs = {**_CONFIG_OPTIONS[name](config), **kwargs}
   return _REGISTRY[name](os.fspath(root), split, **kwargs)
 
 
@@ -137,7 +151,7 @@ def names() -> List[str]:
   return sorted(_REGISTRY)
 
 
-_BUILTIN_LOADERS = ("demo", "sfm120k", "revisited", "holidays", "ukbench", "gldv2")
+_BUILTIN_LOADERS = ("demo", "sfm120k", "revisited", "holidays", "ukbench", "gldv2", "folder")
 
 
 def _import_builtin_loaders() -> None:

@@ -103,7 +103,7 @@ def compute_and_save(config, workdir: str, model, variables, mesh, step: Optiona
   kind = kind or requested(config) or "learned"
   settings = _settings(config, kind, step)
   train_set = datasets.get_dataset(settings["dataset"], paths.data_root(config, workdir),
-                                   settings["split"])
+                                   settings["split"], config=config)
   q, p = pairs_lib.training_pairs(train_set.labels, train_set.qidxs, train_set.pidxs,
                                   pairing="cycle", max_pairs=settings["max_pairs"],
                                   seed=int(config.seed))

@@ -102,7 +102,7 @@ def _eval(config, workdir, model, state, mesh, tag) -> Optional[Dict[str, Any]]:
     return None
   test_set = datasets.get_dataset(config.eval.dataset,
                                   config.eval.root or paths.data_root(config, workdir),
-                                  config.eval.split)
+                                  config.eval.split, config=config)
   return evaluate_lib.evaluate(model, state.variables, test_set, mesh=mesh,
                                allow_missing=config.eval.allow_missing,
                                data_root=config.eval.root or paths.data_root(config, workdir),
@@ -123,7 +123,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), jax.device_count(),
                jax.devices()[0].platform)
   train_set = datasets.get_dataset(config.data.name, paths.data_root(config, workdir),
-                                   config.data.split)
+                                   config.data.split, config=config)
   train_set, skipped = _check_data(config, workdir, train_set)
   model = networks.from_config(config.model)
   networks.check_classes(config.model, int(np.max(train_set.labels, initial=-1)) + 1)
@@ -206,10 +206,12 @@ def _check_data(config, workdir: str, train_set):
       min_landmarks=config.data.classes_per_batch if balanced else 1)
   if config.eval.dataset:
     root = config.eval.root or paths.data_root(config, workdir)
-    test_set = datasets.get_dataset(config.eval.dataset, root, config.eval.split)
+    test_set = datasets.get_dataset(config.eval.dataset, root, config.eval.split,
+                                    config=config)
     integrity.check_retrieval_set(test_set, root=root, check="exists",
                                   allow_missing=config.eval.allow_missing)
-  return cleanup.train_set, cleanup.skipped
+  # A user folder's unreadable photos, left out by its loader (data/folder.py), too.
+  return cleanup.train_set, list(train_set.skipped) + cleanup.skipped
 
 
 def _write_skipped(config, workdir: str, skipped) -> None:
