@@ -76,7 +76,9 @@ def served(tmp_path_factory):
   (tmp / "secret.txt").write_text("outside the collection")
   Image.fromarray(data.chelsea()[::3, ::3]).save(str(tmp / "outside.jpg"))
   os.symlink(str(tmp / "outside.jpg"), str(root / "c" / "link.jpg"))  # leads out of the root
-  config = _config(tmp, str(root))
+  # Described by a relative path (from the current folder): images.txt lists relative paths,
+  # which results keep, as --mode=search's results.json does.
+  config = _config(tmp, os.path.relpath(str(root)))
   workdir = str(tmp / "work")
   described = run.run("describe", config, workdir)
   assert described["images"] == len(PHOTOS) + 1  # the symlinked photo is described too
@@ -139,7 +141,7 @@ def test_binds_localhost_and_reports_health(served):
 
 
 def test_search_answers_as_search_mode_does(served, tmp_path):
-  query = os.path.join(served["root"], "a", "coffee.jpg")
+  query = os.path.join(os.path.relpath(served["root"]), "a", "coffee.jpg")
   status, got = _post(served["url"] + "/search?k=4", _photo(served, "a/coffee.jpg"))
   assert status == 200
   results = got["results"]
@@ -328,3 +330,21 @@ def test_serve_settings_are_checked_before_anything_loads(tmp_path):
   c = common.base_config()
   with pytest.raises(FileNotFoundError, match="run --mode=describe"):
     run.run("serve", c, str(tmp_path))
+
+
+def test_faiss_backend_answers_as_the_exact_one(served):
+  """search.backend=faiss: the index is built once beside the descriptors and loaded with
+  the server; a flat (exact) faiss index returns the exact search's lists."""
+  pytest.importorskip("faiss")
+  from retrieval_jax.search_page import queries  # pylint: disable=import-outside-toplevel
+  exact = served["server"].config.app.state.batcher.searcher
+  folder = os.path.join(served["workdir"], "describe")
+  approximate = queries.Searcher(exact.model, exact.variables, exact.mesh, exact.settings,
+                                 descriptor_store.load_descriptors(folder), folder,
+                                 backend="faiss", factory="Flat")
+  assert os.path.exists(os.path.join(folder, "faiss_Flat.index"))
+  photos = [_photo(served, n) for n in ("a/coffee.jpg", "c/camera.jpg")]
+  want, got = exact.search(photos, [3, 2]), approximate.search(photos, [3, 2])
+  for w, g in zip(want, got):
+    assert [r["image"] for r in g] == [r["image"] for r in w]
+    np.testing.assert_allclose([r["score"] for r in g], [r["score"] for r in w], atol=1e-5)

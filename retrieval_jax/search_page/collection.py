@@ -16,7 +16,9 @@ class Collection:
   """The images of an index in images.txt order.
 
   Attributes:
-    paths: N absolute image paths (row i = descriptor row i).
+    listed: N image paths as images.txt lists them (row i = descriptor row i), the
+      "image" of a result, as in --mode=search's results.json.
+    paths: the same, absolute.
     names: N paths relative to `root`, '/'-separated: what `/images/<name>` takes.
     root: the deepest folder holding every image.
   """
@@ -25,6 +27,7 @@ class Collection:
     if not image_paths:
       raise ValueError("the index lists no images (images.txt is empty): describe a folder "
                        "with --mode=describe first")
+    self.listed: List[str] = list(image_paths)
     self.paths: List[str] = [os.path.abspath(p) for p in image_paths]
     self.root = os.path.commonpath([os.path.dirname(p) for p in self.paths])
     self.names: List[str] = [os.path.relpath(p, self.root).replace(os.sep, "/")

@@ -152,7 +152,7 @@ class Searcher:
     k = min(max(int(ks[i]) for i in readable), len(self))
     scores, idx = self._top_k(q[readable], k)
     entries = folder_search.results_json([str(i) for i in readable],
-                                         self.collection.paths, scores, idx)
+                                         self.collection.listed, scores, idx)
     for i, entry in zip(readable, entries):
       results = entry["results"][:int(ks[i])]
       for r in results:
