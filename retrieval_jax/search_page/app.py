@@ -138,6 +138,7 @@ def make_server(config, workdir: str) -> uvicorn.Server:
       net.model, net.variables, mesh, serving.query_settings(config, net, stored), stored,
       folder, backend=config.search.backend, factory=config.search.faiss_factory,
       nprobe=int(config.search.nprobe), max_batch=int(config.extract.batch_size))
+  searcher.warm_up(int(config.search.k))
   batcher = queries.QueryBatcher(searcher)
   app = make_app(batcher, max_bytes=int(config.serve.max_bytes),
                  default_k=int(config.search.k))

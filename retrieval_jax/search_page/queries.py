@@ -111,6 +111,12 @@ class Searcher:
   def __len__(self) -> int:
     return len(self.collection)
 
+  def warm_up(self, k: int) -> None:
+    """One search with a grey picture, so that the first user does not wait for compiles."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(buf, format="PNG")
+    self.search([buf.getvalue()], [k])
+
   def describe(self, images: Sequence[bytes]) -> np.ndarray:
     """[n, D] float32 descriptors of image files' bytes; a zero row where one cannot be
     decoded."""
