@@ -30,7 +30,6 @@ def get_config(trunk: str = "mobilenet_v2"):
     c.model.pretrained = f"name:imagenet-{trunk}"
     c.optim.freeze = ""
   c.data.name = "folder"
-  c.data.heldout_fraction = 0.3
   c.eval.dataset = "folder"
   # Photos are larger than the demo's 192 px views; the test images are described at 512.
   c.extract.long_side = 512

@@ -1,7 +1,8 @@
 """`--mode=serve`: Starlette routes over a `Searcher`, run by uvicorn.
 
   GET  /                     the search page (static/index.html)
-  GET  /healthz              200 {"images", "dim", "backend"} once the index is loaded
+  GET  /healthz              200 {"images", "dim", "backend", "waiting"} once the index is
+                             loaded (waiting: queries queued for the worker)
   POST /search?k=K           body: an image file's bytes -> {"results": [{"rank", "image",
                              "score", "index", "name", "url"}]} (--mode=search's
                              results.json entries, plus the name under the collection root
@@ -78,7 +79,7 @@ def make_app(batcher: queries.QueryBatcher, *, max_bytes: int, default_k: int) -
   async def healthz(request: Request) -> Response:
     del request
     return JSONResponse({"images": len(collection), "dim": searcher.dim,
-                         "backend": searcher.backend})
+                         "backend": searcher.backend, "waiting": batcher.waiting})
 
   async def search(request: Request) -> Response:
     try:

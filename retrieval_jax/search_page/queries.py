@@ -181,6 +181,11 @@ class QueryBatcher:
                                     daemon=True)
     self._thread.start()
 
+  @property
+  def waiting(self) -> int:
+    """Queries submitted and not yet taken by the worker."""
+    return self._queue.qsize()
+
   def submit(self, image: bytes, k: int) -> concurrent.futures.Future:
     future: concurrent.futures.Future = concurrent.futures.Future()
     self._queue.put((image, int(k), future))
