@@ -14,6 +14,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = "demo"            # datasets registry name (retrieval_jax/data/datasets.py)
   c.data.root = ""                # dataset folder; "" = <workdir>/data
   c.data.split = "train"          # training split ("train_clean" for GLDv2-clean)
+  # data.name="folder" (retrieval_jax/data/folder.py): your photos, one sub-folder per landmark
+  # under data.root, or `path<TAB>label` lines in data.list; this share of the landmarks
+  # (seeded by `seed`) is held out and evaluated (eval.dataset="folder").
+  c.data.list = ""
+  c.data.heldout_fraction = 0.3
   c.data.backend = "grain"         # "grain", "tfdata" (same batches) or "tfds" (from records)
   c.data.tfds_dir = ""             # data.backend="tfds": TFDS records; "" = <workdir>/tfds
   c.data.image_size = 362         # training crop side (the reference's --image-size)
@@ -196,6 +201,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.search.nprobe = 16             # IVF lists visited per query
   c.search.out = ""                # "" = <workdir>/search
   c.search.pictures = 20           # queries drawn with their results
+  # --mode=serve (retrieval_jax/search_page/): a search page + JSON API over the index of
+  # search.index / describe.out / <workdir>/describe, with search.k and search.backend.
+  c.serve = ml_collections.ConfigDict()
+  c.serve.host = "127.0.0.1"       # "0.0.0.0" makes the page reachable from other machines
+  c.serve.port = 8080
+  c.serve.max_bytes = 20 * 2 ** 20  # largest query upload; larger ones get a 413
   # Evaluation at scale (roxford5k+1m): also the faiss top-k (factory / nprobe above) with
   # its mAP and recall@k against the exact top-k.
   c.eval.search_backend = "exact"  # "exact" or "faiss" (both reported)

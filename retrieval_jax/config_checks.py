@@ -39,7 +39,7 @@ _NUMERIC_TUPLES = {
 }
 _POSITIVE = ("train.checkpoint_every", "train.log_every", "train.keep_checkpoints",
              "data.image_size", "data.num_threads", "extract.long_side", "extract.batch_size",
-             "optim.accumulate_steps")
+             "optim.accumulate_steps", "serve.max_bytes", "search.k")
 _NON_NEGATIVE = ("train.num_steps", "train.num_epochs", "train.eval_every",
                  "train.stop_after", "eval.pictures", "eval.qe_k", "eval.dba_k",
                  "eval.whitening_dim", "model.whitening_dim", "data.batch_size")
@@ -182,6 +182,24 @@ def find_problems(config: Any, mode: str = "train") -> List[str]:
     errors.extend(_compile_problems(config))
   errors.extend(superglobal_problems(config, mode))
   errors.extend(vit_problems(config))
+  fraction = _get(config, "data.heldout_fraction")
+  if fraction is not None and (not _is_number(fraction) or not 0 <= fraction < 1):
+    errors.append(f"config.data.heldout_fraction={fraction!r} must be in [0, 1)")
+  uses_folder = ((mode in _MODE_NEEDS_TRAINING and _get(config, "data.name") == "folder")
+                 or (mode in ("train", "evaluate", "extract")
+                     and _get(config, "eval.dataset") == "folder"
+                     and not _get(config, "eval.root")))
+  if uses_folder and not _get(config, "data.root") and not _get(config, "data.list"):
+    errors.append("config.data.name='folder' needs your photos: --config.data.root=<folder, one "
+                  "sub-folder per landmark> or --config.data.list=<file of path<TAB>label "
+                  "lines>")
+  port = _get(config, "serve.port")
+  if port is not None and (not isinstance(port, int) or isinstance(port, bool)
+                           or not 0 <= port <= 65535):
+    errors.append(f"config.serve.port={port!r} must be a port number in [0, 65535] (0: any "
+                  "free port)")
+  if mode == "serve" and not _get(config, "serve.host"):
+    errors.append("config.serve.host is empty: give the address to listen on, e.g. 127.0.0.1")
   if mode in _MODE_NEEDS_TRAINING and _get(config, "train.num_steps") == 0 and not _get(
       config, "train.num_epochs"):
     errors.append("config.train.num_steps=0: there is nothing to train; give a number of "

@@ -48,8 +48,7 @@ from retrieval_jax import sharding as sharding_lib
 from retrieval_jax import storage
 from retrieval_jax.data import image_io
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-                    ".ppm", ".pgm")
+IMAGE_EXTENSIONS = image_io.IMAGE_EXTENSIONS
 SKIPPED_FILE = "skipped.txt"
 _WORK = "work"
 _STATE = "state.json"

@@ -15,6 +15,7 @@ from retrieval_jax.modes import export as export_mode
 from retrieval_jax.modes import extract as extract_mode
 from retrieval_jax.modes import search as search_mode
 from retrieval_jax.modes import train as train_mode
+from retrieval_jax.search_page import app as search_page_app
 
 Summary = Dict[str, Any]
 MODES: registry.Registry[Callable[[Any, str], Summary]] = registry.Registry("mode")
@@ -24,6 +25,7 @@ MODES.register("extract", extract_mode.extract)
 MODES.register("export", export_mode.export)
 MODES.register("describe", describe_mode.describe)
 MODES.register("search", search_mode.search)
+MODES.register("serve", search_page_app.serve_mode)  # a search page over a described folder
 MODES.register("compile", compile_mode.run)  # pod rehearsal: AOT for a TPU topology
 
 

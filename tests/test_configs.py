@@ -57,7 +57,8 @@ def test_config_documents_itself_and_builds_its_network(name):
   module = importlib.import_module(f"configs.{name}")
   doc = module.__doc__ or ""
   assert f"--config=configs/{name}.py" in doc, "the docstring gives the exact command"
-  assert name == "demo" or "Expected result" in doc
+  # The demo's result is in the README; a config over the user's own photos has none.
+  assert name in ("demo", "folder") or "Expected result" in doc
   c = load(name)
   assert not list(_lists(c)), "configs hold tuples, not lists"
   locked = ml_collections.FrozenConfigDict(c)  # every reference resolves

@@ -50,6 +50,8 @@ class TrainSet:
       training (or whitening) pairs.
     label_ids: optional [num_classes] original id of each contiguous label (GLDv2's
       landmark_id), where `labels` were remapped.
+    skipped: (path, reason) of source files the loader left out (a user folder's
+      unreadable photos), listed with the training run's other skipped files.
   """
   name: str
   images: Sequence[str]
@@ -57,6 +59,7 @@ class TrainSet:
   qidxs: Optional[np.ndarray] = None
   pidxs: Optional[np.ndarray] = None
   label_ids: Optional[np.ndarray] = None
+  skipped: Sequence[Tuple[str, str]] = ()
 
   @property
   def num_classes(self) -> int:
@@ -107,32 +110,38 @@ class DatasetEntry:
       (`extract.exif_transpose="auto"`, data/protocol.py): False for the benchmarks read by
       cirtorch, revisitop and DELF's scripts (their boxes are in the stored frame).
     download: the name `python -m retrieval_jax.data.download` fetches it under ("": none).
+    config_options: fn(experiment config) -> loader keyword arguments, for a loader that
+      takes settings from the config (the folder dataset's held-out fraction, list file).
   """
   load: Callable[..., Any]
   default_split: str = "train"
   exif_transpose: bool = True
   download: str = ""
+  config_options: Optional[Callable[[Any], Dict[str, Any]]] = None
 
 
 DATASETS: registry.Registry[DatasetEntry] = registry.Registry("dataset")
 
 
 def register(name: str, default_split: str = "train", *, exif_transpose: bool = True,
-             download: str = ""):
+             download: str = "",
+             config_options: Optional[Callable[[Any], Dict[str, Any]]] = None):
   """Decorator adding a loader `fn(root: str, split: str, **kwargs)` to `DATASETS`.
 
   Args:
     name: registry name (registering it again replaces the entry).
-    default_split, exif_transpose, download: see `DatasetEntry`.
+    default_split, exif_transpose, download, config_options: see `DatasetEntry`.
   """
   def wrap(fn):
-    DATASETS.register(name, DatasetEntry(fn, default_split, exif_transpose, download),
+    DATASETS.register(name, DatasetEntry(fn, default_split, exif_transpose, download,
+                                         config_options),
                       replace=True)
     return fn
   return wrap
 
 
-def get_dataset(name: str, root: str, split: Optional[str] = None, **kwargs):
+def get_dataset(name: str, root: str, split: Optional[str] = None, config: Any = None,
+                **kwargs):
   """Loads dataset `name` from folder `root`.
 
   Args:
@@ -140,7 +149,8 @@ def get_dataset(name: str, root: str, split: Optional[str] = None, **kwargs):
     root: data root (the `--dir` given to the download command).
     split: 'train', 'val', 'whiten', 'test', ...; None: the dataset's default ('train'
       for training sets, 'test' for retrieval benchmarks).
-    **kwargs: loader options (documented on each loader).
+    config: the experiment config, for loaders registered with `config_options`.
+    **kwargs: loader options (documented on each loader); they win over the config's.
 
   Returns:
     A `TrainSet` or a `RetrievalSet`.
@@ -149,6 +159,8 @@ def get_dataset(name: str, root: str, split: Optional[str] = None, **kwargs):
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; known: {DATASETS.names()}")
   entry = DATASETS.get(name)
+  if config is not None and entry.config_options is not None:
+    kwargs = {**entry.config_options(config), **kwargs}
   return entry.load(os.fspath(root), entry.default_split if split is None else split,
                     **kwargs)
 
@@ -171,7 +183,7 @@ def download_names() -> List[str]:
   return sorted({entry.download for _, entry in DATASETS.items() if entry.download})
 
 
-_BUILTIN_LOADERS = ("demo", "sfm120k", "revisited", "holidays", "ukbench", "gldv2")
+_BUILTIN_LOADERS = ("demo", "sfm120k", "revisited", "holidays", "ukbench", "gldv2", "folder")
 
 
 def _import_builtin_loaders() -> None:

@@ -56,6 +56,10 @@ DEFAULT_MAX_PIXELS = 1 << 27
 
 BBox = Sequence[float]
 
+# The files a folder of photos contributes (--mode=describe, the folder dataset), by name.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                    ".ppm", ".pgm")
+
 
 class ImageDecodeError(errors.UserError, RuntimeError):
   """An image that cannot be decoded; pipelines log and skip it.

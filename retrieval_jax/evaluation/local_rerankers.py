@@ -106,7 +106,7 @@ def _asmk_index(context: rerankers.Context, db_store) -> asmk_index.AsmkIndex:
     index.load_codebook(path)
   else:
     train = datasets.get_dataset(config.data.name, paths.data_root(config, workdir),
-                                 config.data.split)
+                                 config.data.split, config=config)
     n = min(int(config.eval.asmk_train_images), len(train.images))
     pick = np.random.default_rng(config.seed).choice(len(train.images), n, replace=False)
     images = [train.images[i] for i in sorted(pick)]

@@ -49,7 +49,8 @@ def load(config, workdir: str) -> Optional[TestSet]:
   root = paths.eval_root(config, workdir)
   key = (config.eval.dataset, root, config.eval.split, bool(config.eval.allow_missing))
   if key not in _LOADED:
-    dataset = datasets.get_dataset(config.eval.dataset, root, config.eval.split)
+    dataset = datasets.get_dataset(config.eval.dataset, root, config.eval.split,
+                                   config=config)
     _LOADED[key] = check(dataset, root=root, allow_missing=config.eval.allow_missing)
   return _LOADED[key]
 

@@ -10,6 +10,7 @@
   describe.py  every image of a folder / list file to descriptors, resumable (`describe.py`);
   search.py    top-k of query images in a described folder, JSON + pictures
                (`index_search.py`).
+  serve        a search page and JSON API over a described folder (`search_page/`).
   compile      every program above compiled for a TPU topology, nothing run (`aot/`).
 
 `common.py` holds what several modes share: the restored network, its tag, the summary.

@@ -11,6 +11,15 @@ from retrieval_jax import index_search
 from retrieval_jax.modes import common
 
 
+def query_settings(config, net, stored) -> descriptor_settings.DescriptorSettings:
+  """How queries are described for the index `stored` (`descriptor_store.load_descriptors`):
+  as the index was (its config.json), else as a user's folder now. --mode=search and
+  --mode=serve (`search_page/`) both use it."""
+  recorded = stored["config"].get("describe") if isinstance(stored["config"], dict) else None
+  return (descriptor_settings.from_record(recorded) if recorded
+          else common.settings_for_folders(config, net))
+
+
 def search(config, workdir: str) -> common.Summary:
   """Top `search.k` of `search.query` in `search.index`; JSON + pictures in `search.out`."""
   sc = config.search
@@ -19,10 +28,7 @@ def search(config, workdir: str) -> common.Summary:
   index = common.output_dir(sc.index, workdir, "describe")
   stored = descriptor_store.load_descriptors(index)
   net, mesh = common.network(config, workdir)
-  recorded = stored["config"].get("describe") if isinstance(stored["config"], dict) else None
-  # Describe the queries as the index was described (else as a user's folder now).
-  settings = (descriptor_settings.from_record(recorded) if recorded
-              else common.settings_for_folders(config, net))
+  settings = query_settings(config, net, stored)
   out = common.output_dir(sc.out, workdir, "search")
   got = index_search.search_folder(
       net.model, net.variables, index, sc.query, out, mesh=mesh, k=int(sc.k),

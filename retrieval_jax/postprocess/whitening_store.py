@@ -125,7 +125,7 @@ def compute_and_save(config, workdir: str, model, variables, mesh, step: Optiona
   kind = kind or requested(config) or "learned"
   key, settings = _key(config, kind, model, variables, step)
   train_set = datasets.get_dataset(key["dataset"], paths.data_root(config, workdir),
-                                   key["split"])
+                                   key["split"], config=config)
   q, p = pairs_lib.training_pairs(train_set.labels, train_set.qidxs, train_set.pidxs,
                                   pairing="cycle", max_pairs=key["max_pairs"],
                                   seed=int(config.seed))

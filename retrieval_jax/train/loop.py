@@ -143,7 +143,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), jax.device_count(),
                jax.devices()[0].platform)
   train_set = datasets.get_dataset(config.data.name, paths.data_root(config, workdir),
-                                   config.data.split)
+                                   config.data.split, config=config)
   train_set, skipped = _check_data(config, workdir, train_set)
   model = networks.build_network(config.model)
   networks.check_classes(config.model, int(np.max(train_set.labels, initial=-1)) + 1)
@@ -225,7 +225,8 @@ def _check_data(config, workdir: str, train_set):
       train_set, check="exists", min_images=1 if config.data.sampler == "shuffle" else 2,
       min_landmarks=config.data.classes_per_batch if balanced else 1)
   test_set_lib.load(config, workdir)  # checked once; every evaluation uses it
-  return cleanup.train_set, cleanup.skipped
+  # A user folder's unreadable photos, left out by its loader (data/folder.py), too.
+  return cleanup.train_set, list(train_set.skipped) + cleanup.skipped
 
 
 def _write_skipped(config, workdir: str, skipped) -> None:
