@@ -28,8 +28,8 @@ from PIL import Image
 from PIL import UnidentifiedImageError
 
 from retrieval_jax import extract as extract_lib
-from retrieval_jax import index_search as folder_search
-from retrieval_jax import search as search_lib
+from retrieval_jax import index_search
+from retrieval_jax import knn as search_lib
 from retrieval_jax.data import image_io
 from retrieval_jax.search_page import collection as collection_lib
 
@@ -89,8 +89,8 @@ class Searcher:
   def __init__(self, model, variables, mesh, settings: Dict[str, Any],
                stored: Dict[str, Any], index_dir: str, *, backend: str = "exact",
                factory: str = "HNSW32", nprobe: int = 16, max_batch: int = 8):
-    if backend not in folder_search.BACKENDS:
-      raise ValueError(f"search.backend must be one of {folder_search.BACKENDS}, got "
+    if backend not in index_search.BACKENDS:
+      raise ValueError(f"search.backend must be one of {index_search.BACKENDS}, got "
                        f"{backend!r}")
     self.collection = collection_lib.Collection(stored["images"])
     database = np.asarray(stored["descriptors"], np.float32)
@@ -106,7 +106,7 @@ class Searcher:
     if backend == "exact":
       self._database = jax.device_put(database)  # on the device once, not per query
     else:
-      self._database = folder_search.build_or_load_faiss(index_dir, database, factory, nprobe)
+      self._database = index_search.build_or_load_faiss(index_dir, database, factory, nprobe)
 
   def __len__(self) -> int:
     return len(self.collection)
@@ -157,7 +157,7 @@ class Searcher:
       return out
     k = min(max(int(ks[i]) for i in readable), len(self))
     scores, idx = self._top_k(q[readable], k)
-    entries = folder_search.results_json([str(i) for i in readable],
+    entries = index_search.results_json([str(i) for i in readable],
                                          self.collection.listed, scores, idx)
     for i, entry in zip(readable, entries):
       results = entry["results"][:int(ks[i])]
