@@ -48,6 +48,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.local_head = ""
   c.model.local_dim = 128          # autoencoder output = local descriptor size; 0: raw stage
   c.model.local_attention_hidden = 512
+  # The reference's BatchNorm between the attention convolutions (False: checkpoints written
+  # before it, which have no `local_head/attention/bn_conv1`).
+  c.model.local_attention_bn = True
+  # The local stage subsampled by a 1x1 stride-2 max-pool, as DELG's block3_strides (ResNet
+  # layer3: a stride-32 grid); the global trunk keeps its own layout unless
+  # local_block3_strides feeds the subsampled layer3 to layer4 (then at stride 1), the
+  # reference's trunk (ResNet only; changes the global descriptor of torchvision weights).
+  c.model.local_subsample = 2
+  c.model.local_block3_strides = False
   c.model.local_classifier = "softmax"  # attention classifier: "softmax", "arcface", "cosface"
   c.model.local_num_classes = 0    # its classes (>= the training set's labels)
 

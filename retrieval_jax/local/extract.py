@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from retrieval_jax.local import keypoints as kp_lib
+from retrieval_jax.local import model as local_model
 from retrieval_jax.local import receptive_field as rf_lib
 from retrieval_jax.local import store as store_lib
 
@@ -38,15 +39,18 @@ def extract_to_store(model, variables, paths: Sequence[str], folder: str, *,
     model, variables: a DelfNet / DelgNet (see keypoints.make_select_fn) and its variables.
     paths: N image files; bboxes: optional per-image crops (Revisited queries).
     folder: the store folder (see store.py).
-    backbone, backbone_kwargs: the trunk (config.model), for its receptive field.
+    backbone, backbone_kwargs: the trunk (config.model), for its receptive field (with the
+      model's `local_subsample`).
     mesh, long_side, scales, score_threshold, max_features, iou_threshold, batch_size,
       num_threads, log_every_s: see `keypoints.extract_keypoints`.
     chunk_size, dtype, image_list: see `store.LocalFeatureWriter`.
   Returns:
     The finished store.
   """
-  rf = rf_lib.receptive_field(backbone, backbone_kwargs)
-  settings = {"backbone": backbone, "long_side": int(long_side),
+  rf = rf_lib.receptive_field(backbone, backbone_kwargs,
+                              subsample=local_model.local_subsample(model))
+  settings = {"backbone": backbone, "receptive_field": [rf.size, rf.stride, rf.padding],
+              "long_side": int(long_side),
               "scales": [float(s) for s in scales], "score_threshold": float(score_threshold),
               "max_features": int(max_features), "iou_threshold": float(iou_threshold),
               "crops": bboxes is not None}

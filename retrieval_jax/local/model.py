@@ -14,16 +14,43 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from retrieval_jax.local import heads
+from retrieval_jax.local import receptive_field as rf_lib
 from retrieval_jax.models import backbones
 from retrieval_jax.models import retrieval_net
 
 
-def _local_outputs(head: heads.LocalHead, feats: Dict[str, Any], labels) -> Dict[str, Any]:
-  """`head` on the trunk's earlier stage (stages[-2]), plus that "stage"."""
-  stage, stage_mask = feats["stages"][-2], feats["stage_masks"][-2]
-  out = head(stage, stage_mask, labels)
+def subsample_stage(stage: jnp.ndarray, mask: Optional[jnp.ndarray], factor: int):
+  """A 1x1 stride-`factor` max-pool (DELG's `block3_strides` subsampling): every
+  `factor`-th row and column, [B, ceil(h / f), ceil(w / f), C], and the mask alike."""
+  if int(factor) <= 1:
+    return stage, mask
+  return (stage[:, ::factor, ::factor],
+          None if mask is None else mask[:, ::factor, ::factor])
+
+
+def _local_outputs(head: heads.LocalHead, feats: Dict[str, Any], labels, train: bool,
+                   subsample: int) -> Dict[str, Any]:
+  """`head` on the trunk's earlier stage (stages[-2]) subsampled by `subsample`, plus that
+  "stage" (the reconstruction target)."""
+  stage, stage_mask = subsample_stage(feats["stages"][-2], feats["stage_masks"][-2],
+                                      subsample)
+  out = head(stage, stage_mask, labels, train)
   out["stage"] = stage
   return out
+
+
+def local_receptive_field(model) -> rf_lib.ReceptiveField:
+  """The receptive field of `model`'s local features (its trunk's stage, subsampled)."""
+  return rf_lib.receptive_field(model.backbone, dict(model.backbone_kwargs or {}),
+                                subsample=local_subsample(model))
+
+
+def local_subsample(model) -> int:
+  """The subsampling the local head's stage gets on top of the trunk's: none when the trunk
+  already subsamples it (`block3_strides`)."""
+  if dict(model.backbone_kwargs or {}).get("block3_strides"):
+    return 1
+  return int(getattr(model, "local_subsample", 1))
 
 
 class DelfNet(nn.Module):
@@ -31,13 +58,19 @@ class DelfNet(nn.Module):
 
   Attributes:
     backbone, backbone_kwargs, mean, std, dtype: as `RetrievalNet`.
-    num_classes, reduced_dim, attention_hidden, classifier: `heads.LocalHead`'s.
+    num_classes, reduced_dim, attention_hidden, attention_bn, classifier:
+      `heads.LocalHead`'s.
+    local_subsample: the stride-`local_subsample` subsampling of the stage the head reads
+      (DELG's `block3_strides`: 2, a stride-32 grid on ResNet layer3); ignored when the
+      trunk subsamples it itself (ResNet `block3_strides`).
   """
   backbone: str = "resnet50"
   backbone_kwargs: Optional[Mapping[str, Any]] = None
   num_classes: int = 0
   reduced_dim: int = 128
   attention_hidden: int = 512
+  attention_bn: bool = True
+  local_subsample: int = 2
   classifier: str = "softmax"
   mean: Sequence[float] = backbones.IMAGENET_MEAN
   std: Sequence[float] = backbones.IMAGENET_STD
@@ -48,10 +81,11 @@ class DelfNet(nn.Module):
                labels: Optional[jnp.ndarray] = None, train: bool = False) -> Dict[str, Any]:
     """images: [B, H, W, 3] uint8; mask: optional [B, H, W] bool; labels: [B] int."""
     head = heads.LocalHead(num_classes=self.num_classes, reduced_dim=self.reduced_dim,
-                           attention_hidden=self.attention_hidden, classifier=self.classifier,
+                           attention_hidden=self.attention_hidden,
+                           attention_bn=self.attention_bn, classifier=self.classifier,
                            name="local_head")
     return _local_outputs(head, retrieval_net.trunk_features(self, images, mask, train),
-                          labels)
+                          labels, train, local_subsample(self))
 
 
 class DelgNet(nn.Module):
@@ -68,7 +102,8 @@ class DelgNet(nn.Module):
   Attributes:
     backbone, backbone_kwargs, pooling, pooling_kwargs, whitening_dim, multi_layer, mean,
       std, dtype: the `RetrievalNet`'s.
-    num_classes, reduced_dim, attention_hidden, classifier: `heads.LocalHead`'s.
+    num_classes, reduced_dim, attention_hidden, attention_bn, classifier,
+      local_subsample: as `DelfNet`.
   """
   backbone: str = "resnet50"
   backbone_kwargs: Optional[Mapping[str, Any]] = None
@@ -79,6 +114,8 @@ class DelgNet(nn.Module):
   num_classes: int = 0
   reduced_dim: int = 128
   attention_hidden: int = 512
+  attention_bn: bool = True
+  local_subsample: int = 2
   classifier: str = "softmax"
   mean: Sequence[float] = backbones.IMAGENET_MEAN
   std: Sequence[float] = backbones.IMAGENET_STD
@@ -92,14 +129,15 @@ class DelgNet(nn.Module):
     nn.share_scope(self, self.net)
     self.local_head = heads.LocalHead(
         num_classes=self.num_classes, reduced_dim=self.reduced_dim,
-        attention_hidden=self.attention_hidden, classifier=self.classifier)
+        attention_hidden=self.attention_hidden, attention_bn=self.attention_bn,
+        classifier=self.classifier)
 
   def __call__(self, images, mask: Optional[jnp.ndarray] = None,
                labels: Optional[jnp.ndarray] = None, train: bool = False) -> Dict[str, Any]:
     """images: [B, H, W, 3] uint8; mask: optional [B, H, W] bool; labels: [B] int."""
     feats = self.net.features(images, mask, train)
     out = self.net.head(retrieval_net.maps_of(feats, self.multi_layer))
-    out.update(_local_outputs(self.local_head, feats, labels))
+    out.update(_local_outputs(self.local_head, feats, labels, train, local_subsample(self)))
     return out
 
   def trunk(self, images, mask: Optional[jnp.ndarray] = None, train: bool = False
