@@ -125,7 +125,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.extract.local_long_side = 0    # 0: extract.long_side
   c.extract.local_scales = (0.7071, 1.0, 1.4142)
   c.extract.local_max_features = 1000
-  c.extract.local_score_threshold = 0.0  # softplus scores are > 0: 0 keeps the top ones
+  # Attention score threshold, a per-config value tied to a trained model (the reference:
+  # 454.6 for R50-DELG on GLDv2-clean, 100 for DELF); softplus scores are > 0, so 0 keeps
+  # the top local_max_features.
+  c.extract.local_score_threshold = 0.0
   c.extract.local_iou = 1.0        # NMS IoU on receptive boxes; 1.0 (DELF's default): none
 
   c.eval = ml_collections.ConfigDict()

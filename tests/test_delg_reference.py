@@ -6,6 +6,8 @@ scipy/skimage as the reference calls them), never from retrieval_jax's own funct
 * the local grid: layer3 subsampled by a 1x1 stride-2 max-pool (`resnet50.py`
   `block3_strides`), boxes as `feature_extractor.CalculateReceptiveBoxes`;
 * the attention head with its BatchNorm (`delf_model.AttentionModel`, Keras layers);
+* the input: PIL load and `ResizeImage`, `tf.image.resize` pyramid levels
+  (`export_model_utils.ExtractLocalFeatures`), locations / scale_factors (`extractor.py`);
 """
 import os
 import sys
@@ -13,12 +15,14 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_reference as tr  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from retrieval_jax.local import delg_input
 from retrieval_jax.local import heads
 from retrieval_jax.local import keypoints as kp_lib
 from retrieval_jax.local import model as model_lib
@@ -26,6 +30,8 @@ from retrieval_jax.local import receptive_field as rf_lib
 from retrieval_jax.models import resnet
 
 tf = pytest.importorskip("tensorflow")
+
+TINY = {"width": 4, "stage_sizes": (1, 1, 1, 1)}
 
 
 def _tf_receptive_boxes(height, width, rf, stride, padding):
@@ -144,3 +150,94 @@ def test_attention_head_without_batch_norm_keeps_old_layout():
   x = jnp.ones((1, 2, 2, 4))
   v = heads.AttentionHead(hidden=3, batch_norm=False).init(jax.random.PRNGKey(0), x)
   assert set(v["params"]) == {"conv1", "conv2"} and "batch_stats" not in v
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. DELG's input: PIL load and size bound, tf.image.resize pyramid levels.
+
+
+def test_pyramid_levels_are_tf_image_resize():
+  """Every level of a padded batch row = `tf.image.resize` (bilinear, no antialiasing) of
+  the float image to round(size * scale), for down- and up-scaling."""
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 255, (37, 53, 3), np.uint8)
+  batch = np.zeros((2, 60, 60, 3), np.uint8)
+  masks = np.zeros((2, 60, 60), bool)
+  batch[0, :37, :53], masks[0, :37, :53] = image, True
+  for scale in (0.25, 0.35355338, 0.70710677, 1.4142135, 2.0):
+    level, level_mask = delg_input.pyramid_level(batch, masks, scale)
+    size = tf.cast(tf.round(tf.constant([37.0, 53.0]) * scale), tf.int32)
+    want = tf.image.resize(tf.constant(image, tf.float32)[None], size)[0].numpy()
+    h, w = want.shape[:2]
+    np.testing.assert_allclose(level[0, :h, :w], want, rtol=1e-5, atol=1e-3)
+    assert level_mask[0].sum() == h * w and level_mask[0, :h, :w].all()
+    assert not level_mask[1].any()
+
+
+def _delg_resize_image(image, max_image_size):
+  """`examples/extractor.py: ResizeImage` (min_image_size -1, no square output)."""
+  height, width = image.shape[:2]
+  largest_side = max(width, height)
+  if max_image_size >= 0 and largest_side > max_image_size:
+    scale_factor = max_image_size / largest_side
+  else:
+    return image, np.ones(2, dtype=float)
+  new_shape = (int(round(width * scale_factor)), int(round(height * scale_factor)))
+  scale_factors = np.array([new_shape[1] / height, new_shape[0] / width], dtype=float)
+  resized = np.array(Image.fromarray(image).resize(new_shape, resample=Image.BILINEAR))
+  return resized, scale_factors
+
+
+def test_images_load_and_shrink_as_delg(tmp_path):
+  """A database image and a query crop: `delg/extract_features.py` (PIL load, crop by the
+  rounded box, `resize_factor = crop long / full long`) then `ResizeImage`."""
+  rng = np.random.default_rng(0)
+  path = str(tmp_path / "a.png")
+  full = rng.integers(0, 255, (90, 150, 3), np.uint8)
+  Image.fromarray(full).save(path)
+  got, factors = delg_input.load_image(path, 100)
+  want, want_factors = _delg_resize_image(np.array(Image.open(path).convert("RGB")), 100)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(factors, want_factors)
+  bbx = (10.4, 5.6, 90.5, 70.2)
+  got, factors = delg_input.load_image(path, 100, bbox=bbx)
+  pil_im = Image.open(path).convert("RGB")
+  original = max(pil_im.size)
+  pil_im = pil_im.crop([int(round(b)) for b in bbx])
+  want, want_factors = _delg_resize_image(np.array(pil_im), 100 * max(pil_im.size) / original)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(factors, want_factors)
+  small, ones = delg_input.load_image(path, 400)  # never enlarged
+  assert small.shape == full.shape and np.all(ones == 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Keypoints in the pixels of the image as loaded.
+
+
+def test_keypoints_in_original_pixels(tmp_path):
+  """A 150x90 image bounded to 100 px: stored locations = the reference's box centres of
+  the resized image (`CalculateReceptiveBoxes / scale`) divided by `scale_factors`."""
+  rng = np.random.default_rng(0)
+  path = str(tmp_path / "a.png")
+  Image.fromarray(rng.integers(0, 255, (90, 150, 3), np.uint8)).save(path)
+  model = model_lib.DelfNet(backbone="resnet18", backbone_kwargs=TINY, reduced_dim=8,
+                            attention_hidden=8)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.uint8))
+  rf = model_lib.local_receptive_field(model)
+  (_, rec), = list(kp_lib.extract_keypoints(
+      model, variables, [path], rf=rf, mesh=None, long_side=100, scales=(0.5, 1.0),
+      score_threshold=-1.0, max_features=1000, batch_size=1))
+  resized, factors = _delg_resize_image(np.array(Image.open(path).convert("RGB")), 100)
+  assert resized.shape[:2] == (60, 100)
+  want = []
+  for scale in (0.5, 1.0):
+    h, w = (int(v) for v in tf.round(tf.constant([60.0, 100.0]) * scale))
+    fh, fw = -(-h // rf.stride), -(-w // rf.stride)
+    boxes = _tf_receptive_boxes(fh, fw, float(rf.size), float(rf.stride),
+                                float(rf.padding)) / scale
+    want.append((boxes[:, :2] + boxes[:, 2:]) / 2.0 / factors)
+  want = np.concatenate(want)
+  got = rec["locations"]
+  assert len(got) == len(want)
+  np.testing.assert_allclose(sorted(map(tuple, got)), sorted(map(tuple, want)), rtol=1e-5)

@@ -51,7 +51,7 @@ def _store(model, variables, images, folder: str, *, mesh, settings, bboxes=None
       backbone_kwargs=dict(model.backbone_kwargs or {}), long_side=local.long_side,
       scales=local.scales, score_threshold=local.score_threshold,
       max_features=local.max_features, iou_threshold=local.iou_threshold,
-      batch_size=local.batch_size)
+      batch_size=local.batch_size, exif_transpose=settings.protocol.exif_transpose)
 
 
 def extract_local_features(model, variables, mesh, settings, dataset: datasets.RetrievalSet,
