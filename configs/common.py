@@ -151,13 +151,17 @@ def base_config() -> ml_collections.ConfigDict:
   # Second-stage ranking with local features (retrieval_jax/local/evaluate.py), reported
   # beside the global-only numbers: "" off, "local" (DELG: RANSAC inliers), "asmk".
   c.eval.rerank = ""
-  c.eval.rerank_top = 100          # global top-N re-ranked (asmk: -1 ranks by ASMK alone)
-  c.eval.rerank_min_inliers = 15   # verified at >= this many inliers
-  c.eval.rerank_matcher = "ratio"  # "ratio" (Lowe), "mutual_nn", "distance"
-  c.eval.rerank_ratio = 0.9
-  c.eval.rerank_model = "affine"   # RANSAC model: "affine" (DELF) or "homography"
+  # DELG's delg/perform_retrieval.py by default: the top 100 (each Revisited protocol's
+  # junk skipped), nearest neighbours closer than 1.0, no ratio test, affine RANSAC 20 px,
+  # sorted by raw (inliers, global score).
+  c.eval.rerank_top = 100          # global top-N verified by eval.rerank=local
+  c.eval.rerank_min_inliers = 0    # > 0: counts below it taken as 0 (not the reference's)
+  c.eval.rerank_matcher = "distance"  # "distance" (DELG), "ratio" (Lowe), "mutual_nn"
+  c.eval.rerank_distance = 1.0     # descriptor distance bound of "distance" (exclusive)
+  c.eval.rerank_ratio = 0.9        # Lowe's threshold of "ratio"
+  c.eval.rerank_model = "affine"   # RANSAC model: "affine" (DELG) or "homography"
   c.eval.rerank_backend = "skimage"  # "skimage" or "pydegensac" (homography)
-  c.eval.rerank_residual = 10.0    # RANSAC inlier threshold, pixels
+  c.eval.rerank_residual = 20.0    # RANSAC inlier threshold, pixels of the loaded image
   c.eval.rerank_max_trials = 1000
   c.eval.rerank_stop_probability = 1.0  # < 1 lets RANSAC stop early on clear matches
   c.eval.rerank_threads = 2

@@ -8,6 +8,8 @@ scipy/skimage as the reference calls them), never from retrieval_jax's own funct
 * the attention head with its BatchNorm (`delf_model.AttentionModel`, Keras layers);
 * the input: PIL load and `ResizeImage`, `tf.image.resize` pyramid levels
   (`export_model_utils.ExtractLocalFeatures`), locations / scale_factors (`extractor.py`);
+* matching (distance 1.0, no ratio test), RANSAC 20 px, the raw (inliers, global score)
+  order and junk per protocol (`delg/perform_retrieval.py`, `image_reranking.py`);
 """
 import os
 import sys
@@ -22,7 +24,10 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_reference as tr  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from retrieval_jax import evaluation
+from retrieval_jax.evaluation import rerankers
 from retrieval_jax.local import delg_input
+from retrieval_jax.local import geometric_rerank
 from retrieval_jax.local import heads
 from retrieval_jax.local import keypoints as kp_lib
 from retrieval_jax.local import model as model_lib
@@ -241,3 +246,134 @@ def test_keypoints_in_original_pixels(tmp_path):
   got = rec["locations"]
   assert len(got) == len(want)
   np.testing.assert_allclose(sorted(map(tuple, got)), sorted(map(tuple, want)), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6-8. Matching, the (inliers, global score) order, junk per protocol: DELG's
+# perform_retrieval.py with image_reranking.py, transcribed.
+
+
+def _ref_match_features(query_locations, query_descriptors, index_image_locations,
+                        index_image_descriptors, ransac_seed=None,
+                        feature_distance_threshold=0.9, ransac_residual_threshold=10.0):
+  """`image_reranking.MatchFeatures` (no ratio test); skimage >= 0.23 names the seed `rng`."""
+  from scipy import spatial  # pylint: disable=g-import-not-at-top
+  from skimage import measure, transform  # pylint: disable=g-import-not-at-top
+  num_features_query = query_locations.shape[0]
+  num_features_index_image = index_image_locations.shape[0]
+  if not num_features_query or not num_features_index_image:
+    return 0
+  index_image_tree = spatial.cKDTree(index_image_descriptors)
+  _, indices = index_image_tree.query(
+      query_descriptors, distance_upper_bound=feature_distance_threshold)
+  query_locations_to_use = np.array([
+      query_locations[i,] for i in range(num_features_query)
+      if indices[i] != num_features_index_image])
+  index_image_locations_to_use = np.array([
+      index_image_locations[indices[i],] for i in range(num_features_query)
+      if indices[i] != num_features_index_image])
+  if query_locations_to_use.shape[0] <= 3:
+    return 0
+  _, inliers = measure.ransac(
+      (index_image_locations_to_use, query_locations_to_use), transform.AffineTransform,
+      min_samples=3, residual_threshold=ransac_residual_threshold, max_trials=1000,
+      rng=ransac_seed)
+  if inliers is None:
+    inliers = []
+  return sum(inliers)
+
+
+def _ref_rerank(input_ranks, initial_scores, query, index, junk_ids, num_to_rerank_max):
+  """`RerankByGeometricVerification` with DELG's arguments (seed 0, 1.0, 20 px)."""
+  num_index_images = len(index)
+  input_ranks_for_gv = [ind for ind in input_ranks if ind not in junk_ids]
+  num_to_rerank = min(num_to_rerank_max, len(input_ranks_for_gv))
+  inliers_and_initial_scores = [[0, initial_scores[i]] for i in range(num_index_images)]
+  for i in range(num_to_rerank):
+    index_image_id = input_ranks_for_gv[i]
+    inliers_and_initial_scores[index_image_id][0] = _ref_match_features(
+        query["locations"], query["descriptors"], index[index_image_id]["locations"],
+        index[index_image_id]["descriptors"], ransac_seed=0, feature_distance_threshold=1.0,
+        ransac_residual_threshold=20.0)
+  return sorted(range(num_index_images), key=lambda k: (inliers_and_initial_scores[k][0],
+                                                        inliers_and_initial_scores[k][1]),
+                reverse=True), [x[0] for x in inliers_and_initial_scores]
+
+
+def _ref_parse_easy_medium_hard(ground_truth):
+  """`dataset.ParseEasyMediumHardGroundTruth`."""
+  easy, medium, hard = [], [], []
+  for g in ground_truth:
+    easy.append({"ok": g["easy"], "junk": np.concatenate([g["junk"], g["hard"]])})
+    medium.append({"ok": np.concatenate([g["easy"], g["hard"]]), "junk": g["junk"]})
+    hard.append({"ok": g["hard"], "junk": np.concatenate([g["junk"], g["easy"]])})
+  return easy, medium, hard
+
+
+def _planted_world():
+  """One query and 6 database images sharing 0, 5, 40, 0, 25, 12 features with it under an
+  affine map (2 px noise): a 5-inlier image (below the old threshold of 15) and planted
+  easy / hard / junk images, so the Medium and Hard heads of 3 differ."""
+  rng = np.random.default_rng(0)
+  dim, n = 32, 60
+
+  def unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+  q_loc = rng.uniform(0, 500, (n, 2)).astype(np.float32)
+  query = {"locations": q_loc, "descriptors": unit(rng.normal(size=(n, dim)))}
+  a = np.array([[0.9, 0.1], [-0.05, 1.1]])
+  index = []
+  for shared in (0, 5, 40, 0, 25, 12):
+    loc = rng.uniform(0, 500, (n, 2))
+    desc = unit(rng.normal(size=(n, dim)))
+    pick = rng.choice(n, shared, replace=False)
+    loc[:shared] = q_loc[pick] @ a.T + 30 + rng.normal(0, 2, (shared, 2))
+    desc[:shared] = unit(query["descriptors"][pick] + 0.05 * rng.normal(size=(shared, dim)))
+    index.append({"locations": loc.astype(np.float32), "descriptors": desc})
+  scores = np.array([0.9, 0.5, 0.3, 0.4, 0.2, 0.8])  # global order 0, 5, 1, 3, 2, 4
+  gnd = [{"easy": np.array([5]), "hard": np.array([2, 4]), "junk": np.array([0])}]
+  return query, index, scores, gnd
+
+
+def test_rerank_per_protocol_matches_perform_retrieval():
+  """Matching within distance 1.0 (no ratio test), affine RANSAC 20 px seeded 0, raw
+  (inliers, global score) order, each protocol's junk: our `rerank_setups` = the
+  reference's re-ranking, per protocol, and Medium differs from Hard."""
+  query, index, scores, gnd = _planted_world()
+  input_ranks = np.argsort(-scores)
+  ranks = input_ranks[:, None]
+  easy, medium, hard = _ref_parse_easy_medium_hard(gnd)
+  verify = dict(matcher="distance", max_distance=1.0, model="affine", backend="skimage",
+                residual_threshold=20.0, max_trials=1000, seed=0)
+  got, inliers = geometric_rerank.rerank_setups(
+      ranks, lambda j: query, lambda i: index[i],
+      junk_by_setup=rerankers.junk_by_setup({"gnd": gnd}, 1), top_n=3, verify_kwargs=verify,
+      num_threads=1)
+  want = {}
+  for name, setup in (("easy", easy), ("medium", medium), ("hard", hard)):
+    order, ref_inliers = _ref_rerank(input_ranks, scores, query, index,
+                                     set(setup[0]["junk"].tolist()), 3)
+    want[name] = order
+    np.testing.assert_array_equal(got[name][:, 0], order, err_msg=name)
+    np.testing.assert_array_equal(inliers[name][0], ref_inliers, err_msg=name)
+  assert list(want["medium"]) != list(want["hard"])
+  assert want["medium"][:2] == [5, 1]  # 12 and 5 inliers: raw counts, no threshold
+  assert want["hard"][0] == 2          # the easy image 5 is junk for Hard: 2 gets verified
+
+
+def test_revisited_evaluator_scores_each_protocol_with_its_ranking():
+  """A re-ranking with per-protocol rankings: Easy/Hard mAP come from their own ranking
+  (the revisitop formula on that ranking), Medium from `ranks`."""
+  _, _, scores, gnd = _planted_world()
+  medium = np.argsort(-scores)[:, None]
+  hard = np.array([2, 1, 0, 5, 3, 4])[:, None]
+  ranking = evaluation.Ranking(medium, per_setup={"medium": medium, "hard": hard})
+  got = evaluation.EVALUATORS.get("roxford5k").score("roxford5k", ranking, {"gnd": gnd})
+  _, _, ref_hard = _ref_parse_easy_medium_hard(gnd)
+  # Hard: ok {2, 4}, junk {0, 5}: ranks of the positives with junk removed: 2 -> 0, 4 -> 3.
+  assert ref_hard[0]["ok"].tolist() == [2, 4]
+  # revisitop's compute_ap (trapezoid): positive j at rank r adds ((j / r or 1) + (j + 1) /
+  # (r + 1)) / 2 / n_positives.
+  want_ap = ((1.0 + 1.0) / 2 + (1.0 / 3 + 2.0 / 4) / 2) / 2
+  assert got["mAP_H"] == pytest.approx(round(100 * want_ap, 2))
+  assert got["mAP_M"] == evaluation.evaluate_revisited("x", medium, gnd)["mAP_M"]

@@ -76,24 +76,29 @@ def _test_stores(context: rerankers.Context):
 
 @rerankers.RERANKERS.register("local")
 def _local(context: rerankers.Context, stage: rerankers.Stage) -> rerankers.Reranked:
-  """DELG: the top `eval.rerank_top` verified by RANSAC inliers of the local features."""
+  """DELG: the top `eval.rerank_top` verified by RANSAC inliers of the local features, once
+  per Revisited protocol with its junk (`delg/perform_retrieval.py`)."""
   q_store, db_store = _test_stores(context)
   e, ranks = context.config.eval, stage.ranking.ranks
   top_n, min_inliers = int(e.rerank_top), int(e.rerank_min_inliers)
   verify = dict(matcher=e.rerank_matcher, ratio=float(e.rerank_ratio),
+                max_distance=float(e.rerank_distance) if e.rerank_matcher == "distance"
+                else None,
                 model=e.rerank_model, backend=e.rerank_backend,
                 residual_threshold=float(e.rerank_residual),
                 max_trials=int(e.rerank_max_trials),
                 stop_probability=float(e.rerank_stop_probability),
                 seed=int(context.config.seed))
   gt = test_set_lib.ground_truth(context.test.dataset)
-  new, inliers = geometric_rerank.rerank(
+  new, inliers = geometric_rerank.rerank_setups(
       ranks, q_store.__getitem__, db_store.__getitem__, top_n=top_n,
-      min_inliers=min_inliers, junk=rerankers.junk_sets(gt, ranks.shape[1]),
+      min_inliers=min_inliers, junk_by_setup=rerankers.junk_by_setup(gt, ranks.shape[1]),
       num_threads=int(e.rerank_threads), verify_kwargs=verify)
+  main = "medium" if "medium" in new else ""
+  verified = np.mean((inliers[main] >= max(min_inliers, 1)).sum(1)) if ranks.size else 0.0
   return rerankers.Reranked(
-      Ranking(new), f"local re-ranking of the top {top_n}",
-      {"verified_per_query": float(np.mean((inliers >= min_inliers).sum(1)))})
+      Ranking(new[main], per_setup=None if main == "" else new),
+      f"local re-ranking of the top {top_n}", {"verified_per_query": float(verified)})
 
 
 def _asmk_index(context: rerankers.Context, db_store) -> asmk_index.AsmkIndex:
