@@ -165,8 +165,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.rerank_max_trials = 1000
   c.eval.rerank_stop_probability = 1.0  # < 1 lets RANSAC stop early on clear matches
   c.eval.rerank_threads = 2
+  # eval.rerank=asmk: the HOW/ASMK protocol ranks the whole database by ASMK similarity
+  # (-1); N > 0 re-orders only the global top N instead.
+  c.eval.asmk_top = -1
   c.eval.asmk_codebook_size = 65536
   c.eval.asmk_train_images = 2000  # training images whose local features learn the codebook
+  # The set the codebook is learned from ("" = data.name, the config's training set; HOW
+  # learns it from SfM-120k's 20k-image subset: a HOW-style config names that set).
+  c.eval.asmk_codebook_dataset = ""
 
   # --mode=export (retrieval_jax/export.py): the network with its input rule for serving.
   c.export = ml_collections.ConfigDict()

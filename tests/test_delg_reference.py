@@ -377,3 +377,22 @@ def test_revisited_evaluator_scores_each_protocol_with_its_ranking():
   want_ap = ((1.0 + 1.0) / 2 + (1.0 / 3 + 2.0 / 4) / 2) / 2
   assert got["mAP_H"] == pytest.approx(round(100 * want_ap, 2))
   assert got["mAP_M"] == evaluation.evaluate_revisited("x", medium, gnd)["mAP_M"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. ASMK ranks the whole database by default, apart from local re-ranking's top 100.
+
+
+def test_asmk_ranks_the_whole_database_by_default():
+  """HOW/ASMK protocol: `eval.rerank=asmk` asks for the full ranking (asmk_top=-1, so the
+  pipeline's global stage keeps every database image), local re-ranking its top 100."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.evaluation import pipeline  # pylint: disable=g-import-not-at-top
+  c = common.base_config()
+  c.eval.rerank = "asmk"
+  assert (c.eval.asmk_top, c.eval.asmk_codebook_dataset) == (-1, "")
+  assert pipeline.stages_of(c).rerank_top == -1
+  c.eval.rerank = "local"
+  assert pipeline.stages_of(c).rerank_top == 100
+  c.eval.rerank, c.eval.asmk_top = "asmk", 100
+  assert pipeline.stages_of(c).rerank_top == 100

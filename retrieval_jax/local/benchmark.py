@@ -11,10 +11,11 @@ registered in `evaluation.rerankers.RERANKERS`):
 
 * "local": DELG geometric verification of the top `eval.rerank_top`
   (`geometric_rerank.rerank`);
-* "asmk": the top `eval.rerank_top` re-ordered by ASMK similarity over the local
-  descriptors (`geometric_rerank.rerank_by_scores`), or with `rerank_top < 0` ASMK's own
-  full ranking; its codebook learned once from `eval.asmk_train_images` training images
-  and kept in `<workdir>/local/<tag>/`.
+* "asmk": by default (`eval.asmk_top=-1`, the HOW/ASMK protocol) the whole database ranked
+  by ASMK similarity over the local descriptors; `eval.asmk_top=N` re-orders only the
+  global top N (`geometric_rerank.rerank_by_scores`); its codebook learned once from
+  `eval.asmk_train_images` images of `eval.asmk_codebook_dataset` (default: the training
+  set) and kept in `<workdir>/local/<tag>/`.
 """
 import os
 from typing import Tuple
@@ -106,17 +107,19 @@ def _asmk_index(context: rerankers.Context, db_store) -> asmk_index.AsmkIndex:
   config, workdir, tag = context.config, context.workdir, context.weights_tag
   size = int(config.eval.asmk_codebook_size)
   index = asmk_index.AsmkIndex(asmk_index.asmk_params(codebook_size=size))
-  path = os.path.join(local_dir(workdir, tag), f"asmk_codebook_{size}.npz")
+  source = str(config.eval.asmk_codebook_dataset or config.data.name)
+  path = os.path.join(local_dir(workdir, tag), f"asmk_codebook_{source}_{size}.npz")
   if os.path.exists(path):
     index.load_codebook(path)
   else:
-    train = datasets.get_dataset(config.data.name, paths.data_root(config, workdir),
-                                 config.data.split)
+    split = config.data.split if source == config.data.name else "train"
+    train = datasets.get_dataset(source, paths.data_root(config, workdir), split)
     n = min(int(config.eval.asmk_train_images), len(train.images))
     pick = np.random.default_rng(config.seed).choice(len(train.images), n, replace=False)
     images = [train.images[i] for i in sorted(pick)]
     store = _store(context.model, context.variables, images,
-                   os.path.join(local_dir(workdir, tag), "asmk_train"), mesh=context.mesh,
+                   os.path.join(local_dir(workdir, tag), f"asmk_train_{source}"),
+                   mesh=context.mesh,
                    settings=context.settings)
     sample = np.concatenate([store[i]["descriptors"] for i in range(len(store))])
     logging.info("ASMK: codebook of %d words from %d descriptors of %d training images",
@@ -130,10 +133,11 @@ def _asmk_index(context: rerankers.Context, db_store) -> asmk_index.AsmkIndex:
 
 @rerankers.RERANKERS.register("asmk")
 def _asmk(context: rerankers.Context, stage: rerankers.Stage) -> rerankers.Reranked:
-  """The top `eval.rerank_top` re-ordered by ASMK similarity (< 0: ASMK's own ranking)."""
+  """ASMK's own ranking of the whole database (`eval.asmk_top < 0`, the default), or the
+  global top `eval.asmk_top` re-ordered by ASMK similarity."""
   q_store, db_store = _test_stores(context)
   index = _asmk_index(context, db_store)
-  top_n = int(context.config.eval.rerank_top)
+  top_n = int(context.config.eval.asmk_top)
   asmk_ranks, asmk_scores = index.search([q_store[i] for i in range(len(q_store))])
   if top_n < 0:
     return rerankers.Reranked(Ranking(np.asarray(asmk_ranks)), "ASMK ranking")
