@@ -181,7 +181,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.export.scales = ()             # () = extract.scales
   c.export.multiscale_combine = ""  # "" = extract.multiscale_combine ("gem" or "mean")
   c.export.normalize = True        # L2 the final descriptor
-  c.export.whitening = False       # bake in the post-hoc whitening of eval.whitening
+  # Bake in the post-hoc whitening of eval.whitening: "auto" follows eval.whitening (the
+  # exported descriptor is the evaluated one); True / False force it.
+  c.export.whitening = "auto"
   c.export.platforms = ("cpu", "cuda", "tpu")  # jax.export / SavedModel lowering platforms
   c.export.saved_model = True      # also the TF SavedModel (needs the `tf` extra)
 

@@ -396,3 +396,21 @@ def test_asmk_ranks_the_whole_database_by_default():
   assert pipeline.stages_of(c).rerank_top == 100
   c.eval.rerank, c.eval.asmk_top = "asmk", 100
   assert pipeline.stages_of(c).rerank_top == 100
+
+
+# ----------------------------------------------------------------------------------------------
+# 11 (part). The exported descriptor is the evaluated one.
+
+
+def test_export_whitening_follows_eval_whitening():
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.modes import export as export_mode  # pylint: disable=g-import-not-at-top
+  c = common.base_config()
+  assert c.export.whitening == "auto" and not export_mode.bakes_whitening(c)
+  c.eval.whitening = "learned"
+  assert export_mode.bakes_whitening(c)
+  c.export.whitening = "False"
+  assert not export_mode.bakes_whitening(c)
+  c.export.whitening = "maybe"
+  with pytest.raises(ValueError, match="export.whitening must be"):
+    export_mode.bakes_whitening(c)
