@@ -87,12 +87,18 @@ class ResNet(nn.Module):
     width: stem width (64 in torchvision); stages have width * (1, 2, 4, 8) channels
       (times 4 for Bottleneck). Small values give tiny test models.
     stage_sizes: blocks per stage; None takes torchvision's for `depth`.
+    block3_strides: DELG's layout (`delf/python/training/model/resnet50.py`,
+      `block3_strides=True`): layer3's output is subsampled by a 1x1 stride-2 max-pool
+      (stride 32) and layer4 runs at stride 1 on it. With the stride on layer4's 3x3 conv
+      (v1.5, as torchvision) this changes the feature map, so it is off by default
+      (`config.model.local_block3_strides`).
   """
   depth: int = 50
   dtype: Any = jnp.float32
   bn_mode: str = "frozen_stats"
   width: int = 64
   stage_sizes: Optional[Sequence[int]] = None
+  block3_strides: bool = False
 
   @property
   def out_features(self) -> int:
@@ -133,10 +139,15 @@ class ResNet(nn.Module):
       features = self.width * 2**i
       for j in range(n_blocks):
         stride = 2 if (i > 0 and j == 0) else 1
+        if self.block3_strides and i == len(sizes) - 1:
+          stride = 1  # layer3 was subsampled instead (below)
         downsample = j == 0 and (stride != 1 or in_features != features * _EXPANSION[kind])
         x, mask = block_cls(features, stride, downsample, name=f"layer{i + 1}_{j}", **kw)(
             x, mask, train)
         in_features = features * _EXPANSION[kind]
+      if self.block3_strides and i == len(sizes) - 2:
+        x = x[:, ::2, ::2]  # the reference's MaxPooling2D((1, 1), strides=(2, 2))
+        mask = layers.downsample_mask(mask, 2)
       stages.append(x)
       stage_masks.append(mask)
     return {"feature_map": x, "mask": mask, "stages": tuple(stages[-2:]),
