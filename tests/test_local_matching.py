@@ -87,12 +87,14 @@ def test_planted_affine_recovered(records, matcher):
 def test_planted_homography_recovered(records, backend):
   if backend == "pydegensac" and matching.pydegensac is None:
     pytest.skip("pydegensac not installed")
+  # Detect-to-Retrieve's 10 px for both: at DELG's 20 px an 8-DOF homography lets DEGENSAC
+  # gather ~16 chance inliers between the unrelated 288x384 photos.
   out = matching.verify_pair(records["homography"], records["photo"], model="homography",
-                             backend=backend)
+                             backend=backend, residual_threshold=10.0)
   assert out["inliers"] >= 30
   _assert_recovered(out["transform"], HOMOGRAPHY)
   stranger = matching.verify_pair(records["stranger"], records["photo"], model="homography",
-                                  backend=backend)
+                                  backend=backend, residual_threshold=10.0)
   assert stranger["inliers"] < 15
 
 
