@@ -82,6 +82,20 @@ def level_size(height: int, width: int, scale: float) -> Tuple[int, int]:
   return max(1, int(size[0])), max(1, int(size[1]))
 
 
+def padded_level_shape(height: int, width: int, scale: float) -> Tuple[int, int]:
+  """(H', W') of `pyramid_level`'s batch for a [.., height, width] batch: room for every
+  row's level."""
+  if scale == 1.0:
+    return height, width
+  out_h, out_w = level_size(height, width, scale)
+  return (max(out_h, int(np.ceil(height * scale))), max(out_w, int(np.ceil(width * scale))))
+
+
+def level_dtype(scale: float):
+  """`pyramid_level`'s image dtype: the uint8 batch itself at scale 1, float32 resized."""
+  return np.uint8 if scale == 1.0 else np.float32
+
+
 def pyramid_level(images: np.ndarray, masks: np.ndarray, scale: float
                   ) -> Tuple[np.ndarray, np.ndarray]:
   """Every row's valid region resized to `level_size` like TF, re-padded (float32 0..255).
@@ -95,8 +109,7 @@ def pyramid_level(images: np.ndarray, masks: np.ndarray, scale: float
   b, h, w = masks.shape
   if scale == 1.0:
     return images, masks
-  out_h, out_w = level_size(h, w, scale)
-  out_h, out_w = max(out_h, int(np.ceil(h * scale))), max(out_w, int(np.ceil(w * scale)))
+  out_h, out_w = padded_level_shape(h, w, scale)
   out = np.zeros((b, out_h, out_w, 3), np.float32)
   out_mask = np.zeros((b, out_h, out_w), bool)
   for r in range(b):
