@@ -59,6 +59,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.local_head = ""
   c.model.local_dim = 128          # autoencoder output = local descriptor size; 0: raw stage
   c.model.local_attention_hidden = 512
+  # The reference's BatchNorm between the attention convolutions (False: checkpoints written
+  # before it, which have no `local_head/attention/bn_conv1`).
+  c.model.local_attention_bn = True
+  # The local stage subsampled by a 1x1 stride-2 max-pool, as DELG's block3_strides (ResNet
+  # layer3: a stride-32 grid); the global trunk keeps its own layout unless
+  # local_block3_strides feeds the subsampled layer3 to layer4 (then at stride 1), the
+  # reference's trunk (ResNet only; changes the global descriptor of torchvision weights).
+  c.model.local_subsample = 2
+  c.model.local_block3_strides = False
   c.model.local_classifier = "softmax"  # attention classifier: "softmax", "arcface", "cosface"
   c.model.local_num_classes = 0    # its classes (>= the training set's labels)
 
@@ -133,7 +142,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.extract.local_long_side = 0    # 0: extract.long_side
   c.extract.local_scales = (0.7071, 1.0, 1.4142)
   c.extract.local_max_features = 1000
-  c.extract.local_score_threshold = 0.0  # softplus scores are > 0: 0 keeps the top ones
+  # Attention score threshold, a per-config value tied to a trained model (the reference:
+  # 454.6 for R50-DELG on GLDv2-clean, 100 for DELF); softplus scores are > 0, so 0 keeps
+  # the top local_max_features.
+  c.extract.local_score_threshold = 0.0
   c.extract.local_iou = 1.0        # NMS IoU on receptive boxes; 1.0 (DELF's default): none
 
   c.eval = ml_collections.ConfigDict()
@@ -161,18 +173,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.superglobal_m = 400
   c.eval.superglobal_k = 9         # neighbours, the image itself excluded
   c.eval.superglobal_beta = 0.15
-  c.eval.rerank_top = 100          # global top-N re-ranked (asmk: -1 ranks by ASMK alone)
-  c.eval.rerank_min_inliers = 15   # verified at >= this many inliers
-  c.eval.rerank_matcher = "ratio"  # "ratio" (Lowe), "mutual_nn", "distance"
-  c.eval.rerank_ratio = 0.9
-  c.eval.rerank_model = "affine"   # RANSAC model: "affine" (DELF) or "homography"
+  # DELG's delg/perform_retrieval.py by default: the top 100 (each Revisited protocol's
+  # junk skipped), nearest neighbours closer than 1.0, no ratio test, affine RANSAC 20 px,
+  # sorted by raw (inliers, global score).
+  c.eval.rerank_top = 100          # global top-N verified by eval.rerank=local
+  c.eval.rerank_min_inliers = 0    # > 0: counts below it taken as 0 (not the reference's)
+  c.eval.rerank_matcher = "distance"  # "distance" (DELG), "ratio" (Lowe), "mutual_nn"
+  c.eval.rerank_distance = 1.0     # descriptor distance bound of "distance" (exclusive)
+  c.eval.rerank_ratio = 0.9        # Lowe's threshold of "ratio"
+  c.eval.rerank_model = "affine"   # RANSAC model: "affine" (DELG) or "homography"
   c.eval.rerank_backend = "skimage"  # "skimage" or "pydegensac" (homography)
-  c.eval.rerank_residual = 10.0    # RANSAC inlier threshold, pixels
+  c.eval.rerank_residual = 20.0    # RANSAC inlier threshold, pixels of the loaded image
   c.eval.rerank_max_trials = 1000
   c.eval.rerank_stop_probability = 1.0  # < 1 lets RANSAC stop early on clear matches
   c.eval.rerank_threads = 2
+  # eval.rerank=asmk: the HOW/ASMK protocol ranks the whole database by ASMK similarity
+  # (-1); N > 0 re-orders only the global top N instead.
+  c.eval.asmk_top = -1
   c.eval.asmk_codebook_size = 65536
   c.eval.asmk_train_images = 2000  # training images whose local features learn the codebook
+  # The set the codebook is learned from ("" = data.name, the config's training set; HOW
+  # learns it from SfM-120k's 20k-image subset: a HOW-style config names that set).
+  c.eval.asmk_codebook_dataset = ""
 
   # --mode=export (retrieval_jax/export.py): the network with its input rule for serving.
   c.export = ml_collections.ConfigDict()
@@ -181,7 +203,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.export.scales = ()             # () = extract.scales
   c.export.multiscale_combine = ""  # "" = extract.multiscale_combine ("gem" or "mean")
   c.export.normalize = True        # L2 the final descriptor
-  c.export.whitening = False       # bake in the post-hoc whitening of eval.whitening
+  # Bake in the post-hoc whitening of eval.whitening: "auto" follows eval.whitening (the
+  # exported descriptor is the evaluated one); True / False force it.
+  c.export.whitening = "auto"
   c.export.platforms = ("cpu", "cuda", "tpu")  # jax.export / SavedModel lowering platforms
   c.export.saved_model = True      # also the TF SavedModel (needs the `tf` extra)
 

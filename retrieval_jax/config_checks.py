@@ -272,10 +272,15 @@ def _check_combinations(errors: List[str], config: Any, mode: str) -> None:
                   matching.MODELS)
       _check_name(errors, "eval.rerank_backend", _get(config, "eval.rerank_backend"),
                   matching.BACKENDS)
-      for key in ("eval.rerank_min_inliers", "eval.rerank_threads", "eval.rerank_max_trials"):
+      for key in ("eval.rerank_threads", "eval.rerank_max_trials", "eval.rerank_distance",
+                  "eval.rerank_residual"):
         v = _get(config, key)
         if v is not None and (not _is_number(v) or v <= 0):
           errors.append(f"config.{key}={v!r} must be a positive number")
+      v = _get(config, "eval.rerank_min_inliers")
+      if v is not None and (not _is_number(v) or v < 0):
+        errors.append(f"config.eval.rerank_min_inliers={v!r} must be >= 0 (0: the "
+                      "reference's raw (inliers, global score) order)")
   skip = _get(config, "train.eval_skip")
   if skip:
     unknown = sorted(set(skip) - set(pipeline.STAGES))

@@ -20,15 +20,24 @@ def build_network(model_config):
   if not kind:
     return retrieval_net.build_retrieval_net(model_config)
   spec = backbones.get_backbone(model_config.backbone)
+  backbone_kwargs = dict(model_config.backbone_kwargs or {})
+  if model_config.local_block3_strides:
+    if not model_config.backbone.startswith("resnet"):
+      raise ValueError(f"model.local_block3_strides (DELG's ResNet layout) needs a ResNet "
+                       f"trunk, not {model_config.backbone!r}: leave it False (the local "
+                       f"stage is subsampled by model.local_subsample)")
+    backbone_kwargs["block3_strides"] = True
   return local_model.DelgNet(
       backbone=model_config.backbone,
-      backbone_kwargs=dict(model_config.backbone_kwargs or {}),
+      backbone_kwargs=backbone_kwargs,
       pooling=model_config.pooling, pooling_kwargs=dict(model_config.pooling_kwargs or {}),
       whitening_dim=int(model_config.whitening_dim),
       multi_layer=bool(model_config.multi_layer),
       num_classes=int(model_config.local_num_classes),
       reduced_dim=int(model_config.local_dim),
       attention_hidden=int(model_config.local_attention_hidden),
+      attention_bn=bool(model_config.local_attention_bn),
+      local_subsample=int(model_config.local_subsample),
       classifier=model_config.local_classifier,
       mean=tuple(spec.mean), std=tuple(spec.std), dtype=model_config.dtype,
       **retrieval_net.superglobal_fields(model_config))  # ReLU+ / regional GeM: global head

@@ -224,3 +224,26 @@ def test_every_config_builds_and_traces_its_train_step_for_two_v5e_256_slices():
     for p in built:
       if p.name in ("train", "mine_describe", "search"):
         p.fn.trace(*p.args)
+
+
+def test_local_programs_take_the_pyramid_levels_that_keypoints_feed():
+  """--mode=compile's DELG programs are the ones extraction runs: per bucket and scale, the
+  shape and dtype of `delg_input.pyramid_level` (float32 resized levels, uint8 at scale 1)."""
+  from configs import delg_demo  # pylint: disable=import-outside-toplevel
+  from retrieval_jax import sharding  # pylint: disable=import-outside-toplevel
+  from retrieval_jax.data import transforms  # pylint: disable=import-outside-toplevel
+  from retrieval_jax.local import delg_input  # pylint: disable=import-outside-toplevel
+  c = delg_demo.get_config()
+  c.compile.extract_buckets = "all"
+  mesh = sharding.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  built = programs.local_programs(c, mesh)
+  side = int(c.extract.local_long_side or c.extract.long_side)
+  expected = []
+  for h, w in transforms.square_buckets(side):
+    for s in c.extract.local_scales:
+      im, m = delg_input.pyramid_level(np.zeros((1, h, w, 3), np.uint8),
+                                       np.ones((1, h, w), bool), float(s))
+      expected.append((im.shape[1:], im.dtype, m.shape[1:]))
+  got = [(p.args[1].shape[1:], np.dtype(p.args[1].dtype), p.args[2].shape[1:]) for p in built]
+  assert got == expected
+  assert {d for _, d, _ in got} == {np.dtype(np.uint8), np.dtype(np.float32)}

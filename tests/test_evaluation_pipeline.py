@@ -94,8 +94,8 @@ def test_delg_net_keeps_the_layout_and_fuses_scales(world):
   # Checkpoints written before DelgNet composed RetrievalNet: the same parameter tree,
   # RetrievalNet's under the same names plus "local_head".
   assert set(variables["params"]) == {"backbone", "pool", "whiten", "local_head"}
-  glob_vars = {"params": {k: v for k, v in variables["params"].items() if k != "local_head"},
-               "batch_stats": variables["batch_stats"]}
+  glob_vars = {k: {name: v for name, v in variables[k].items() if name != "local_head"}
+               for k in ("params", "batch_stats")}
   want_tree = jax.tree_util.tree_structure(random_variables(glob, seed=4, p=3.0))
   assert jax.tree_util.tree_structure(glob_vars) == want_tree
   # Early fusion with a local head (it had no trunk / head before): RetrievalNet's numbers.

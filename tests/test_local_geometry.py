@@ -151,12 +151,13 @@ def test_keypoints_at_receptive_centres(backbone, kwargs):
   images = rng.integers(0, 255, (1, 128, 160, 3), np.uint8)
   masks = np.ones((1, 128, 160), bool)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, masks)
-  rf = rf_lib.receptive_field(backbone, kwargs)
-  select = kp_lib.make_select_fn(model, None, 20)
+  rf = model_lib.local_receptive_field(model)  # the stage subsampled to stride 2 * 16 / 2 * 8
+  assert rf.stride == 2 * rf_lib.receptive_field(backbone, kwargs).stride
+  select = kp_lib.make_select_fn(model, None, 6)
   for scale in (1.0, 0.5):
     rec = kp_lib.keypoints_of_batch(select, variables, images, masks, rf=rf, scales=(scale,),
-                                    score_threshold=-1.0, max_features=20)[0]
-    assert len(rec["scores"]) == 20
+                                    score_threshold=-1.0, max_features=6)[0]
+    assert len(rec["scores"]) == 6
     grid = (rec["locations"] * scale - rf.center_offset) / rf.stride
     np.testing.assert_allclose(grid, np.round(grid), atol=1e-4)
     np.testing.assert_allclose(rec["scales"], 1.0 / scale)

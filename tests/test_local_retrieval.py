@@ -267,6 +267,6 @@ def test_local_reranking_of_the_global_ranking_side_by_side(world):
                                    top_n=20, verify_kwargs=FAST)
   after = labels.score(printed, evaluation.Ranking(new), gt)
   assert before["mAP"] < 60.0 and after["mAP"] == pytest.approx(100.0)
-  assert float(np.mean((inliers >= rerank_lib.MIN_INLIERS).sum(1))) == 2.0
+  assert float(np.mean((inliers >= 15).sum(1))) == 2.0
   off, _ = rerank_lib.rerank(ranking.ranks, queries.__getitem__, db.__getitem__, top_n=0)
   assert labels.score(printed, evaluation.Ranking(off), gt)["mAP"] == before["mAP"]

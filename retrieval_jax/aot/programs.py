@@ -23,6 +23,7 @@ from retrieval_jax import knn as search_lib
 from retrieval_jax import sharding as sharding_lib
 from retrieval_jax.data import protocol as protocol_lib
 from retrieval_jax.data import transforms
+from retrieval_jax.local import delg_input
 from retrieval_jax.local import keypoints
 from retrieval_jax.models import retrieval_net
 from retrieval_jax.train import optim
@@ -229,8 +230,11 @@ def local_programs(config, mesh) -> List[Program]:
   out = []
   for h, w in _buckets(config, side):
     for s in config.extract.local_scales:
-      sh, sw = max(1, math.ceil(h * float(s))), max(1, math.ceil(w * float(s)))
-      out.append(Program(f"local_{sh}x{sw}", fn, (variables,) + _images(batch, sh, sw, bs),
+      # The levels `keypoints.keypoints_of_batch` feeds (`delg_input.pyramid_level`).
+      sh, sw = delg_input.padded_level_shape(h, w, float(s))
+      images = (_sds((batch, sh, sw, 3), delg_input.level_dtype(float(s)), bs),
+                _sds((batch, sh, sw), jnp.bool_, bs))
+      out.append(Program(f"local_{sh}x{sw}", fn, (variables,) + images,
                          batch, shapes=f"{batch} x {sh}x{sw} (bucket {h}x{w}, scale {s})",
                          batch_per_chip=batch // n))
   return out

@@ -149,8 +149,8 @@ def rescale_rows_like_pil(images: np.ndarray, masks: np.ndarray, scale: float
   """Every row's valid region resized by `scale` with PIL's bilinear filter, re-padded.
 
   PIL's (antialiased) bilinear resize of each image to `round(size * scale)`: the early
-  fusion scales (`extract.py`) and the DELG pyramid (`local/keypoints.py`; DELG's own
-  reference resizes with `tf.image.resize`, which this does not follow). The cirtorch
+  fusion scales (`extract.py`). The DELG pyramid resizes like `tf.image.resize` instead
+  (`local/delg_input.py`). The cirtorch
   multi-scale input is `data/interpolate.py`'s `rescale_batch_like_torch` instead.
 
   Args:

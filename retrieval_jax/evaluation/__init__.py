@@ -53,9 +53,12 @@ from retrieval_jax.evaluation.revisited import (build_revisited_gnd, compute_ap,
 @dataclasses.dataclass(frozen=True)
 class Ranking:
   """Database indices [depth, Nq] best first (column j = query j) and, when known, their
-  similarities [depth, Nq]."""
+  similarities [depth, Nq]; `per_setup`: rankings by Revisited protocol ('easy', 'medium',
+  'hard') where they differ (DELG re-ranks with each protocol's junk), scored by the
+  Revisited evaluator; `ranks` is then the Medium one."""
   ranks: np.ndarray
   scores: Optional[np.ndarray] = None
+  per_setup: Optional[Mapping[str, np.ndarray]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +137,7 @@ def _labels_score(ranks: np.ndarray, q_labels, db_labels) -> float:
 
 def _revisited(name: str, r: Ranking, gt: Any) -> Dict[str, Any]:
   """Revisited Oxford / Paris: mAP and mP@k for Easy / Medium / Hard."""
-  return evaluate_revisited(name, r.ranks, _gnd_list(gt), (1, 5, 10))
+  return evaluate_revisited(name, r.ranks, _gnd_list(gt), (1, 5, 10), per_setup=r.per_setup)
 
 
 def _classic(name: str, r: Ranking, gt: Any) -> Dict[str, Any]:

@@ -11,10 +11,11 @@ registered in `evaluation.rerankers.RERANKERS`):
 
 * "local": DELG geometric verification of the top `eval.rerank_top`
   (`geometric_rerank.rerank`);
-* "asmk": the top `eval.rerank_top` re-ordered by ASMK similarity over the local
-  descriptors (`geometric_rerank.rerank_by_scores`), or with `rerank_top < 0` ASMK's own
-  full ranking; its codebook learned once from `eval.asmk_train_images` training images
-  and kept in `<workdir>/local/<tag>/`.
+* "asmk": by default (`eval.asmk_top=-1`, the HOW/ASMK protocol) the whole database ranked
+  by ASMK similarity over the local descriptors; `eval.asmk_top=N` re-orders only the
+  global top N (`geometric_rerank.rerank_by_scores`); its codebook learned once from
+  `eval.asmk_train_images` images of `eval.asmk_codebook_dataset` (default: the training
+  set) and kept in `<workdir>/local/<tag>/`.
 """
 from typing import Tuple
 
@@ -51,7 +52,7 @@ def _store(model, variables, images, folder: str, *, mesh, settings, bboxes=None
       backbone_kwargs=dict(model.backbone_kwargs or {}), long_side=local.long_side,
       scales=local.scales, score_threshold=local.score_threshold,
       max_features=local.max_features, iou_threshold=local.iou_threshold,
-      batch_size=local.batch_size)
+      batch_size=local.batch_size, exif_transpose=settings.protocol.exif_transpose)
 
 
 def extract_local_features(model, variables, mesh, settings, dataset: datasets.RetrievalSet,
@@ -76,24 +77,29 @@ def _test_stores(context: rerankers.Context):
 
 @rerankers.RERANKERS.register("local")
 def _local(context: rerankers.Context, stage: rerankers.Stage) -> rerankers.Reranked:
-  """DELG: the top `eval.rerank_top` verified by RANSAC inliers of the local features."""
+  """DELG: the top `eval.rerank_top` verified by RANSAC inliers of the local features, once
+  per Revisited protocol with its junk (`delg/perform_retrieval.py`)."""
   q_store, db_store = _test_stores(context)
   e, ranks = context.config.eval, stage.ranking.ranks
   top_n, min_inliers = int(e.rerank_top), int(e.rerank_min_inliers)
   verify = dict(matcher=e.rerank_matcher, ratio=float(e.rerank_ratio),
+                max_distance=float(e.rerank_distance) if e.rerank_matcher == "distance"
+                else None,
                 model=e.rerank_model, backend=e.rerank_backend,
                 residual_threshold=float(e.rerank_residual),
                 max_trials=int(e.rerank_max_trials),
                 stop_probability=float(e.rerank_stop_probability),
                 seed=int(context.config.seed))
   gt = test_set_lib.ground_truth(context.test.dataset)
-  new, inliers = geometric_rerank.rerank(
+  new, inliers = geometric_rerank.rerank_setups(
       ranks, q_store.__getitem__, db_store.__getitem__, top_n=top_n,
-      min_inliers=min_inliers, junk=rerankers.junk_sets(gt, ranks.shape[1]),
+      min_inliers=min_inliers, junk_by_setup=rerankers.junk_by_setup(gt, ranks.shape[1]),
       num_threads=int(e.rerank_threads), verify_kwargs=verify)
+  main = "medium" if "medium" in new else ""
+  verified = np.mean((inliers[main] >= max(min_inliers, 1)).sum(1)) if ranks.size else 0.0
   return rerankers.Reranked(
-      Ranking(new), f"local re-ranking of the top {top_n}",
-      {"verified_per_query": float(np.mean((inliers >= min_inliers).sum(1)))})
+      Ranking(new[main], per_setup=None if main == "" else new),
+      f"local re-ranking of the top {top_n}", {"verified_per_query": float(verified)})
 
 
 def _asmk_index(context: rerankers.Context, db_store) -> asmk_index.AsmkIndex:
@@ -101,17 +107,20 @@ def _asmk_index(context: rerankers.Context, db_store) -> asmk_index.AsmkIndex:
   config, workdir, tag = context.config, context.workdir, context.weights_tag
   size = int(config.eval.asmk_codebook_size)
   index = asmk_index.AsmkIndex(asmk_index.asmk_params(codebook_size=size))
-  path = storage.join(local_dir(workdir, tag), f"asmk_codebook_{size}.npz")
+  source = str(config.eval.asmk_codebook_dataset or config.data.name)
+  path = storage.join(local_dir(workdir, tag), f"asmk_codebook_{source}_{size}.npz")
   if sharding_lib.agree(storage.exists(path)):  # learning it is collective: agree first
     index.load_codebook(path)
   else:
-    train = datasets.get_dataset(config.data.name, paths.data_root(config, workdir),
-                                 config.data.split, config=config)
+    split = config.data.split if source == config.data.name else "train"
+    train = datasets.get_dataset(source, paths.data_root(config, workdir), split,
+                                 config=config)
     n = min(int(config.eval.asmk_train_images), len(train.images))
     pick = np.random.default_rng(config.seed).choice(len(train.images), n, replace=False)
     images = [train.images[i] for i in sorted(pick)]
     store = _store(context.model, context.variables, images,
-                   storage.join(local_dir(workdir, tag), "asmk_train"), mesh=context.mesh,
+                   storage.join(local_dir(workdir, tag), f"asmk_train_{source}"),
+                   mesh=context.mesh,
                    settings=context.settings)
     sample = np.concatenate([store[i]["descriptors"] for i in range(len(store))])
     logging.info("ASMK: codebook of %d words from %d descriptors of %d training images",
@@ -125,10 +134,11 @@ def _asmk_index(context: rerankers.Context, db_store) -> asmk_index.AsmkIndex:
 
 @rerankers.RERANKERS.register("asmk")
 def _asmk(context: rerankers.Context, stage: rerankers.Stage) -> rerankers.Reranked:
-  """The top `eval.rerank_top` re-ordered by ASMK similarity (< 0: ASMK's own ranking)."""
+  """ASMK's own ranking of the whole database (`eval.asmk_top < 0`, the default), or the
+  global top `eval.asmk_top` re-ordered by ASMK similarity."""
   q_store, db_store = _test_stores(context)
   index = _asmk_index(context, db_store)
-  top_n = int(context.config.eval.rerank_top)
+  top_n = int(context.config.eval.asmk_top)
   asmk_ranks, asmk_scores = index.search([q_store[i] for i in range(len(q_store))])
   if top_n < 0:
     return rerankers.Reranked(Ranking(np.asarray(asmk_ranks)), "ASMK ranking")

@@ -95,7 +95,8 @@ def stages_of(config, whitening: Optional[Mapping[str, Any]] = None,
       whitening=whitening if on("whitening") else None,
       qe_k=int(e.qe_k) if on("qe_dba") else 0, qe_alpha=float(e.qe_alpha),
       dba_k=int(e.dba_k) if on("qe_dba") else 0, dba_alpha=float(e.dba_alpha),
-      rerank=str(e.rerank or "") if on("rerank") else "", rerank_top=int(e.rerank_top),
+      rerank=str(e.rerank or "") if on("rerank") else "",
+      rerank_top=int(e.asmk_top if e.rerank == "asmk" else e.rerank_top),
       approximate=approximate, pictures=int(e.pictures) if on("pictures") else 0,
       skipped=tuple(s for s in STAGES if s in skip and asked[s]))
 

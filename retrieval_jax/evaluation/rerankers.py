@@ -67,6 +67,20 @@ Reranker = Callable[[Context, Stage], Reranked]
 RERANKERS: registry.Registry[Reranker] = registry.Registry("eval.rerank")
 
 
+def junk_by_setup(gt: Any, n_queries: int) -> Dict[str, Optional[List[set]]]:
+  """Junk per protocol, as `delg/perform_retrieval.py` re-ranks: on Revisited sets (easy /
+  hard / junk) {"easy": junk + hard, "medium": junk, "hard": junk + easy}, else {"": the
+  set's junk (or None)}."""
+  gnd = gt["gnd"] if isinstance(gt, Mapping) and "gnd" in gt else None
+  if not gnd or not isinstance(gnd[0], Mapping) or "easy" not in gnd[0]:
+    return {"": junk_sets(gt, n_queries)}
+
+  def cat(j, *keys):
+    return {int(i) for k in keys for i in np.asarray(gnd[j].get(k, []), np.int64).ravel()}
+  return {setup: [cat(j, "junk", *extra) for j in range(n_queries)]
+          for setup, extra in (("easy", ("hard",)), ("medium", ()), ("hard", ("easy",)))}
+
+
 def junk_sets(gt: Any, n_queries: int) -> Optional[List[set]]:
   """Per-query junk database indices (not spent on verification), or None."""
   gnd = gt["gnd"] if isinstance(gt, Mapping) and "gnd" in gt else None

@@ -15,7 +15,7 @@ printing of `python/example_evaluate.py`), so that our numbers are the papers' n
 Conventions: `ranks` is `[n_db, n_queries]`, column `j` holding database indices sorted by
 decreasing similarity to query `j` (`np.argsort(-sim, axis=0)` with `sim = X.T @ Q`).
 """
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -154,6 +154,7 @@ def evaluate_revisited(
     ranks: np.ndarray,
     gnd_full: Sequence[Mapping[str, Any]],
     kappas: Sequence[int] = DEFAULT_KAPPAS,
+    per_setup: Optional[Mapping[str, np.ndarray]] = None,
 ) -> Dict[str, Any]:
   """Evaluates one ranking in the Easy, Medium and Hard setups.
 
@@ -162,6 +163,8 @@ def evaluate_revisited(
     ranks: [n_db, n_queries] rankings (see `compute_map`).
     gnd_full: per-query dicts with 'easy', 'hard', 'junk'.
     kappas: the k of mP@k.
+    per_setup: optional rankings by setup name ('easy', 'medium', 'hard') used instead of
+      `ranks` for that setup (DELG's re-ranking with each protocol's junk).
 
   Returns:
     A dict with, for S in E/M/H: 'mAP_S' (percent, rounded to 2 decimals as printed),
@@ -174,7 +177,8 @@ def evaluate_revisited(
   maps, mprs = {}, {}
   for setup in SETUPS:
     s = setup[0].upper()
-    m, aps, mpr, _ = compute_map(ranks, build_revisited_gnd(gnd_full, setup), kappas)
+    setup_ranks = ranks if not per_setup or setup not in per_setup else per_setup[setup]
+    m, aps, mpr, _ = compute_map(setup_ranks, build_revisited_gnd(gnd_full, setup), kappas)
     maps[s] = np.around(m * 100, decimals=2)
     mprs[s] = np.around(mpr * 100, decimals=2)
     out[f'mAP_{s}'] = float(maps[s])

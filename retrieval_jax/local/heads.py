@@ -3,9 +3,10 @@
 Transcribed from the reference (tensorflow/models `research/delf/delf/python/training/model/
 delf_model.py`, `train.py`):
 
-* attention: 1x1 conv (512) -> ReLU -> 1x1 conv (1) -> softplus, one score per position
-  (the reference puts a BatchNorm between conv1 and the ReLU; we leave it out, as the issue's
-  head does, so the head has no batch statistics to carry through the sharded step);
+* attention: 1x1 conv (512) -> BatchNorm (`bn_conv1`, Keras' momentum 0.99 and epsilon
+  1e-3; batch statistics over the valid positions in training) -> ReLU -> 1x1 conv (1) ->
+  softplus, one score per position (`batch_norm=False`: the head without BatchNorm that
+  checkpoints written before it have, `config.model.local_attention_bn=False`);
 * attention pooling: `mean_{valid positions}(softplus score * l2n(features))` -> [B, C]
   (the code's `reduce_mean`; the DELF paper writes a sum, a constant factor for a fixed
   input size that the classifier absorbs), then a classifier on landmark labels (plain
@@ -57,13 +58,24 @@ def attention_pool(features: jnp.ndarray, prob: jnp.ndarray,
   return total / jnp.maximum(jnp.sum(m, axis=(1, 2)), 1.0)[:, None]
 
 
+# Keras BatchNormalization defaults (the reference's `bn_conv1`).
+KERAS_BN_MOMENTUM = 0.99
+KERAS_BN_EPSILON = 1e-3
+
+
 class AttentionHead(nn.Module):
-  """1x1 conv -> ReLU -> 1x1 conv -> softplus: [B, h, w, C] -> (prob, score) [B, h, w]."""
+  """1x1 conv -> BatchNorm -> ReLU -> 1x1 conv -> softplus: [B, h, w, C] -> (prob, score)."""
   hidden: int = 512
+  batch_norm: bool = True
 
   @nn.compact
-  def __call__(self, x):
-    y = nn.relu(nn.Conv(self.hidden, (1, 1), name="conv1")(x))
+  def __call__(self, x, mask: Optional[jnp.ndarray] = None, train: bool = False):
+    y = nn.Conv(self.hidden, (1, 1), name="conv1")(x)
+    if self.batch_norm:
+      y = nn.BatchNorm(use_running_average=not train, momentum=KERAS_BN_MOMENTUM,
+                       epsilon=KERAS_BN_EPSILON, name="bn_conv1")(
+                           y, mask=None if mask is None else mask[..., None])
+    y = nn.relu(y)
     score = nn.Conv(1, (1, 1), name="conv2")(y)[..., 0]
     return jax.nn.softplus(score), score
 
@@ -87,25 +99,29 @@ class LocalHead(nn.Module):
     reduced_dim: autoencoder output size (DELG 128); 0 for none (DELF: descriptors are the
       stage features, reduced later by PCA if wanted).
     attention_hidden: channels of the attention's first conv (512 in the reference).
+    attention_bn: the reference's BatchNorm between the attention's convolutions.
     classifier: "softmax" (the reference), "arcface" or "cosface".
     classifier_scale, classifier_margin: for the margin classifiers.
   """
   num_classes: int = 0
   reduced_dim: int = 128
   attention_hidden: int = 512
+  attention_bn: bool = True
   classifier: str = "softmax"
   classifier_scale: float = 30.0
   classifier_margin: Optional[float] = None
 
   @nn.compact
   def __call__(self, stage: jnp.ndarray, mask: Optional[jnp.ndarray] = None,
-               labels: Optional[jnp.ndarray] = None) -> Dict[str, Any]:
+               labels: Optional[jnp.ndarray] = None, train: bool = False
+               ) -> Dict[str, Any]:
     """Runs the head.
 
     Args:
       stage: [B, h, w, C] trunk stage (stop_gradient is applied here).
       mask: optional [B, h, w] bool validity of positions.
       labels: [B] int, for a margin classifier's training logits.
+      train: the attention BatchNorm uses (and updates) batch statistics.
     Returns:
       {"attention": [B, h, w] (0 on padding), "local_descriptors": [B, h, w, d] (not
        normalised), "local_mask": mask, and when num_classes > 0 "attention_logits"
@@ -117,7 +133,8 @@ class LocalHead(nn.Module):
     if self.reduced_dim:
       descriptors, attention_input = Autoencoder(self.reduced_dim, name="autoencoder")(stage)
       out["reconstruction"] = attention_input
-    prob, _ = AttentionHead(self.attention_hidden, name="attention")(attention_input)
+    prob, _ = AttentionHead(self.attention_hidden, self.attention_bn, name="attention")(
+        attention_input, mask, train)
     if mask is not None:
       prob = prob * mask.astype(prob.dtype)
     out["attention"] = prob

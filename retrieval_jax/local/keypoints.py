@@ -1,13 +1,16 @@
 """DELF keypoint extraction: image pyramid, top-scoring positions, NMS, L2-normalised descriptors.
 
 As the reference (`delf/python/training/model/export_model_utils.py: ExtractLocalFeatures`):
-for every scale s of the pyramid, the image (already resized to `long_side`) is resized by s
-(`round(size * s)`, bilinear), the model gives an attention score and a descriptor per
+for every scale s of the pyramid, the image (loaded and bounded by `long_side` as DELG does,
+`delg_input.py`) is resized by s like `tf.image.resize` (`round(size * s)`, bilinear, no
+antialiasing, on float pixels), the model gives an attention score and a descriptor per
 position of its local stage, positions with score >= `score_threshold` are kept with their
-receptive box (`receptive_field.receptive_boxes`) divided by the scale, all scales are pooled
-and non-maximum suppression (IoU threshold `iou_threshold`, greedy by score, as
+receptive box (`receptive_field.receptive_boxes`) divided by s, all scales are pooled and
+non-maximum suppression (IoU threshold `iou_threshold`, greedy by score, as
 `box_list_ops.non_max_suppression`; the reference's default 1.0 suppresses nothing) keeps at
 most `max_features`. Keypoint = box centre; its scale = 1 / s; descriptors are L2-normalised.
+`extract_keypoints` then divides the locations by the image's `scale_factors` (DELG's
+`locations / scale_factors`): (y, x) pixels of the image as loaded (a query: of its crop).
 
 Batched like global extraction: images come in size buckets, padded at the bottom/right with
 a mask; the trunk masks its stages, and here padded positions get score -inf before the
@@ -15,7 +18,6 @@ top-k on the device, so no keypoint can come from padding, and a padded image gi
 the keypoints of the unpadded one. The device returns per image only the top
 `max_features` positions of each scale (static shapes, little transfer); with
 `iou_threshold < 1` NMS could in principle want more candidates of one scale than that.
-Locations are (y, x) pixels of the image at `long_side` (scale 1).
 """
 import functools
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -27,8 +29,7 @@ import numpy as np
 
 from retrieval_jax import progress as progress_lib
 from retrieval_jax import sharding as sharding_lib
-from retrieval_jax.data import grain_pipeline
-from retrieval_jax.data import transforms
+from retrieval_jax.local import delg_input
 from retrieval_jax.local import receptive_field as rf_lib
 
 # Per-image record keys (see `LocalFeatures` in store.py).
@@ -131,6 +132,7 @@ def keypoints_of_batch(select_fn: Callable, variables: Any, images: np.ndarray,
     select_fn: `make_select_fn(model, mesh, max_features)`.
     variables: the model's variables.
     images: uint8 [B, H, W, 3] (at scale 1); masks: bool [B, H, W].
+      Locations are in these images' pixels.
     rf: receptive field of the model's local stage.
     scales: image pyramid (DELF: 0.25 ... 2.0; DELG 0.7071, 1, 1.4142).
     score_threshold: minimum attention score.
@@ -146,17 +148,16 @@ def keypoints_of_batch(select_fn: Callable, variables: Any, images: np.ndarray,
   cands: List[List[Tuple[np.ndarray, ...]]] = [[] for _ in range(b)]
   dim = None
   for scale in scales:
-    im, m, factors = transforms.rescale_rows_like_pil(images, masks, float(scale))
+    im, m = delg_input.pyramid_level(images, masks, float(scale))
     sel = jax.device_get(select_fn(variables, put(im), put(m)))
     h, w = (int(v) for v in sel["shape"])
     dim = sel["descriptors"].shape[-1]
     boxes_all = rf_lib.receptive_boxes(h, w, rf)
     for r in range(b):
       keep = sel["valid"][r] & (sel["scores"][r] >= score_threshold)
-      if not keep.any() or factors[r, 0] == 0:
+      if not keep.any():
         continue
-      fy, fx = factors[r]
-      boxes = boxes_all[sel["index"][r][keep]] / np.array([fy, fx, fy, fx])
+      boxes = boxes_all[sel["index"][r][keep]] / float(scale)  # the reference's rf_boxes / scale
       cands[r].append((boxes, sel["scores"][r][keep],
                        sel["descriptors"][r][keep],
                        np.full(int(keep.sum()), 1.0 / float(scale))))
@@ -180,12 +181,14 @@ def extract_keypoints(model, variables, paths: Sequence[str], *, rf: rf_lib.Rece
                       score_threshold: float = 0.0, max_features: int = 1000,
                       iou_threshold: float = 1.0, batch_size: int = 8,
                       bboxes=None, skip: Optional[Callable[[int], bool]] = None,
-                      num_threads: int = 2, log_every_s: float = 10.0
+                      num_threads: int = 2, log_every_s: float = 10.0,
+                      exif_transpose: bool = False
                       ) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
   """Yields (image index, keypoint record) for every readable image of `paths`.
 
-  Images are read, resized to `long_side` and bucketed by `grain_pipeline.eval_batches`
-  (the global extraction's reader), so a batch shape compiles once per bucket and scale.
+  Images are read and bounded by `long_side` as DELG does and bucketed
+  (`delg_input.batches`), so a batch shape compiles once per bucket and scale; locations
+  are returned in the pixels of the image as loaded (`locations / scale_factors`).
 
   Args:
     model, variables: see `make_select_fn`.
@@ -199,6 +202,7 @@ def extract_keypoints(model, variables, paths: Sequence[str], *, rf: rf_lib.Rece
     skip: index -> True for images already done (resuming); they are not read.
     num_threads: decoding threads.
     log_every_s: period of the progress line.
+    exif_transpose: apply the EXIF orientation (False for the benchmarks, as DELG).
   """
   if mesh is not None:
     k = sharding_lib.data_parallelism(mesh)
@@ -210,9 +214,10 @@ def extract_keypoints(model, variables, paths: Sequence[str], *, rf: rf_lib.Rece
   todo = [i for i in range(len(paths)) if skip is None or not skip(i)]
   select_fn = make_select_fn(model, mesh, max_features)
   progress = progress_lib.Progress(len(todo), every_s=log_every_s)
-  for batch in grain_pipeline.eval_batches(
+  for batch in delg_input.batches(
       [paths[i] for i in todo], long_side=long_side, batch_size=batch_size,
-      bboxes=None if bboxes is None else [bboxes[i] for i in todo], num_threads=num_threads):
+      bboxes=None if bboxes is None else [bboxes[i] for i in todo],
+      exif_transpose=exif_transpose, num_threads=num_threads):
     records = keypoints_of_batch(select_fn, variables, batch["image"], batch["mask"], rf=rf,
                                  scales=scales, score_threshold=score_threshold,
                                  max_features=max_features, iou_threshold=iou_threshold,
@@ -224,4 +229,6 @@ def extract_keypoints(model, variables, paths: Sequence[str], *, rf: rf_lib.Rece
                    progress.total, progress.rate(), progress.eta_s())
     for r, j in enumerate(batch["index"]):
       if j >= 0:
-        yield todo[int(j)], records[r]
+        rec = records[r]
+        rec["locations"] = (rec["locations"] / batch["scale_factors"][r]).astype(np.float32)
+        yield todo[int(j)], rec

@@ -2,16 +2,22 @@
 
 Putative matches between a query's and a database image's L2-normalised descriptors:
 
-* "mutual_nn": i <-> j nearest neighbours of each other (optionally within `max_distance`);
+* "distance" (DELG's): each query descriptor's nearest database descriptor when closer than
+  `max_distance` (`image_reranking.MatchFeatures`: a `cKDTree` query with
+  `distance_upper_bound`, which keeps distances strictly below it; DELG's
+  `delg/perform_retrieval.py` uses 1.0 and no ratio test, Detect-to-Retrieve 0.9, DELF's
+  `match_images.py` 0.8);
 * "ratio": Lowe's ratio test, d1 < ratio * d2 for the two nearest database descriptors
-  (`image_reranking.MatchFeatures(use_ratio_test=True)`, threshold 0.9 in DELG);
-* "distance": nearest neighbour within `max_distance` (DELF's KD-tree query with
-  `distance_upper_bound=0.9`).
+  (`MatchFeatures(use_ratio_test=True)`: an option of the reference, off in DELG's
+  retrieval);
+* "mutual_nn": i <-> j nearest neighbours of each other (optionally closer than
+  `max_distance`).
 
 Verification fits a transform mapping database locations to query locations by RANSAC
 through an established implementation: `skimage.measure.ransac` with `AffineTransform`
-(DELF's choice: 3 samples, residual threshold 10 px, 1000 trials) or `ProjectiveTransform`,
-or `pydegensac.findHomography` (DEGENSAC, when installed). The score is the inlier count.
+(the reference's: 3 samples, 1000 trials, residual threshold 20 px in DELG's retrieval,
+10 px in Detect-to-Retrieve's) or `ProjectiveTransform`, or `pydegensac.findHomography`
+(DEGENSAC, when installed). The score is the inlier count.
 
 Locations are (y, x) pixels as stored; transforms are returned as 3x3 matrices in (x, y)
 image coordinates (column, row), the convention of skimage and OpenCV.
@@ -37,9 +43,10 @@ MATCHERS = ("mutual_nn", "ratio", "distance")
 MODELS = ("affine", "homography")
 BACKENDS = ("skimage", "pydegensac")
 
-# DELF / DELG re-ranking defaults (image_reranking.py).
-RANSAC_RESIDUAL_THRESHOLD = 10.0
+# DELG's re-ranking defaults (delg/perform_retrieval.py, image_reranking.py).
+RANSAC_RESIDUAL_THRESHOLD = 20.0
 RANSAC_MAX_TRIALS = 1000
+DESCRIPTOR_DISTANCE = 1.0
 
 
 def putative_matches(query_desc: np.ndarray, db_desc: np.ndarray, *,
@@ -51,7 +58,8 @@ def putative_matches(query_desc: np.ndarray, db_desc: np.ndarray, *,
     query_desc: [n, d] L2-normalised; db_desc: [m, d] L2-normalised.
     method: one of MATCHERS.
     ratio: Lowe's threshold for "ratio".
-    max_distance: Euclidean distance bound ("distance": required; "mutual_nn": optional).
+    max_distance: Euclidean distance bound, exclusive ("distance": required; "mutual_nn":
+      optional).
   Returns:
     [k, 2] int64.
   """
@@ -81,7 +89,7 @@ def putative_matches(query_desc: np.ndarray, db_desc: np.ndarray, *,
   elif max_distance is None:
     raise ValueError("matching method 'distance' needs max_distance")
   if max_distance is not None:
-    keep &= dist[q, nn_q] <= max_distance
+    keep &= dist[q, nn_q] < max_distance
   return np.stack([q[keep], nn_q[keep]], axis=1).astype(np.int64)
 
 

@@ -14,28 +14,59 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from retrieval_jax.local import heads
+from retrieval_jax.local import receptive_field as rf_lib
 from retrieval_jax.models import backbones
 from retrieval_jax.models import retrieval_net
 
 
-def _local_outputs(head: heads.LocalHead, feats: Dict[str, Any], labels) -> Dict[str, Any]:
-  """`head` on the trunk's earlier stage (stages[-2]), plus that "stage"."""
-  stage, stage_mask = feats["stages"][-2], feats["stage_masks"][-2]
-  out = head(stage, stage_mask, labels)
+def subsample_stage(stage: jnp.ndarray, mask: Optional[jnp.ndarray], factor: int):
+  """A 1x1 stride-`factor` max-pool (DELG's `block3_strides` subsampling): every
+  `factor`-th row and column, [B, ceil(h / f), ceil(w / f), C], and the mask alike."""
+  if int(factor) <= 1:
+    return stage, mask
+  return (stage[:, ::factor, ::factor],
+          None if mask is None else mask[:, ::factor, ::factor])
+
+
+def _local_outputs(head: heads.LocalHead, feats: Dict[str, Any], labels, train: bool,
+                   subsample: int) -> Dict[str, Any]:
+  """`head` on the trunk's earlier stage (stages[-2]) subsampled by `subsample`, plus that
+  "stage" (the reconstruction target)."""
+  stage, stage_mask = subsample_stage(feats["stages"][-2], feats["stage_masks"][-2],
+                                      subsample)
+  out = head(stage, stage_mask, labels, train)
   out["stage"] = stage
   return out
 
 
+def local_receptive_field(model) -> rf_lib.ReceptiveField:
+  """The receptive field of `model`'s local features (its trunk's stage, subsampled)."""
+  return rf_lib.receptive_field(model.backbone, dict(model.backbone_kwargs or {}),
+                                subsample=local_subsample(model))
+
+
+def local_subsample(model) -> int:
+  """The subsampling the local head's stage gets on top of the trunk's: none when the trunk
+  already subsamples it (`block3_strides`)."""
+  if dict(model.backbone_kwargs or {}).get("block3_strides"):
+    return 1
+  return int(getattr(model, "local_subsample", 1))
+
+
 class _LocalHeadAttributes(nn.Module):
-  """The `heads.LocalHead` attributes DelfNet and DelgNet share, and the head they build."""
+  """The `heads.LocalHead` attributes DelfNet and DelgNet share (plus the stage's
+  `local_subsample`, see DelfNet), and the head they build."""
   num_classes: int = 0
   reduced_dim: int = 128
   attention_hidden: int = 512
+  attention_bn: bool = True
+  local_subsample: int = 2
   classifier: str = "softmax"
 
   def make_local_head(self, **kwargs) -> heads.LocalHead:
     return heads.LocalHead(num_classes=self.num_classes, reduced_dim=self.reduced_dim,
-                           attention_hidden=self.attention_hidden, classifier=self.classifier,
+                           attention_hidden=self.attention_hidden,
+                           attention_bn=self.attention_bn, classifier=self.classifier,
                            **kwargs)
 
 
@@ -44,7 +75,11 @@ class DelfNet(_LocalHeadAttributes):
 
   Attributes:
     backbone, backbone_kwargs, mean, std, dtype: as `RetrievalNet`.
-    num_classes, reduced_dim, attention_hidden, classifier: `heads.LocalHead`'s.
+    num_classes, reduced_dim, attention_hidden, attention_bn, classifier:
+      `heads.LocalHead`'s.
+    local_subsample: the stride-`local_subsample` subsampling of the stage the head reads
+      (DELG's `block3_strides`: 2, a stride-32 grid on ResNet layer3); ignored when the
+      trunk subsamples it itself (ResNet `block3_strides`).
   """
   backbone: str = "resnet50"
   backbone_kwargs: Optional[Mapping[str, Any]] = None
@@ -57,7 +92,8 @@ class DelfNet(_LocalHeadAttributes):
                labels: Optional[jnp.ndarray] = None, train: bool = False) -> Dict[str, Any]:
     """images: [B, H, W, 3] uint8; mask: optional [B, H, W] bool; labels: [B] int."""
     return _local_outputs(self.make_local_head(name="local_head"),
-                          retrieval_net.trunk_features(self, images, mask, train), labels)
+                          retrieval_net.trunk_features(self, images, mask, train),
+                          labels, train, local_subsample(self))
 
 
 class DelgNet(_LocalHeadAttributes, retrieval_net.GlobalAttributes):
@@ -76,7 +112,8 @@ class DelgNet(_LocalHeadAttributes, retrieval_net.GlobalAttributes):
       std, dtype, relup_alpha, regional_gem*: the RetrievalNet's
       (`retrieval_net.GlobalAttributes`; SuperGlobal's ReLU+ / regional GeM act on the
       global head's maps only, the local head reads the trunk's stage unchanged).
-    num_classes, reduced_dim, attention_hidden, classifier: `heads.LocalHead`'s.
+    num_classes, reduced_dim, attention_hidden, attention_bn, classifier,
+      local_subsample: as `DelfNet`.
   """
 
   def setup(self):
@@ -89,7 +126,7 @@ class DelgNet(_LocalHeadAttributes, retrieval_net.GlobalAttributes):
     """images: [B, H, W, 3] uint8; mask: optional [B, H, W] bool; labels: [B] int."""
     feats = self.net.features(images, mask, train)
     out = self.net.head(retrieval_net.maps_of(feats, self.multi_layer))
-    out.update(_local_outputs(self.local_head, feats, labels))
+    out.update(_local_outputs(self.local_head, feats, labels, train, local_subsample(self)))
     return out
 
   def trunk(self, images, mask: Optional[jnp.ndarray] = None, train: bool = False

@@ -1,10 +1,15 @@
 """Receptive fields of a trunk's stages, and DELF's receptive boxes / keypoint centres.
 
 DELF places a keypoint at the centre of the receptive field of a feature-map position. Its
-TF code hard-codes `(rf, stride, padding)` per layer (ResNet-50 v1 block3: 291, 16, 145,
-`delf/python/feature_extractor.py`); here they are derived from the layers of our trunks,
-which differ (torchvision's ResNet v1.5 strides in the 3x3 conv, EfficientNet-Lite pads TF
-style, VGG's pools are unpadded), so every trunk gets its own exact numbers.
+TF code hard-codes `(rf, stride, padding)`: ResNet-50 v1 block3 after DELG's 1x1 stride-2
+max-pool (`block3_strides`) is `291, 16 * stride_factor = 32, 145`
+(`delf/python/training/model/export_model_utils.py`; the older `feature_extractor.py`
+writes 291, 32, 145 for TF-slim's `resnet_v1_50/block3`). Here they are derived from the
+layers of our trunks, which differ (torchvision's ResNet v1.5 strides in the 3x3 conv:
+layer3 is 267, 16, 133, and 267, 32, 133 after the stride-2 subsampling; EfficientNet-Lite
+pads TF style, VGG's pools are unpadded), so every trunk gets its own exact numbers. For
+ResNet-50 both put the centre of position i at pixel 32 * i (the reference's padding is
+(rf - 1) / 2, ours too), so keypoints coincide; only the box sizes differ.
 
 A chain of layers `(kernel k, stride s, padding before p)` gives, by the usual recursion
 over the layers (`jump` = product of the earlier strides):
@@ -75,8 +80,10 @@ ChainFn = Callable[..., Tuple[List[Layer], List[Layer]]]
 CHAINS: registry.Registry[ChainFn] = registry.Registry("receptive-field chain")
 
 
-def _resnet_chain(depth: int, stage_sizes: Optional[Sequence[int]] = None, **unused):
-  """torchvision ResNet: 7x7/2 pad 3 stem, 3x3/2 pad 1 max-pool, v1.5 blocks."""
+def _resnet_chain(depth: int, stage_sizes: Optional[Sequence[int]] = None,
+                  block3_strides: bool = False, **unused):
+  """torchvision ResNet: 7x7/2 pad 3 stem, 3x3/2 pad 1 max-pool, v1.5 blocks (with
+  `block3_strides`, a 1x1/2 max-pool after layer3 and layer4 at stride 1)."""
   del unused
   kind, sizes = resnet.RESNET_SPECS[depth]
   sizes = tuple(stage_sizes) if stage_sizes is not None else sizes
@@ -85,10 +92,14 @@ def _resnet_chain(depth: int, stage_sizes: Optional[Sequence[int]] = None, **unu
   for i, n_blocks in enumerate(sizes):
     for j in range(n_blocks):
       stride = 2 if (i > 0 and j == 0) else 1
+      if block3_strides and i == len(sizes) - 1:
+        stride = 1
       if kind == "basic":
         chain += [(3, stride, 1), (3, 1, 1)]
       else:
         chain += [(1, 1, 0), (3, stride, 1), (1, 1, 0)]
+    if block3_strides and i == len(sizes) - 2:
+      chain.append((1, 2, 0))
     ends.append(len(chain))
   return chain[:ends[-2]], chain
 
@@ -144,7 +155,7 @@ def _vgg16_chain(**unused):
 
 
 def receptive_field(backbone: str, backbone_kwargs: Optional[Mapping[str, Any]] = None,
-                    stage: int = -2) -> ReceptiveField:
+                    stage: int = -2, subsample: int = 1) -> ReceptiveField:
   """The receptive field of `stages[stage]` of trunk `backbone` (config.model.backbone).
 
   Args:
@@ -152,13 +163,18 @@ def receptive_field(backbone: str, backbone_kwargs: Optional[Mapping[str, Any]] 
     backbone_kwargs: the trunk's attributes (config.model.backbone_kwargs); only those that
       change the layer chain matter (ResNet `stage_sizes`, MobileNetV2 `width_mult`).
     stage: -2 for the earlier stage (DELF's), -1 for the final feature map.
+    subsample: a 1x1 stride-`subsample` max-pool on that stage (the local head's
+      `subsample`): the window is unchanged, the stride multiplied.
   Raises:
     ValueError: an unknown trunk or stage.
   """
   if stage not in (-2, -1):
     raise ValueError(f"receptive_field: stage must be -2 or -1, got {stage}")
   earlier, last = CHAINS.get(backbone)(**dict(backbone_kwargs or {}))
-  return compose(earlier if stage == -2 else last)
+  chain = list(earlier if stage == -2 else last)
+  if int(subsample) > 1:
+    chain.append((1, int(subsample), 0))
+  return compose(chain)
 
 
 def receptive_boxes(height: int, width: int, rf: ReceptiveField) -> np.ndarray:

@@ -100,6 +100,11 @@ class ResNet(nn.Module):
       (ShihaoShao-GH/SuperGlobal `model/resnet.py`, Bottleneck only): the block outputs of
       stages 1-3 and the inner activations of stage 1 clamped below at this value (0.014)
       instead of 0; the last stage keeps ReLU. 0 = off.
+    block3_strides: DELG's layout (`delf/python/training/model/resnet50.py`,
+      `block3_strides=True`): layer3's output is subsampled by a 1x1 stride-2 max-pool
+      (stride 32) and layer4 runs at stride 1 on it. With the stride on layer4's 3x3 conv
+      (v1.5, as torchvision) this changes the feature map, so it is off by default
+      (`config.model.local_block3_strides`).
   """
   depth: int = 50
   dtype: Any = jnp.float32
@@ -107,6 +112,7 @@ class ResNet(nn.Module):
   width: int = 64
   stage_sizes: Optional[Sequence[int]] = None
   superglobal_relup: float = 0.0
+  block3_strides: bool = False
 
   @property
   def out_features(self) -> int:
@@ -149,6 +155,8 @@ class ResNet(nn.Module):
       features = self.width * 2**i
       for j in range(n_blocks):
         stride = 2 if (i > 0 and j == 0) else 1
+        if self.block3_strides and i == len(sizes) - 1:
+          stride = 1  # layer3 was subsampled instead (below)
         downsample = j == 0 and (stride != 1 or in_features != features * _EXPANSION[kind])
         floors = {}
         if self.superglobal_relup:
@@ -157,6 +165,9 @@ class ResNet(nn.Module):
         x, mask = block_cls(features, stride, downsample, name=f"layer{i + 1}_{j}", **kw,
                             **floors)(x, mask, train)
         in_features = features * _EXPANSION[kind]
+      if self.block3_strides and i == len(sizes) - 2:
+        x = x[:, ::2, ::2]  # the reference's MaxPooling2D((1, 1), strides=(2, 2))
+        mask = layers.downsample_mask(mask, 2)
       stages.append(x)
       stage_masks.append(mask)
     return {"feature_map": x, "mask": mask, "stages": tuple(stages[-2:]),

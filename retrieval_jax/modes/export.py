@@ -14,12 +14,26 @@ from retrieval_jax.modes import common
 from retrieval_jax.postprocess import whitening_store
 
 
+def bakes_whitening(config) -> bool:
+  """`export.whitening`: "auto" (the default) follows `eval.whitening`, so the exported
+  descriptor is the evaluated one; True / False (or "true" / "false") force it."""
+  value = config.export.whitening
+  if isinstance(value, str):
+    words = {"auto": None, "true": True, "false": False}
+    if value.lower() not in words:
+      raise ValueError(f"export.whitening must be 'auto', True or False, got {value!r}")
+    value = words[value.lower()]
+  if value is None:
+    return bool(whitening_store.requested(config))
+  return bool(value)
+
+
 def export(config, workdir: str) -> common.Summary:
   """`D = export.dir` ("" = <workdir>/export): D/jax/, D/saved_model/, D/export.json."""
   net, mesh = common.network(config, workdir)
   ec = config.export
   white = None
-  if ec.whitening:
+  if bakes_whitening(config):
     if not whitening_store.requested(config):
       raise ValueError("export.whitening=True bakes in the post-hoc whitening of "
                        "eval.whitening: set --config.eval.whitening=learned (or pca)")
