@@ -320,6 +320,7 @@ def _compile_problems(config: Any) -> List[str]:
       < 2 and axes[:1] != ("slice",)):
     errors.append("config.loss.mining_scope='slice' mines within each TPU slice: compile for "
                   "--config.compile.num_slices>=2 (or a mesh.axes starting with 'slice')")
+  return errors
 
 
 def superglobal_problems(config: Any, mode: str) -> List[str]:

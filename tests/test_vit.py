@@ -81,9 +81,6 @@ def test_pos_embed_resampling_equals_timm_when_shrinking_too():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("RETRIEVAL_JAX_SLOW_TESTS"),
-                    reason="ViT-B/L parity (~2 min on 2 cores) is opt-in: "
-                    "RETRIEVAL_JAX_SLOW_TESTS=1; ViT-S runs in CI")
 @pytest.mark.parametrize("name", ["vit_b14", "vit_l14"])
 def test_larger_vits_equal_timm(name):
   model = timm_vit(name, 56)
