@@ -44,7 +44,7 @@ class Program:
   args: Tuple[Any, ...]
   items: int
   unit: str = "images"
-  calls: int = 1          # calls per unit of work (search: query batches)
+  calls: int = 1          # calls per batch of `items` (search: database blocks)
   shapes: str = ""
   batch_per_chip: int = 0
   notes: List[str] = dataclasses.field(default_factory=list)
@@ -257,24 +257,30 @@ def epoch_describe_program(config, mesh) -> List[Program]:
 
 
 def search_program(config, mesh) -> List[Program]:
-  """Exact top-k of `search.py` over a database of compile.search_db_size rows."""
+  """Exact top-k of `knn.knn` over a database of compile.search_db_size rows: as in a run,
+  the database is visited `knn.DB_BLOCK` rows at a time (the compiled block program), so one
+  query batch takes ceil(rows / block) calls."""
   c = config.compile
   model = networks.build_network(config.model)
   dim = descriptor_dim(model, abstract_variables(model, 64, config.seed), 64)
   n = sharding_lib.data_parallelism(mesh)
   rows = _round_up(c.search_db_size, n)
-  k = int(c.search_k)
+  block = _round_up(min(search_lib.DB_BLOCK, rows), n)
+  blocks = math.ceil(rows / block)
+  k = min(int(c.search_k), block)
   dtype = jnp.bfloat16 if c.search_dtype == "bfloat16" else jnp.float32
-  fn = search_lib._sharded_topk_fn(mesh, k, int(c.search_db_size), dtype)  # pylint: disable=protected-access
+  fn = search_lib._sharded_topk_fn(mesh, k, dtype)  # pylint: disable=protected-access
   axis = sharding_lib.data_axis(mesh)
   db_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis, None))
   qb = min(int(c.search_query_batch), int(c.search_queries))
   args = (_sds((qb, dim), jnp.float32, sharding_lib.replicated(mesh)),
-          _sds((rows, dim), jnp.float32, db_sharding))
-  return [Program("search", fn, args, qb, unit="queries",
-                  calls=1, shapes=f"{qb} queries x {rows} x {dim} {c.search_dtype}, top {k}",
+          _sds((block, dim), jnp.float32, db_sharding),
+          _sds((), jnp.int32, sharding_lib.replicated(mesh)))
+  return [Program("search", fn, args, qb / blocks, unit="queries", calls=blocks,
+                  shapes=f"{qb} queries x {block}-row blocks of {rows} x {dim} "
+                         f"{c.search_dtype}, top {k}",
                   notes=[f"{c.search_queries} queries = {math.ceil(int(c.search_queries) / qb)} "
-                         "calls"])]
+                         f"query batches x {blocks} database blocks (calls)"])]
 
 
 BUILDERS = {"train": lambda c, m: [train_program(c, m)] + epoch_describe_program(c, m),
