@@ -35,7 +35,8 @@ def resize_to_max_side(image: np.ndarray, max_side: float) -> Tuple[np.ndarray, 
   if max_side < 0 or largest <= max_side:
     return image, np.ones(2)
   s = max_side / largest
-  nw, nh = int(round(w * s)), int(round(h * s))
+  # At least 1 px: a 6000 x 2 image would round to 0 rows, which PIL cannot make.
+  nw, nh = max(1, int(round(w * s))), max(1, int(round(h * s)))
   out = np.asarray(Image.fromarray(image).resize((nw, nh), resample=Image.BILINEAR))
   return out, np.array([nh / h, nw / w])
 
