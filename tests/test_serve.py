@@ -174,8 +174,8 @@ def test_search_answers_as_search_mode_does(served, tmp_path):
 
 
 def test_queries_arriving_together_are_batched(served, monkeypatch):
-  """Five requests at once: the first occupies the worker (held until the other four
-  wait), the four waiting ones are then described and searched as one batch."""
+  """Five requests: the first occupies the worker (held until the other four wait), the
+  four waiting ones are then described and searched as one batch."""
   batcher = served["server"].config.app.state.batcher
   searcher = batcher.searcher
   names = ("a/astronaut.jpg", "b/rocket.jpg", "c/camera.jpg", "a/coffee.jpg", "c/coins.jpg")
@@ -191,9 +191,16 @@ def test_queries_arriving_together_are_batched(served, monkeypatch):
 
   monkeypatch.setattr(searcher, "search", hold_the_first_batch)
   before = len(batcher.batches)
+  ask = lambda n: _post(served["url"] + "/search?k=2", _photo(served, n))
   with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
-    answers = list(pool.map(
-        lambda n: _post(served["url"] + "/search?k=2", _photo(served, n)), names))
+    # The first request alone reaches the worker before the others are sent (sent all at
+    # once, two could arrive before the worker takes the first: a batch of 2, then 3).
+    first = pool.submit(ask, names[0])
+    deadline = time.time() + 60
+    while not held and time.time() < deadline:
+      time.sleep(0.01)
+    answers = [first] + [pool.submit(ask, n) for n in names[1:]]
+    answers = [a.result() for a in answers]
   for name, (status, got) in zip(names, answers):
     assert status == 200 and got["results"][0]["url"] == "/images/" + name
   assert batcher.batches[before:] == [1, len(names) - 1]
