@@ -158,10 +158,13 @@ def main(argv=None) -> Dict:
   p.add_argument("--workdir", default="/tmp/superglobal_demo")
   p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
   p.add_argument("--m", type=int, default=0, help="SuperGlobal's M (0: the whole database)")
+  p.add_argument("--long_side", type=int, default=0,
+                 help="extract.long_side (0: the demo config's 192; the tests use 64)")
   p.add_argument("--json", default="", help="also write the report here")
   p.add_argument("--markdown", default="", help="also write the table here")
   a = p.parse_args(argv)
-  report = run_variants(a.workdir, [n for n in a.variants.split(",") if n], a.m)
+  base = {"extract.long_side": a.long_side} if a.long_side else {}
+  report = run_variants(a.workdir, [n for n in a.variants.split(",") if n], a.m, base)
   table = markdown(report)
   print(table)
   if a.json:
