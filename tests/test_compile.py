@@ -198,6 +198,50 @@ def test_resnet50_extraction_flops_match_4_1_gmacs(tmp_path):
   assert abs(e["flops_per_item"] / (2 * 4.1e9) - 1) < 0.05, e["flops_per_item"]
 
 
+def _vit_forward_macs(side, dim, depth, patch=14, mlp=4):
+  """Multiply-adds of one image through a ViT's matmuls (patch embedding, qkv, the two
+  attention products, projection, MLP), by hand."""
+  patches = (side // patch) ** 2
+  tokens = patches + 1
+  block = tokens * dim * 3 * dim + 2 * tokens * tokens * dim + tokens * dim * dim
+  block += 2 * tokens * dim * mlp * dim
+  return patches * patch * patch * 3 * dim + depth * block
+
+
+def _vit_param_count(dim, depth, grid, mlp=4):
+  """A DINOv2-layout ViT's parameters, counted by hand (timm's layout), + GeM's p."""
+  block = (2 * 2 * dim + dim * 3 * dim + 3 * dim + dim * dim + dim + 2 * dim
+           + dim * mlp * dim + mlp * dim + mlp * dim * dim + dim)
+  return (14 * 14 * 3 * dim + dim) + (1 + grid ** 2) * dim + dim + depth * block + 2 * dim + 1
+
+
+def test_tiny_vit_train_step_compiles_for_a_tpu_topology(tmp_path):
+  """A tiny DINOv2-layout ViT (the vit_b14 trunk's code at width 32, depth 2) trains on
+  v5e:2x2: it fits, its state is params + Adam's moments, its FLOPs are those of its
+  matmuls (forward + backward ~ 3 x forward), data parallel with the mining gather.
+  configs/vit_b14_gem.py's full step is benchmarks/pod_compile.py's vit_b14_v5e case."""
+  dim, depth, grid = 32, 2, 4
+  r = _run(tmp_path, **{"model.backbone": "vit_b14", "compile.programs": ("train",),
+                        "model.backbone_kwargs": ml_collections.ConfigDict(
+                            {"embed_dim": dim, "depth": depth, "num_heads": 2,
+                             "pos_grid": grid})})
+  (e,) = r["programs"]
+  assert e["program"] == "train" and e["fits"] is True and e["batch_per_chip"] == 8
+  c = get_config()
+  c.model.backbone = "vit_b14"
+  c.model.backbone_kwargs = {"embed_dim": dim, "depth": depth, "num_heads": 2, "pos_grid": grid}
+  params = programs.abstract_variables(networks.build_network(c.model), 64)["params"]
+  count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+  assert count == _vit_param_count(dim, depth, grid)
+  assert e["memory_breakdown_bytes"]["argument"] >= 3 * 4 * count
+  # Layer norms, softmax, GELU and the update add a little at this width; padding to TPU
+  # tiles can add more, never less.
+  ratio = e["flops_per_item"] / (3 * 2 * _vit_forward_macs(64, dim, depth))
+  assert 1.0 <= ratio <= 1.5, ratio
+  assert "data" in e["collectives"]["all-reduce"]["axes"]
+  assert e["collectives"]["all-gather"]["count"] >= 1
+
+
 def _config_names():
   return sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
                 if f.endswith(".py") and f not in ("common.py", "__init__.py"))
