@@ -44,7 +44,7 @@ tf = pytest.importorskip("tensorflow")
 
 LOCAL_SIDE = 96
 SCALES = (0.7071, 1.0, 1.4142)
-MAX_FEATURES = 25
+MAX_FEATURES = 12
 TOL = 1e-4
 
 
@@ -197,11 +197,6 @@ def test_reference_signature_gives_the_extraction(site, served, records):
     np.testing.assert_array_equal((boxes[:, :2] + boxes[:, 2:]) / 2.0, want["locations"])
     np.testing.assert_array_equal(served[f"{i}/scales"], want["scales"])
     assert served[f"{i}/scores"].shape == (len(want["scores"]), 1)
-    for sc in np.unique(want["scales"]):
-      k = want["scales"] == sc
-      print("DIAG", i, sc, np.abs(served[f"{i}/scores"][k, 0] - want["scores"][k]).max(),
-            np.abs(served[f"{i}/features"][k] - want["descriptors"][k]).max())
-    print("DIAG global", np.abs(served[f"{i}/global_descriptors"][0] - glob[i]).max())
     np.testing.assert_allclose(served[f"{i}/scores"][:, 0], want["scores"], rtol=TOL,
                                atol=TOL)
     np.testing.assert_allclose(served[f"{i}/features"], want["descriptors"], atol=TOL)
