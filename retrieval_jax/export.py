@@ -10,9 +10,10 @@ JAX way, writing into one folder D:
   [B, H, W, 3] + mask bool [B, H, W] (each image's valid region at the top-left, as our
   evaluation batches) -> [B, D]. The weights are baked in as constants, so
   `jax.export.deserialize(open(path, "rb").read()).call(image)` is all a user needs.
-* `D/saved_model/`: the same two functions through `jax2tf` (signatures "serving_default"
+* `D/saved_model/`: the same two functions through `jax2tf` (signatures "describe"
   {"image"} -> {"descriptor"} and "describe_batch" {"images", "mask"} -> {"descriptor"}),
-  weights as TF variables.
+  weights as TF variables; a DELG network also gets the reference's DELG signature
+  ("delg", `export_delg.py`); "serving_default" is one of them (`export.serving_default`).
 * `D/export.json`: the options, the backbone, the descriptor dimension, the version.
 
 The preprocessing of `--mode=extract` happens inside, under the same input rule
