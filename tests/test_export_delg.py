@@ -32,6 +32,7 @@ import pytest
 
 from configs import common
 from retrieval_jax import checkpointing
+from retrieval_jax import config_checks
 from retrieval_jax import export
 from retrieval_jax import networks
 from retrieval_jax import run
@@ -249,3 +250,16 @@ def test_serving_default_choice():
     export.resolve_serving_default("delg", False)
   with pytest.raises(ValueError, match="export.serving_default"):
     export.resolve_serving_default("both", True)
+
+
+def test_config_checks_name_the_serving_fields():
+  c = _config("")
+  c.model.local_head = ""
+  c.export.serving_default = "delg"
+  assert any("export.serving_default='delg'" in e and "model.local_head" in e
+             for e in config_checks.find_problems(c, "export"))
+  c.export.serving_default = "both"
+  assert any("export.serving_default" in e for e in config_checks.find_problems(c, "export"))
+  c.export.serving_default = "auto"
+  c.export.local_max_scale = -1.0
+  assert any("export.local_max_scale" in e for e in config_checks.find_problems(c, "export"))
