@@ -263,3 +263,31 @@ def test_config_checks_name_the_serving_fields():
   c.export.serving_default = "auto"
   c.export.local_max_scale = -1.0
   assert any("export.local_max_scale" in e for e in config_checks.find_problems(c, "export"))
+
+
+def test_nms_below_one_as_the_extraction(site, tmp_path):
+  """`extract.local_iou` < 1: TF's non_max_suppression in the signature keeps the boxes
+  `keypoints.non_max_suppression` keeps (every candidate, no cap reached)."""
+  from retrieval_jax import export_delg  # pylint: disable=import-outside-toplevel
+  model, variables = site["model"], site["variables"]
+  export.export_model(model, variables, str(tmp_path), export.ExportOptions(long_side=64),
+                      platforms=("cpu",), delg=export_delg.DelgOptions(
+                          long_side=LOCAL_SIDE, max_scale=max(SCALES), iou_threshold=0.5))
+  serve = tf.saved_model.load(str(tmp_path / "saved_model")).signatures["serving_default"]
+  want = dict(kp_lib.extract_keypoints(
+      model, variables, site["paths"], rf=local_model.local_receptive_field(model),
+      mesh=None, long_side=LOCAL_SIDE, scales=SCALES, score_threshold=0.0,
+      max_features=200, iou_threshold=0.5, batch_size=2))
+  everything = dict(kp_lib.extract_keypoints(
+      model, variables, site["paths"], rf=local_model.local_receptive_field(model),
+      mesh=None, long_side=LOCAL_SIDE, scales=SCALES, score_threshold=0.0,
+      max_features=200, iou_threshold=1.0, batch_size=2))
+  for i, path in enumerate(site["paths"]):
+    got = serve(input_image=tf.constant(np.asarray(Image.open(path).convert("RGB"))),
+                input_scales=tf.constant(SCALES, tf.float32),
+                input_max_feature_num=tf.constant(200),
+                input_abs_thres=tf.constant(0.0), input_global_scales_ind=tf.constant([0]))
+    np.testing.assert_array_equal(got["boxes"].numpy(), want[i]["boxes"])
+    np.testing.assert_allclose(got["features"].numpy(), want[i]["descriptors"], atol=TOL)
+    # NMS dropped some (the cap of 200 is above every image's candidates).
+    assert len(want[i]["scores"]) < len(everything[i]["scores"]) < 200
