@@ -11,18 +11,19 @@ and returns (`export_model_utils.ExtractLocalAndGlobalFeatures`)
     boxes float32 [N, 4], features float32 [N, d], scales float32 [N],
     scores float32 [N, 1], global_descriptors float32 [G, D].
 
-`add_delg_signature` builds the same signature around our network, so a client written for
+`make_delg_function` builds the same signature around our network, so a client written for
 the reference (e.g. `delf/python/examples/extractor.py` with `is_tf2_exported`) calls it
 unchanged. What it computes is `--mode=extract`'s, not the reference network's:
 
 * local features as `local/keypoints.py` and `local/delg_input.py`: the image is bounded by
   `extract.local_long_side` as DELG's `ResizeImage` does (PIL BILINEAR, shrink only; here
-  Pillow's fixed-point resize in the graph, `export.resize_matrices`), every scale s of
-  `input_scales` resized from it like `tf.image.resize` (round(size * s), bilinear,
-  half-pixel, no antialiasing), the positions with attention >= `input_abs_thres` kept
-  with their receptive boxes divided by s, NMS (`extract.local_iou`; TF's
-  `non_max_suppression`, which at 1.0 is the top `input_max_feature_num` by score, ties to
-  the earlier scale and position, as `keypoints.non_max_suppression`);
+  Pillow's fixed-point resize in the graph, `export.pil_resize_to_size`, exact for
+  BILINEAR), every scale s of `input_scales` resized from it like `tf.image.resize`
+  (round(size * s), bilinear, half-pixel, no antialiasing), the positions with attention
+  >= `input_abs_thres` kept with their receptive boxes divided by s, NMS
+  (`extract.local_iou`; TF's `non_max_suppression`, which at 1.0 is the top
+  `input_max_feature_num` by score, ties to the earlier scale and position, as
+  `keypoints.non_max_suppression`);
 * `boxes` are in the pixels of `input_image` (the reference's are in the pixels of the
   image it was given, which its extractor had bounded itself: a reference client passing
   an image already within the bound gets scale factors 1 here, and divides by its own);
@@ -35,8 +36,8 @@ unchanged. What it computes is `--mode=extract`'s, not the reference network's:
   is accepted and does not change the descriptor.
 
 Variable-length outputs: N is a dynamic dimension of the TF outputs (the reference's own
-shape polymorphism, `tf.image.non_max_suppression`), not padding. In the graph every level is
-computed on a fixed canvas of side ceil(local_long_side * max_scale) with a validity mask
+shape polymorphism, `tf.image.non_max_suppression`), not padding. In the graph every level
+is computed on a fixed canvas of side ceil(local_long_side * max_scale) with a validity mask
 (the masked network gives the keypoints of the unpadded level); `input_scales` above
 `max_scale` (`export.local_max_scale`, default the largest of `extract.local_scales`) fail
 with an error naming it.

@@ -117,7 +117,8 @@ _CLIENT = textwrap.dedent("""
     import numpy as np
     from PIL import Image
     import tensorflow as tf
-    folder, paths, args, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+    folder, paths, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[4]
+    args = json.loads(sys.argv[3])
     serve = tf.saved_model.load(folder).signatures["serving_default"]
 
     def call(image):
