@@ -208,6 +208,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.export.whitening = "auto"
   c.export.platforms = ("cpu", "cuda", "tpu")  # jax.export / SavedModel lowering platforms
   c.export.saved_model = True      # also the TF SavedModel (needs the `tf` extra)
+  # The SavedModel's "serving_default": "auto" = "delg" for a DELG network (the reference's
+  # input_image, input_scales, ... -> boxes, features, ... signature, retrieval_jax/
+  # export_delg.py), else "describe" (image -> descriptor); both stay under their names.
+  c.export.serving_default = "auto"
+  c.export.local_max_scale = 0.0   # largest DELG input_scales accepted; 0 = max(local_scales)
 
   # --mode=describe (retrieval_jax/describe.py): a folder or list file of photos.
   c.describe = ml_collections.ConfigDict()

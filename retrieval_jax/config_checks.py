@@ -216,6 +216,21 @@ def _check_tuple(errors: List[str], key: str, value: Any, ok: Callable[[Any], bo
     errors.append(f"config.{key}={value!r} must be a tuple of {rule}")
 
 
+def _check_export_serving(errors: List[str], config: Any) -> None:
+  """export.serving_default (retrieval_jax/export.py) and export.local_max_scale."""
+  serving = _get(config, "export.serving_default")
+  if serving is not None:
+    _check_name(errors, "export.serving_default", serving, ("auto", "describe", "delg"))
+    if serving == "delg" and not _get(config, "model.local_head"):
+      errors.append("config.export.serving_default='delg' is the reference DELG signature "
+                    "(local and global features): it needs --config.model.local_head=delg; "
+                    "use 'describe' (or 'auto') for a global-only network")
+  max_scale = _get(config, "export.local_max_scale")
+  if max_scale is not None and (not _is_number(max_scale) or max_scale < 0):
+    errors.append(f"config.export.local_max_scale={max_scale!r} must be >= 0 (0: the largest "
+                  "of extract.local_scales)")
+
+
 def _check_combinations(errors: List[str], config: Any, mode: str) -> None:
   """Values that are valid alone but not together, and the local-feature fields."""
   combine = _get(config, "extract.multiscale_combine")
@@ -229,6 +244,7 @@ def _check_combinations(errors: List[str], config: Any, mode: str) -> None:
                     f"{'export' if export_combine else 'extract'}.multiscale_combine) fuses "
                     "feature maps, which the exported function does not; set "
                     "--config.export.multiscale_combine=gem (or mean)")
+  _check_export_serving(errors, config)
   init = _get(config, "model.netvlad_init")
   if init is not None:
     _check_name(errors, "model.netvlad_init", init, clustering.NETVLAD_INITS)

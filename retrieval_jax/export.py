@@ -10,9 +10,10 @@ JAX way, writing into one folder D:
   [B, H, W, 3] + mask bool [B, H, W] (each image's valid region at the top-left, as our
   evaluation batches) -> [B, D]. The weights are baked in as constants, so
   `jax.export.deserialize(open(path, "rb").read()).call(image)` is all a user needs.
-* `D/saved_model/`: the same two functions through `jax2tf` (signatures "serving_default"
+* `D/saved_model/`: the same two functions through `jax2tf` (signatures "describe"
   {"image"} -> {"descriptor"} and "describe_batch" {"images", "mask"} -> {"descriptor"}),
-  weights as TF variables.
+  weights as TF variables; a DELG network also gets the reference's DELG signature
+  ("delg", `export_delg.py`); "serving_default" is one of them (`export.serving_default`).
 * `D/export.json`: the options, the backbone, the descriptor dimension, the version.
 
 The preprocessing of `--mode=extract` happens inside, under the same input rule
@@ -148,7 +149,24 @@ def pil_resample_matrix(n, f, out_size, in_len, out_len: int, resample: str) -> 
                                 / (2 * big_f).astype(jnp.float32)), 0.0)
   total = jnp.sum(w, axis=1, keepdims=True)
   k = w / jnp.where(total == 0, 1.0, total) * float(1 << _PRECISION_BITS)
-  return (jnp.sign(k) * jnp.floor(jnp.abs(k) + 0.5)).astype(jnp.int32)
+  k = (jnp.sign(k) * jnp.floor(jnp.abs(k) + 0.5)).astype(jnp.int32)
+  if resample == "bilinear":
+    k = _exact_bilinear(jnp.where(inside, 2 * big_f - jnp.abs(num), 0), k)
+  return k
+
+
+def _exact_bilinear(a, approx):
+  """Bilinear weights in exact integer arithmetic: tap weight (2F - |num|) / 2F normalised,
+  round(a 2^22 / T) (T = the row's sum; halves up, as Pillow's positive weights), which
+  float32 filter values miss by one now and then (a grey level off). int32 long division;
+  rows where T >= 2^20 (inputs of ~20k px and more) keep the float32 weights `approx`."""
+  total = jnp.sum(a, axis=1, keepdims=True)
+  safe = jnp.maximum(total, 1)
+  hi = a << 12                                  # a <= 2F < 2^19
+  q1, r1 = hi // safe, hi % safe                # a 2^12 / T = q1 + r1 / T
+  q2 = ((r1 << 11) + safe) // (2 * safe)        # round(r1 2^10 / T), T < 2^20
+  exact = (q1 << 10) + q2
+  return jnp.where((total > 0) & (total < (1 << 20)) & (a < (1 << 19)), exact, approx)
 
 
 def _clip8(acc):
@@ -250,6 +268,22 @@ def resize_into_canvas(image: jnp.ndarray, h, w, side: int, *, resample: str = "
   rows = jnp.arange(side)[:, None] < nh
   cols = jnp.arange(side)[None, :] < nw
   return out.astype(jnp.uint8), rows & cols
+
+
+def pil_resize_to_size(image: jnp.ndarray, h, w, nh, nw, side: int, *,
+                       resample: str = "bilinear") -> jnp.ndarray:
+  """`Image.resize((nw, nh), resample)` (no reducing gap) of `image[:h, :w]`, at the
+  top-left of a side x side uint8 canvas (zero elsewhere); nh, nw <= side. Resizing to the
+  same size is the identity, as Pillow's."""
+  if resample not in _SUPPORT:
+    raise ValueError(f"resample must be one of {sorted(_SUPPORT)}, got {resample!r}")
+  one = jnp.int32(1)
+  wx = pil_resample_matrix(w, one, nw, image.shape[1], side, resample)  # [side, W]
+  wy = pil_resample_matrix(h, one, nh, image.shape[0], side, resample)  # [side, H]
+  pixels = image.astype(jnp.int32)
+  tmp = _clip8(jnp.einsum("hwc,jw->hjc", pixels, wx, preferred_element_type=jnp.int32))
+  out = _clip8(jnp.einsum("ih,hjc->ijc", wy, tmp, preferred_element_type=jnp.int32))
+  return out.astype(jnp.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,9 +411,29 @@ def _export_jax(fn, args, platforms) -> jax.export.Exported:
   return jax.export.export(jax.jit(fn), platforms=platforms)(*args)
 
 
+SERVING_DEFAULTS = ("auto", "describe", "delg")
+
+
+def resolve_serving_default(choice: str, has_delg: bool) -> str:
+  """`export.serving_default`: "auto" is "delg" for a DELG network (the reference's
+  signature, `export_delg.py`), else "describe"; "delg" needs a DELG network."""
+  if choice not in SERVING_DEFAULTS:
+    raise ValueError(f"export.serving_default must be one of {SERVING_DEFAULTS}, got "
+                     f"{choice!r}")
+  if choice == "auto":
+    return "delg" if has_delg else "describe"
+  if choice == "delg" and not has_delg:
+    raise ValueError("export.serving_default='delg' (the reference DELG signature) needs a "
+                     "network with local features: set --config.model.local_head=delg, or "
+                     "export.serving_default=describe")
+  return choice
+
+
 def _write_saved_model(model, variables, options: ExportOptions, path: str,
-                       platforms, p: Optional[float]) -> None:
-  """The two functions as a TF SavedModel (jax2tf, native serialisation)."""
+                       platforms, p: Optional[float], delg=None,
+                       serving_default: str = "describe") -> None:
+  """The functions as a TF SavedModel (jax2tf, native serialisation): "describe",
+  "describe_batch", "delg" (with `delg` DelgOptions) and "serving_default" (one of them)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel  (optional: the tf extra)
   from jax.experimental import jax2tf  # pylint: disable=import-outside-toplevel
 
@@ -399,7 +453,7 @@ def _write_saved_model(model, variables, options: ExportOptions, path: str,
 
   @tf.function(autograph=False,
                input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image")])
-  def serving_default(image):
+  def describe(image):
     return {"descriptor": one(module.params, image)}
 
   @tf.function(autograph=False, input_signature=[
@@ -408,10 +462,16 @@ def _write_saved_model(model, variables, options: ExportOptions, path: str,
   def describe_batch(images, mask):
     return {"descriptor": batch(module.params, images, mask)}
 
-  module.serving_default = serving_default
+  module.describe = describe
   module.describe_batch = describe_batch
-  tf.saved_model.save(module, path, signatures={"serving_default": serving_default,
-                                                "describe_batch": describe_batch})
+  signatures = {"describe": describe, "describe_batch": describe_batch}
+  if delg is not None:
+    from retrieval_jax import export_delg  # pylint: disable=import-outside-toplevel
+    module.delg = export_delg.make_delg_function(model, variables, module.params, treedef,
+                                                 delg, one, platforms)
+    signatures["delg"] = module.delg
+  signatures["serving_default"] = signatures[serving_default]
+  tf.saved_model.save(module, path, signatures=signatures)
 
 
 def descriptor_dim(exported_one: jax.export.Exported) -> int:
@@ -421,7 +481,8 @@ def descriptor_dim(exported_one: jax.export.Exported) -> int:
 
 def export_model(model, variables, out_dir: str, options: ExportOptions, *,
                  platforms: Optional[Sequence[str]] = None, saved_model: bool = True,
-                 info: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+                 info: Optional[Mapping[str, Any]] = None, delg=None,
+                 serving_default: str = "auto") -> Dict[str, Any]:
   """Writes `out_dir/{jax/, saved_model/, export.json}` (see the module docstring).
 
   Args:
@@ -433,10 +494,14 @@ def export_model(model, variables, out_dir: str, options: ExportOptions, *,
       "tpu")); default: this process's backend.
     saved_model: also write the TF SavedModel (needs the `tf` extra).
     info: extra fields for export.json (e.g. the checkpoint step, the config).
+    delg: `export_delg.DelgOptions` of a DELG network: the SavedModel gets the reference's
+      DELG signature "delg" too.
+    serving_default: `resolve_serving_default`'s choice of the "serving_default" signature.
   Returns:
     The contents of export.json.
   """
   platforms = tuple(platforms or (jax.default_backend(),))
+  serving = resolve_serving_default(serving_default, delg is not None)
   variables = jax.tree_util.tree_map(np.asarray, variables)
   os.makedirs(os.path.join(out_dir, JAX_DIR), exist_ok=True)
   p = _multiscale_p(variables, options, model.pooling)
@@ -457,7 +522,7 @@ def export_model(model, variables, out_dir: str, options: ExportOptions, *,
   if saved_model:
     tf_platforms = tuple("cuda" if p == "gpu" else p for p in platforms)
     _write_saved_model(model, variables, options, os.path.join(out_dir, SAVED_MODEL_DIR),
-                       tf_platforms, p)
+                       tf_platforms, p, delg=delg, serving_default=serving)
   meta = {
       "backbone": model.backbone,
       "pooling": model.pooling,
@@ -478,17 +543,32 @@ def export_model(model, variables, out_dir: str, options: ExportOptions, *,
       "jax": {"single": f"{JAX_DIR}/{SINGLE_FILE}", "batch": f"{JAX_DIR}/{BATCH_FILE}",
               "version": jax.__version__},
       "saved_model": SAVED_MODEL_DIR if saved_model else None,
-      "signatures": {
-          "serving_default": {"image": "uint8 [H, W, 3]", "descriptor": "float32 [D]"},
-          "describe_batch": {"images": "uint8 [B, H, W, 3]",
-                             "mask": "bool [B, H, W] (valid region top-left)",
-                             "descriptor": "float32 [B, D]"}},
+      "serving_default": serving,
+      "signatures": _signatures(delg),
+      "delg": None if delg is None else {
+          "long_side": int(delg.long_side), "max_scale": float(delg.max_scale),
+          "iou_threshold": float(delg.iou_threshold)},
       "retrieval_jax_version": _version(),
       **dict(info or {}),
   }
   with open(os.path.join(out_dir, EXPORT_JSON), "w") as f:
     json.dump(meta, f, indent=2, default=str)
   return meta
+
+
+def _signatures(delg) -> Dict[str, Any]:
+  out = {"describe": {"image": "uint8 [H, W, 3]", "descriptor": "float32 [D]"},
+         "describe_batch": {"images": "uint8 [B, H, W, 3]",
+                            "mask": "bool [B, H, W] (valid region top-left)",
+                            "descriptor": "float32 [B, D]"}}
+  if delg is not None:
+    out["delg"] = {"input_image": "uint8 [H, W, 3]", "input_scales": "float32 [S]",
+                   "input_max_feature_num": "int32 []", "input_abs_thres": "float32 []",
+                   "input_global_scales_ind": "int32 [G] (accepted, unused)",
+                   "boxes": "float32 [N, 4] (ymin, xmin, ymax, xmax), input_image pixels",
+                   "features": "float32 [N, d] L2-normalised", "scales": "float32 [N]",
+                   "scores": "float32 [N, 1]", "global_descriptors": "float32 [1, D]"}
+  return out
 
 
 def _version() -> str:

@@ -11,6 +11,11 @@ non-maximum suppression (IoU threshold `iou_threshold`, greedy by score, as
 most `max_features`. Keypoint = box centre; its scale = 1 / s; descriptors are L2-normalised.
 `extract_keypoints` then divides the locations by the image's `scale_factors` (DELG's
 `locations / scale_factors`): (y, x) pixels of the image as loaded (a query: of its crop).
+Boxes and scales are float32 as the reference computes them (`rf_boxes / scale`,
+`1 / scale` with a float32 scale); a record also carries its "boxes" (ymin, xmin, ymax,
+xmax), in the pixels of the images given to `keypoints_of_batch` and, from
+`extract_keypoints`, of the image as loaded (the exported DELG signature's `boxes`,
+`export_delg.py`; not kept in the store, whose locations are their centres).
 
 Batched like global extraction: images come in size buckets, padded at the bottom/right with
 a mask; the trunk masks its stages, and here padded positions get score -inf before the
@@ -116,7 +121,8 @@ def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, iou_threshold: fl
 
 
 def empty_record(dim: int) -> Dict[str, np.ndarray]:
-  return {"locations": np.zeros((0, 2), np.float32), "scales": np.zeros((0,), np.float32),
+  return {"locations": np.zeros((0, 2), np.float32), "boxes": np.zeros((0, 4), np.float32),
+          "scales": np.zeros((0,), np.float32),
           "scores": np.zeros((0,), np.float32),
           "descriptors": np.zeros((0, dim), np.float32)}
 
@@ -140,8 +146,9 @@ def keypoints_of_batch(select_fn: Callable, variables: Any, images: np.ndarray,
     iou_threshold: NMS threshold on receptive boxes (1.0: no suppression).
     put: places a host array on the devices (e.g. sharded device_put); default jnp.asarray.
   Returns:
-    B dicts {"locations" [n, 2] (y, x), "scales" [n], "scores" [n], "descriptors" [n, d]},
-    float32, by decreasing score; empty rows (mask all False) give n = 0.
+    B dicts {"locations" [n, 2] (y, x), "boxes" [n, 4], "scales" [n], "scores" [n],
+    "descriptors" [n, d]}, float32, by decreasing score; empty rows (mask all False) give
+    n = 0.
   """
   put = put or jnp.asarray
   b = images.shape[0]
@@ -152,15 +159,16 @@ def keypoints_of_batch(select_fn: Callable, variables: Any, images: np.ndarray,
     sel = jax.device_get(select_fn(variables, put(im), put(m)))
     h, w = (int(v) for v in sel["shape"])
     dim = sel["descriptors"].shape[-1]
-    boxes_all = rf_lib.receptive_boxes(h, w, rf)
+    boxes_all = rf_lib.receptive_boxes(h, w, rf).astype(np.float32)  # small integers: exact
+    s32 = np.float32(scale)
     for r in range(b):
       keep = sel["valid"][r] & (sel["scores"][r] >= score_threshold)
       if not keep.any():
         continue
-      boxes = boxes_all[sel["index"][r][keep]] / float(scale)  # the reference's rf_boxes / scale
+      boxes = boxes_all[sel["index"][r][keep]] / s32  # the reference's rf_boxes / scale
       cands[r].append((boxes, sel["scores"][r][keep],
                        sel["descriptors"][r][keep],
-                       np.full(int(keep.sum()), 1.0 / float(scale))))
+                       np.full(int(keep.sum()), np.float32(1.0) / s32, np.float32)))
   records = []
   for r in range(b):
     if not cands[r]:
@@ -169,6 +177,7 @@ def keypoints_of_batch(select_fn: Callable, variables: Any, images: np.ndarray,
     boxes, scores, desc, sc = (np.concatenate(x) for x in zip(*cands[r]))
     keep = non_max_suppression(boxes, scores, iou_threshold, max_features)
     records.append({"locations": rf_lib.box_centers(boxes[keep]).astype(np.float32),
+                    "boxes": boxes[keep].astype(np.float32),
                     "scales": sc[keep].astype(np.float32),
                     "scores": scores[keep].astype(np.float32),
                     "descriptors": desc[keep].astype(np.float32)})
@@ -229,6 +238,13 @@ def extract_keypoints(model, variables, paths: Sequence[str], *, rf: rf_lib.Rece
                    progress.total, progress.rate(), progress.eta_s())
     for r, j in enumerate(batch["index"]):
       if j >= 0:
-        rec = records[r]
-        rec["locations"] = (rec["locations"] / batch["scale_factors"][r]).astype(np.float32)
-        yield todo[int(j)], rec
+        yield todo[int(j)], in_loaded_pixels(records[r], batch["scale_factors"][r])
+
+
+def in_loaded_pixels(record: Dict[str, np.ndarray], scale_factors) -> Dict[str, np.ndarray]:
+  """`record` (pixels of the bounded image) in the pixels of the image as loaded: boxes
+  divided by the (y, x) `scale_factors` in float32, locations their centres."""
+  sf = np.asarray(scale_factors, np.float32)
+  boxes = (record["boxes"] / np.concatenate([sf, sf])).astype(np.float32)
+  return dict(record, boxes=boxes,
+              locations=rf_lib.box_centers(boxes).astype(np.float32))

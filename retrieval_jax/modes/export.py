@@ -1,12 +1,15 @@
 """--mode=export: the network (latest checkpoint, else `model.pretrained` off the shelf,
 said in the log) as `jax.export` + TF SavedModel + export.json in `export.dir`
 (`export.py`), describing as the descriptor settings say (`export.long_side`, `scales`,
-`multiscale_combine` replace `extract.*`'s where set)."""
+`multiscale_combine` replace `extract.*`'s where set). A DELG network (`model.local_head`)
+also gets the reference's DELG signature (`export_delg.py`: `extract.local_*`, with
+`export.local_max_scale`), its "serving_default" unless `export.serving_default=describe`."""
 import json
 import shutil
 import tempfile
 
 from retrieval_jax import export as export_lib
+from retrieval_jax import export_delg
 from retrieval_jax import restore
 from retrieval_jax import sharding as sharding_lib
 from retrieval_jax import storage
@@ -42,6 +45,13 @@ def export(config, workdir: str) -> common.Summary:
   settings = common.settings_for_folders(config, net, overrides=ec)
   options = export_lib.options_from_settings(settings, normalize=bool(ec.normalize),
                                              whitening=white)
+  delg = None
+  if settings.local is not None:
+    local = settings.local
+    delg = export_delg.DelgOptions(
+        long_side=int(local.long_side),
+        max_scale=float(ec.local_max_scale or max(local.scales)),
+        iou_threshold=float(local.iou_threshold))
   out = common.output_dir(ec.dir, workdir, "export")
   info = {"source": net.source, "checkpoint_step": net.step,
           "pretrained": config.model.pretrained if net.source == restore.PRETRAINED else "",
@@ -51,7 +61,8 @@ def export(config, workdir: str) -> common.Summary:
     local = tempfile.mkdtemp(prefix="retrieval_jax_export_") if storage.is_remote(out) else out
     meta = export_lib.export_model(net.model, net.variables, local, options,
                                    platforms=tuple(ec.platforms) or None,
-                                   saved_model=bool(ec.saved_model), info=info)
+                                   saved_model=bool(ec.saved_model), info=info,
+                                   delg=delg, serving_default=str(ec.serving_default))
     if local != out:
       storage.upload_folder(local, out, last=export_lib.EXPORT_JSON)
       shutil.rmtree(local, ignore_errors=True)
