@@ -3,11 +3,22 @@
 Every kernel is checked against `d2r_reference.py`, a numpy transcription of the
 reference's `feature_aggregation_extractor.py` / `feature_aggregation_similarity.py`.
 """
+import json
+import os
+import pickle
+
 import numpy as np
+from PIL import Image
 import pytest
 
+from configs import common
+from retrieval_jax import config_checks
+from retrieval_jax import run
+from retrieval_jax.data import image_io
 from retrieval_jax.local import aggregation as agg
-import d2r_reference as ref
+from retrieval_jax.local import boxes as boxes_lib
+
+import d2r_reference as ref  # pylint: disable=g-bad-import-order
 
 _REF_TYPE = {"vlad": ref.VLAD, "asmk": ref.ASMK, "asmk_star": ref.ASMK_STAR}
 
@@ -157,3 +168,133 @@ def test_kmeans_is_lloyd_from_random_points():
   np.testing.assert_allclose(got, c, atol=1e-5)
   with pytest.raises(ValueError, match="at least as many"):
     agg.kmeans(x[:3], 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Boxes: the reference's selection and crop, the folder format.
+
+
+
+
+
+def test_box_selection_and_crop_match_reference():
+  rng = np.random.default_rng(6)
+  lo = rng.uniform(0, 0.5, (9, 2))
+  boxes = np.concatenate([lo, lo + rng.uniform(0.05, 0.5, (9, 2))], 1).astype(np.float32)
+  scores = rng.uniform(0, 1, 9).astype(np.float32)
+  scores[3] = 0.3  # exactly at the threshold: kept (>=)
+  got = boxes_lib.select(boxes, scores, 0.3)
+  np.testing.assert_array_equal(got, np.asarray(ref.selected_boxes(boxes, scores, 0.3)))
+  for b in boxes:
+    assert boxes_lib.crop_box(b, 333, 517) == tuple(ref.pil_crop_box(b, 517, 333))
+
+
+def test_features_in_box_and_regions():
+  loc = np.array([[10, 10], [50, 80], [99, 199], [100, 200]], np.float32)  # (y, x) pixels
+  mask = boxes_lib.features_in_box(loc, [0.05, 0.05, 0.5, 0.5], 200, 400)  # 10..100, 20..200
+  np.testing.assert_array_equal(mask, [False, True, True, True])
+  feats, counts = boxes_lib.regions(np.ones((4, 3)), [np.ones((2, 3)), np.zeros((0, 3))])
+  assert feats.shape == (6, 3) and counts == [4, 2, 0]
+
+
+def test_box_folder_roundtrip_and_errors(tmp_path):
+  path = str(tmp_path / "boxes" / "x_db")
+  b = [np.array([[0.1, 0.2, 0.5, 0.6]]), np.zeros((0, 4)), np.array([[0, 0, 1, 1],
+                                                                      [0.2, 0.2, 0.3, 0.3]])]
+  s = [np.array([0.9]), np.zeros(0), np.array([0.4, 0.05])]
+  c = [np.array([1]), np.zeros(0), np.array([2, 3])]
+  boxes_lib.write(path, b, s, c, [(10, 20), (0, 0), (30, 40)], image_list=["a", "b", "c"])
+  got = boxes_lib.read(path, 3)
+  assert len(got) == 3 and got.image_list == ("a", "b", "c") and got.size(2) == (30, 40)
+  for i in range(3):
+    np.testing.assert_allclose(got.boxes(i), np.asarray(b[i]).reshape(-1, 4))
+    np.testing.assert_allclose(got.scores(i), s[i])
+    np.testing.assert_array_equal(got.classes(i), c[i])
+  with pytest.raises(ValueError, match="boxes of 3 images, the collection has 4"):
+    boxes_lib.read(path, 4)
+  with pytest.raises(FileNotFoundError, match="--mode=detect"):
+    boxes_lib.read(str(tmp_path / "nothing"))
+  with pytest.raises(ValueError, match="image 0: 1 boxes, 2 scores"):
+    boxes_lib.write(path, b[:1], [np.zeros(2)], c[:1], [(1, 1)])
+
+
+# ----------------------------------------------------------------------------------------------
+# --mode=detect with a tiny detector SavedModel exported here.
+
+_BOX = (0.1, 0.2, 0.6, 0.7)
+
+
+def _export_detector(path):
+  """A tf.Module detector with the serving signature `examples/detector.py`'s models have:
+  uint8 images -> detection_boxes / scores / classes, padded to 3 rows, num_detections 2.
+  Box 0 is fixed and scored by the image's mean brightness, box 1 is the whole image."""
+  tf = pytest.importorskip("tensorflow")
+
+  class Detector(tf.Module):
+
+    @tf.function(input_signature=[tf.TensorSpec([1, None, None, 3], tf.uint8,
+                                                name="input_images")])
+    def detect(self, images):
+      score = tf.reduce_mean(tf.cast(images, tf.float32)) / 255.0
+      boxes = tf.constant([[list(_BOX), [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
+      return {"detection_boxes": boxes,
+              "detection_scores": tf.stack([[score, 0.05, 0.0]]),
+              "detection_classes": tf.constant([[1.0, 2.0, 0.0]]),
+              "num_detections": tf.constant([2.0])}
+
+  module = Detector()
+  tf.saved_model.save(module, path, signatures={"serving_default": module.detect})
+  return path
+
+
+def _tiny_revisited(root):
+  """A Revisited-Oxford layout: 2 queries, 4 database images of flat colours."""
+  folder = root / "test" / "roxford5k"
+  (folder / "jpg").mkdir(parents=True)
+  rng = np.random.default_rng(7)
+  imlist = [f"db_{i}" for i in range(4)]
+  qimlist = ["q_0", "q_1"]
+  for name in imlist + qimlist:
+    h, w = rng.integers(40, 70, 2)
+    Image.fromarray(np.full((h, w, 3), rng.integers(20, 235, 3), np.uint8)).save(
+        folder / "jpg" / f"{name}.jpg", quality=95)
+  gnd = [{"bbx": [0, 0, 30, 30], "easy": [0], "hard": [1], "junk": [2]},
+         {"bbx": [0, 0, 30, 30], "easy": [3], "hard": [], "junk": []}]
+  with open(folder / "gnd_roxford5k.pkl", "wb") as f:
+    pickle.dump({"gnd": gnd, "imlist": imlist, "qimlist": qimlist}, f)
+  return folder
+
+
+def test_detect_mode_writes_every_box_of_the_test_set(tmp_path):
+  model = _export_detector(str(tmp_path / "detector"))
+  folder = _tiny_revisited(tmp_path / "data")
+  c = common.base_config()
+  c.eval.dataset, c.eval.root = "roxford5k", str(tmp_path / "data")
+  c.detect.model, c.detect.score_threshold = model, 0.3
+  workdir = str(tmp_path / "work")
+  summary = run.run("detect", c, workdir)
+  for part, names in (("query", ["q_0", "q_1"]), ("db", [f"db_{i}" for i in range(4)])):
+    path = os.path.join(workdir, "boxes", f"roxford5k_{part}")
+    assert summary[part]["path"] == path and summary[part]["images"] == len(names)
+    got = boxes_lib.read(path, len(names))
+    with open(os.path.join(path, "meta.json")) as f:
+      assert json.load(f)["score_threshold"] == 0.3
+    selected = 0
+    for i, name in enumerate(names):
+      image = image_io.load_rgb(str(folder / "jpg" / f"{name}.jpg"), exif_transpose=False)
+      score = image.astype(np.float32).mean() / 255.0
+      # num_detections trims the padded third row.
+      np.testing.assert_allclose(got.boxes(i), [_BOX, [0, 0, 1, 1]], atol=1e-7)
+      np.testing.assert_allclose(got.scores(i), [score, 0.05], rtol=1e-5)
+      np.testing.assert_array_equal(got.classes(i), [1, 2])
+      assert got.size(i) == image.shape[:2]
+      selected += int(score >= 0.3)
+    assert summary[part]["boxes"] == 2 * len(names) and summary[part]["selected"] == selected
+
+
+def test_detect_mode_config_errors(tmp_path):
+  c = common.base_config()
+  problems = config_checks.find_problems(c, "detect")
+  assert any("config.detect.model is empty" in p for p in problems)
+  c.detect.model = str(tmp_path)
+  assert any("holds no saved_model.pb" in p for p in config_checks.find_problems(c, "detect"))
