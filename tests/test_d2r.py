@@ -298,3 +298,174 @@ def test_detect_mode_config_errors(tmp_path):
   assert any("config.detect.model is empty" in p for p in problems)
   c.detect.model = str(tmp_path)
   assert any("holds no saved_model.pb" in p for p in config_checks.find_problems(c, "detect"))
+
+
+# ----------------------------------------------------------------------------------------------
+# eval.rerank=d2r: the re-ranker against the reference's perform_retrieval.py loop.
+
+DIM, K = 16, 8
+
+
+def _record(rng, n, h=100, w=200):
+  return {"locations": np.stack([rng.uniform(0, h, n), rng.uniform(0, w, n)], 1).astype(
+              np.float32),
+          "scales": np.ones(n, np.float32), "scores": np.ones(n, np.float32),
+          "descriptors": rng.normal(size=(n, DIM)).astype(np.float32)}
+
+
+def _d2r_world(tmp_path, monkeypatch, regions="select", kind="asmk_star", regional=True,
+               top=-1):
+  """A fake evaluation context: stores, boxes and training descriptors on disk / patched."""
+  import types  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.evaluation import d2r  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.evaluation import local_rerankers  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.evaluation import rerankers  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.local import store as store_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(8)
+  workdir = str(tmp_path / "work")
+  stores = []
+  for name, counts in (("q", [30, 25]), ("db", [40, 35, 20, 30, 28])):
+    w = store_lib.LocalFeatureWriter(str(tmp_path / name), len(counts), DIM, chunk_size=2)
+    recs = [_record(rng, n) for n in counts]
+    for i, r in enumerate(recs):
+      w.add(i, r)
+    stores.append(w.close())
+  db_images = [f"/img/db_{i}.jpg" for i in range(5)]
+  boxes = [np.array([[0.1, 0.1, 0.6, 0.5], [0.5, 0.5, 1.0, 1.0]]), np.zeros((0, 4)),
+           np.array([[0.0, 0.0, 0.5, 0.5]]), np.array([[0.2, 0.3, 0.9, 0.8]]),
+           np.array([[0.3, 0.3, 0.35, 0.35]])]
+  scores = [np.array([0.9, 0.2]), np.zeros(0), np.array([0.5]), np.array([0.05]),
+            np.array([0.7])]
+  boxes_lib.write(boxes_lib.folder(workdir, "x", "db"), boxes, scores,
+                  [np.zeros(len(s)) for s in scores], [(100, 200)] * 5)
+  sample = rng.normal(size=(300, DIM)).astype(np.float32)
+  monkeypatch.setattr(local_rerankers, "_test_stores", lambda context: tuple(stores))
+  monkeypatch.setattr(local_rerankers, "training_descriptors",
+                      lambda context, source, n, name: sample)
+  crops = []
+
+  def fake_store(model, variables, images, folder, *, mesh, settings, bboxes=None,
+                 image_list=None):
+    crops.append((list(images), list(bboxes), list(image_list)))
+    # A crop's features: deterministic in its box.
+    return [{"descriptors": np.random.default_rng(sum(b)).normal(size=(9, DIM)).astype(
+        np.float32)} for b in bboxes]
+  monkeypatch.setattr(local_rerankers, "_store", fake_store)
+  c = common.base_config()
+  c.data.name = "src"
+  c.eval.rerank = "d2r"
+  c.eval.d2r_aggregation, c.eval.d2r_regional, c.eval.d2r_regions = kind, regional, regions
+  c.eval.d2r_codebook_size, c.eval.d2r_kmeans_iterations, c.eval.d2r_top = K, 3, top
+  c.detect.score_threshold = 0.3
+  context = rerankers.Context(
+      c, workdir, "t", None, None, None,
+      types.SimpleNamespace(protocol=types.SimpleNamespace(exif_transpose=False)),
+      types.SimpleNamespace(dataset=types.SimpleNamespace(name="x", db_images=db_images)),
+      weights_tag="w")
+  return d2r, context, stores, (boxes, scores), crops, workdir
+
+
+def _reference_ranks(codebook, q_feats, db_feats, db_counts, kind, regional):
+  """perform_retrieval.py: query config plain, index config (maybe regional), similarity of
+  the index config, argsort(-similarity) over the whole database."""
+  t = _REF_TYPE[kind]
+  qcfg = ref.Config(codebook_size=K, feature_dimensionality=DIM, aggregation_type=t)
+  icfg = ref.Config(codebook_size=K, feature_dimensionality=DIM, aggregation_type=t,
+                    use_l2_normalization=not regional, use_regional_aggregation=regional)
+  qx, ix, sim = ref.Extractor(qcfg, codebook), ref.Extractor(icfg, codebook), ref.Similarity(icfg)
+  q = [qx.extract(f) for f in q_feats]
+  db = [ix.extract(f, c) for f, c in zip(db_feats, db_counts)]
+  s = np.array([[sim.compute(a[0], b[0], a[1], b[1]) for b in db] for a in q])
+  return np.argsort(-s, axis=1, kind="stable").T, s
+
+
+@pytest.mark.parametrize("kind", agg.TYPES)
+def test_d2r_reranker_select_regions_match_reference(tmp_path, monkeypatch, kind):
+  d2r, context, (qs, dbs), (boxes, scores), _, workdir = _d2r_world(tmp_path, monkeypatch,
+                                                                    kind=kind)
+  got = d2r._d2r(context, None)  # pylint: disable=protected-access
+  codebook = np.load(os.path.join(workdir, "local", "w", f"d2r_codebook_src_{K}.npz"))[
+      "codebook"]
+  db_feats, db_counts = [], []
+  for i in range(len(dbs)):
+    rec = dbs[i]
+    parts = [rec["descriptors"]]
+    for b, s in zip(boxes[i], scores[i]):
+      if s < 0.3:
+        continue
+      keep = [j for j, (y, x) in enumerate(rec["locations"])
+              if b[0] * 100 <= y <= b[2] * 100 and b[1] * 200 <= x <= b[3] * 200]
+      parts.append(rec["descriptors"][keep])
+    db_feats.append(np.concatenate(parts))
+    db_counts.append([len(p) for p in parts])
+  want, _ = _reference_ranks(codebook, [qs[i]["descriptors"] for i in range(len(qs))],
+                             db_feats, db_counts, kind, True)
+  np.testing.assert_array_equal(got.ranking.ranks, want)
+  assert got.metrics["boxes_per_image"] == pytest.approx(3 / 5)
+  assert "D2R r-" + kind in got.label
+
+
+def test_d2r_reranker_crops_boxes_as_the_reference(tmp_path, monkeypatch):
+  d2r, context, (qs, dbs), (boxes, scores), crops, workdir = _d2r_world(
+      tmp_path, monkeypatch, regions="crop")
+  got = d2r._d2r(context, None)  # pylint: disable=protected-access
+  (images, bboxes, names), = crops
+  want_crops = [(i, tuple(ref.pil_crop_box(b, 200, 100)))
+                for i in range(5)  # the detector's float32 boxes, as the reference gets them
+                for b in ref.selected_boxes(np.float32(boxes[i]), scores[i], 0.3)]
+  assert [(int(p.split("_")[1][0]), tuple(b)) for p, b in zip(images, bboxes)] == want_crops
+  assert len(set(names)) == len(names)  # every crop named apart in the store
+  codebook = np.load(os.path.join(workdir, "local", "w", f"d2r_codebook_src_{K}.npz"))[
+      "codebook"]
+  db_feats, db_counts = [], []
+  for i in range(5):
+    parts = [dbs[i]["descriptors"]] + [
+        np.random.default_rng(sum(b)).normal(size=(9, DIM)).astype(np.float32)
+        for j, b in want_crops if j == i]
+    db_feats.append(np.concatenate(parts))
+    db_counts.append([len(p) for p in parts])
+  want, _ = _reference_ranks(codebook, [qs[i]["descriptors"] for i in range(len(qs))],
+                             db_feats, db_counts, "asmk_star", True)
+  np.testing.assert_array_equal(got.ranking.ranks, want)
+
+
+def test_d2r_plain_kernel_and_head_reordering(tmp_path, monkeypatch):
+  from retrieval_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.evaluation import pipeline  # pylint: disable=g-import-not-at-top
+  from retrieval_jax.evaluation import rerankers  # pylint: disable=g-import-not-at-top
+  d2r, context, (qs, dbs), _, crops, workdir = _d2r_world(
+      tmp_path, monkeypatch, kind="vlad", regional=False, top=3)
+  assert pipeline.stages_of(context.config).rerank_top == 3
+  global_ranks = np.tile(np.arange(5)[::-1, None], (1, 2))
+  stage = rerankers.Stage("global", None, None, evaluation.Ranking(global_ranks))
+  got = d2r._d2r(context, stage)  # pylint: disable=protected-access
+  assert not crops  # no boxes without regional aggregation
+  codebook = np.load(os.path.join(workdir, "local", "w", f"d2r_codebook_src_{K}.npz"))[
+      "codebook"]
+  _, s = _reference_ranks(codebook, [qs[i]["descriptors"] for i in range(2)],
+                          [dbs[i]["descriptors"] for i in range(5)], [None] * 5, "vlad", False)
+  for j in range(2):  # the global top 3 re-ordered by the VLAD similarity, the rest kept
+    head = global_ranks[:3, j]
+    np.testing.assert_array_equal(got.ranking.ranks[:3, j], head[np.argsort(-s[j, head])])
+    np.testing.assert_array_equal(got.ranking.ranks[3:, j], global_ranks[3:, j])
+
+
+def test_d2r_defaults_and_config_errors():
+  c = common.base_config()
+  e = c.eval
+  assert (e.d2r_aggregation, e.d2r_codebook_size, e.d2r_num_assignments, e.d2r_alpha,
+          e.d2r_tau, e.d2r_regional, e.d2r_top) == ("asmk_star", 65536, 1, 3.0, 0.0, True, -1)
+  from retrieval_jax.evaluation import d2r  # pylint: disable=g-import-not-at-top
+  query, index = d2r.aggregation_configs(e)
+  assert query.l2 and not query.use_regional_aggregation
+  assert not index.l2 and index.use_regional_aggregation
+  c.eval.rerank = "d2r"
+  c.model.local_head = "delg"
+  c.eval.d2r_aggregation, c.eval.d2r_regions = "fisher", "all"
+  c.eval.d2r_codebook_size, c.eval.d2r_num_assignments, c.eval.d2r_top = 4, 5, 0
+  problems = "\n".join(config_checks.find_problems(c, "evaluate"))
+  for expected in ("eval.d2r_aggregation='fisher' is not one of",
+                   "eval.d2r_regions='all' is not one of",
+                   "eval.d2r_num_assignments=5 exceeds eval.d2r_codebook_size=4",
+                   "eval.d2r_top=0 must be -1"):
+    assert expected in problems, problems
