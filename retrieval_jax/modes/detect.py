@@ -18,6 +18,7 @@ from typing import Callable, Tuple
 from absl import logging
 import numpy as np
 
+from retrieval_jax import sharding as sharding_lib
 from retrieval_jax.data import image_io
 from retrieval_jax.data import protocol as protocol_lib
 from retrieval_jax.evaluation import test_set as test_set_lib
@@ -103,6 +104,9 @@ def detect(config, workdir: str):
     raise ValueError("--mode=detect detects boxes in the test set of eval.dataset: set "
                      "--config.eval.dataset=<name>")
   dataset = test.dataset
+  if not sharding_lib.is_main_process():  # the detector is not collective: process 0 runs it
+    sharding_lib.sync("detect_done", timeout_s=sharding_lib.WRITE_TIMEOUT_S)
+    return {}
   detector = make_detector(str(config.detect.model))
   exif = protocol_lib.from_switches(config.extract, dataset.name).exif_transpose
   threshold = float(config.detect.score_threshold)
@@ -113,4 +117,5 @@ def detect(config, workdir: str):
                         model=str(config.detect.model), score_threshold=threshold)
     out[part] = {"path": folder, "images": len(got), "boxes": int(len(got.all_scores)),
                  "selected": int((got.all_scores >= threshold).sum())}
+  sharding_lib.sync("detect_done", timeout_s=sharding_lib.WRITE_TIMEOUT_S)
   return out
