@@ -195,6 +195,29 @@ def base_config() -> ml_collections.ConfigDict:
   # The set the codebook is learned from ("" = data.name, the config's training set; HOW
   # learns it from SfM-120k's 20k-image subset: a HOW-style config names that set).
   c.eval.asmk_codebook_dataset = ""
+  # eval.rerank=d2r: Detect-to-Retrieve (retrieval_jax/evaluation/d2r.py), the reference's
+  # aggregation_config.proto defaults; queries plain, database regional (whole image + the
+  # boxes of --mode=detect scored >= detect.score_threshold); L2 normalisation on for the
+  # plain kernels, off for the regional ones. -1 ranks the whole database; N > 0 re-orders
+  # the global top N.
+  c.eval.d2r_aggregation = "asmk_star"  # "vlad", "asmk" or "asmk_star"
+  c.eval.d2r_regional = True       # R-VLAD / R-ASMK / R-ASMK* for the database
+  c.eval.d2r_regions = "crop"      # box features: "crop" extracted anew (reference), "select"
+  c.eval.d2r_codebook_size = 65536
+  c.eval.d2r_num_assignments = 1
+  c.eval.d2r_alpha = 3.0
+  c.eval.d2r_tau = 0.0
+  c.eval.d2r_top = -1
+  c.eval.d2r_train_images = 2000   # images whose local features learn the codebook
+  c.eval.d2r_codebook_dataset = ""  # "" = data.name
+  c.eval.d2r_kmeans_iterations = 50
+
+  # --mode=detect (retrieval_jax/modes/detect.py): a landmark detector (TF SavedModel
+  # folder, e.g. D2R's Faster R-CNN / MobileNet-SSD) on the test set's images; all boxes
+  # go to <workdir>/boxes/<set>_<part>/, the threshold picks those used.
+  c.detect = ml_collections.ConfigDict()
+  c.detect.model = ""
+  c.detect.score_threshold = 0.1   # extract_index_boxes_and_features.py's detector_thresh
 
   # --mode=export (retrieval_jax/export.py): the network with its input rule for serving.
   c.export = ml_collections.ConfigDict()

@@ -15,11 +15,13 @@ from retrieval_jax import errors
 from retrieval_jax import losses
 from retrieval_jax import multiscale
 from retrieval_jax import networks
+from retrieval_jax import storage
 from retrieval_jax.data import datasets
 from retrieval_jax.data import grain_pipeline
 from retrieval_jax.data import protocol
 from retrieval_jax.evaluation import pipeline
 from retrieval_jax.evaluation import rerankers
+from retrieval_jax.local import aggregation
 from retrieval_jax.local import heads
 from retrieval_jax.local import matching
 from retrieval_jax.models import backbones
@@ -181,6 +183,7 @@ def find_problems(config: Any, mode: str = "train") -> List[str]:
   if mode == "compile":
     errors.extend(_compile_problems(config))
   errors.extend(superglobal_problems(config, mode))
+  errors.extend(d2r_problems(config, mode))
   errors.extend(vit_problems(config))
   fraction = _get(config, "data.heldout_fraction")
   if fraction is not None and (not _is_number(fraction) or not 0 <= fraction < 1):
@@ -278,7 +281,7 @@ def _check_combinations(errors: List[str], config: Any, mode: str) -> None:
   rerank = _get(config, "eval.rerank")
   if rerank:
     _check_name(errors, "eval.rerank", rerank, rerankers.RERANKERS.names())
-    if rerank in ("local", "asmk") and not local_head:
+    if rerank in ("local", "asmk", "d2r") and not local_head:
       errors.append(f"config.eval.rerank={rerank!r} re-ranks with local features: set "
                     "--config.model.local_head=delg (a network with a local head)")
     if rerank == "local":
@@ -336,6 +339,48 @@ def _compile_problems(config: Any) -> List[str]:
       < 2 and axes[:1] != ("slice",)):
     errors.append("config.loss.mining_scope='slice' mines within each TPU slice: compile for "
                   "--config.compile.num_slices>=2 (or a mesh.axes starting with 'slice')")
+  return errors
+
+
+def d2r_problems(config: Any, mode: str) -> List[str]:
+  """Detect-to-Retrieve's fields: eval.d2r_* (eval.rerank=d2r) and detect.* (--mode=detect)."""
+  errors: List[str] = []
+  if mode == "detect":
+    model = _get(config, "detect.model")
+    if not model:
+      errors.append("config.detect.model is empty: --mode=detect needs a detector TF "
+                    "SavedModel folder, --config.detect.model=<path>")
+    elif not storage.exists(storage.join(str(model), "saved_model.pb")):
+      errors.append(f"config.detect.model={model!r} holds no saved_model.pb (a TF "
+                    "SavedModel folder)")
+    if not _get(config, "eval.dataset"):
+      errors.append("--mode=detect detects boxes in the test set: set "
+                    "--config.eval.dataset=<name>")
+  v = _get(config, "detect.score_threshold")
+  if v is not None and not _is_number(v):
+    errors.append(f"config.detect.score_threshold={v!r} must be a number")
+  if _get(config, "eval.rerank") != "d2r":
+    return errors
+  _check_name(errors, "eval.d2r_aggregation", _get(config, "eval.d2r_aggregation"),
+              aggregation.TYPES)
+  _check_name(errors, "eval.d2r_regions", _get(config, "eval.d2r_regions"), ("crop", "select"))
+  size = _get(config, "eval.d2r_codebook_size")
+  for key in ("eval.d2r_codebook_size", "eval.d2r_num_assignments", "eval.d2r_train_images",
+              "eval.d2r_kmeans_iterations"):
+    v = _get(config, key)
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+      errors.append(f"config.{key}={v!r} must be a positive integer")
+  m = _get(config, "eval.d2r_num_assignments")
+  if isinstance(m, int) and isinstance(size, int) and m > size:
+    errors.append(f"config.eval.d2r_num_assignments={m} exceeds eval.d2r_codebook_size={size}")
+  for key in ("eval.d2r_alpha", "eval.d2r_tau"):
+    v = _get(config, key)
+    if v is not None and not _is_number(v):
+      errors.append(f"config.{key}={v!r} must be a number")
+  v = _get(config, "eval.d2r_top")
+  if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v == 0 or v < -1):
+    errors.append(f"config.eval.d2r_top={v!r} must be -1 (rank the whole database) or a "
+                  "positive head length")
   return errors
 
 

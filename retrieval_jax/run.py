@@ -10,6 +10,7 @@ from retrieval_jax import config_checks
 from retrieval_jax import registry
 from retrieval_jax.aot import mode as compile_mode
 from retrieval_jax.modes import describe as describe_mode
+from retrieval_jax.modes import detect as detect_mode
 from retrieval_jax.modes import evaluate as evaluate_mode
 from retrieval_jax.modes import export as export_mode
 from retrieval_jax.modes import extract as extract_mode
@@ -25,6 +26,7 @@ MODES.register("extract", extract_mode.extract)
 MODES.register("export", export_mode.export)
 MODES.register("describe", describe_mode.describe)
 MODES.register("search", search_mode.search)
+MODES.register("detect", detect_mode.detect)  # Detect-to-Retrieve: a detector's boxes
 MODES.register("serve", search_page_app.serve_mode)  # a search page over a described folder
 MODES.register("compile", compile_mode.run)  # pod rehearsal: AOT for a TPU topology
 

@@ -15,7 +15,8 @@ registered in `evaluation.rerankers.RERANKERS`):
   by ASMK similarity over the local descriptors; `eval.asmk_top=N` re-orders only the
   global top N (`geometric_rerank.rerank_by_scores`); its codebook learned once from
   `eval.asmk_train_images` images of `eval.asmk_codebook_dataset` (default: the training
-  set) and kept in `<workdir>/local/<tag>/`.
+  set) and kept in `<workdir>/local/<tag>/`;
+* "d2r": Detect-to-Retrieve's VLAD / ASMK / ASMK* and regional kernels (`d2r.py`).
 """
 from typing import Tuple
 
@@ -40,8 +41,8 @@ def local_dir(workdir: str, tag: str) -> str:
   return storage.join(workdir, "local", tag)
 
 
-def _store(model, variables, images, folder: str, *, mesh, settings, bboxes=None
-           ) -> store_lib.LocalFeatureStore:
+def _store(model, variables, images, folder: str, *, mesh, settings, bboxes=None,
+           image_list=None) -> store_lib.LocalFeatureStore:
   """The local features of `images` under `settings.local`, extracted or found on disk."""
   if not networks.has_local_head(model) or settings.local is None:
     raise ValueError("local features need model.local_head='delg' (a network with a local "
@@ -52,7 +53,8 @@ def _store(model, variables, images, folder: str, *, mesh, settings, bboxes=None
       backbone_kwargs=dict(model.backbone_kwargs or {}), long_side=local.long_side,
       scales=local.scales, score_threshold=local.score_threshold,
       max_features=local.max_features, iou_threshold=local.iou_threshold,
-      batch_size=local.batch_size, exif_transpose=settings.protocol.exif_transpose)
+      batch_size=local.batch_size, exif_transpose=settings.protocol.exif_transpose,
+      image_list=image_list)
 
 
 def extract_local_features(model, variables, mesh, settings, dataset: datasets.RetrievalSet,
@@ -102,6 +104,25 @@ def _local(context: rerankers.Context, stage: rerankers.Stage) -> rerankers.Rera
       f"local re-ranking of the top {top_n}", {"verified_per_query": float(verified)})
 
 
+def training_descriptors(context: rerankers.Context, source: str, num_images: int,
+                         name: str) -> np.ndarray:
+  """The local descriptors of `num_images` seeded random images of the set `source` (its
+  training split; the config's own split for `data.name`), kept in
+  `<workdir>/local/<tag>/<name>_train_<source>/`: what a codebook is learned from."""
+  config, workdir = context.config, context.workdir
+  split = config.data.split if source == config.data.name else "train"
+  train = datasets.get_dataset(source, paths.data_root(config, workdir), split,
+                               config=config)
+  n = min(int(num_images), len(train.images))
+  pick = np.random.default_rng(config.seed).choice(len(train.images), n, replace=False)
+  images = [train.images[i] for i in sorted(pick)]
+  store = _store(context.model, context.variables, images,
+                 storage.join(local_dir(workdir, context.weights_tag),
+                              f"{name}_train_{source}"),
+                 mesh=context.mesh, settings=context.settings)
+  return np.concatenate([store[i]["descriptors"] for i in range(len(store))])
+
+
 def _asmk_index(context: rerankers.Context, db_store) -> asmk_index.AsmkIndex:
   """ASMK over the database; the codebook from training images, learned once per tag."""
   config, workdir, tag = context.config, context.workdir, context.weights_tag
@@ -112,17 +133,8 @@ def _asmk_index(context: rerankers.Context, db_store) -> asmk_index.AsmkIndex:
   if sharding_lib.agree(storage.exists(path)):  # learning it is collective: agree first
     index.load_codebook(path)
   else:
-    split = config.data.split if source == config.data.name else "train"
-    train = datasets.get_dataset(source, paths.data_root(config, workdir), split,
-                                 config=config)
-    n = min(int(config.eval.asmk_train_images), len(train.images))
-    pick = np.random.default_rng(config.seed).choice(len(train.images), n, replace=False)
-    images = [train.images[i] for i in sorted(pick)]
-    store = _store(context.model, context.variables, images,
-                   storage.join(local_dir(workdir, tag), f"asmk_train_{source}"),
-                   mesh=context.mesh,
-                   settings=context.settings)
-    sample = np.concatenate([store[i]["descriptors"] for i in range(len(store))])
+    n = int(config.eval.asmk_train_images)
+    sample = training_descriptors(context, source, n, "asmk")
     logging.info("ASMK: codebook of %d words from %d descriptors of %d training images",
                  size, len(sample), n)
     index.train_codebook(sample)

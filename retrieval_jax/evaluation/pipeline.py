@@ -10,7 +10,7 @@
   3. qe_dba    alpha-DBA then alpha-QE on the final descriptors (`query_expansion.py`),
                suffix `_rerank`;
   4. rerank    a second-stage re-ranker of the final ranking (`rerankers.RERANKERS`,
-               `config.eval.rerank`: "local" DELG verification, "asmk", "superglobal"
+               `config.eval.rerank`: "local" DELG verification, "asmk", "d2r", "superglobal"
                SuperGlobal's MDescAug + RerankwMDA), suffix `_<name>`;
   5. approximate  for a revisited set, the mAP of the exact and of the faiss top-k lists
                of the final descriptors and the faiss recall@k.
@@ -43,6 +43,7 @@ from retrieval_jax.evaluation import query_expansion
 from retrieval_jax.evaluation import rerankers
 from retrieval_jax.evaluation import test_set as test_set_lib
 from retrieval_jax.evaluation import local_rerankers  # pylint: disable=unused-import
+from retrieval_jax.evaluation import d2r  # pylint: disable=unused-import
 from retrieval_jax.evaluation import superglobal  # pylint: disable=unused-import
 from retrieval_jax.postprocess import whitening as whitening_lib
 from retrieval_jax.postprocess import whitening_store
@@ -96,7 +97,8 @@ def stages_of(config, whitening: Optional[Mapping[str, Any]] = None,
       qe_k=int(e.qe_k) if on("qe_dba") else 0, qe_alpha=float(e.qe_alpha),
       dba_k=int(e.dba_k) if on("qe_dba") else 0, dba_alpha=float(e.dba_alpha),
       rerank=str(e.rerank or "") if on("rerank") else "",
-      rerank_top=int(e.asmk_top if e.rerank == "asmk" else e.rerank_top),
+      rerank_top=int({"asmk": e.asmk_top, "d2r": e.get("d2r_top", -1)}.get(
+          e.rerank, e.rerank_top)),
       approximate=approximate, pictures=int(e.pictures) if on("pictures") else 0,
       skipped=tuple(s for s in STAGES if s in skip and asked[s]))
 

@@ -10,6 +10,8 @@ store.py           per-image keypoints on disk (streaming, resumable)
 matching.py        mutual-NN / ratio-test matching + RANSAC verification
 geometric_rerank.py re-ranking a global top-N by verified inliers, per protocol's junk
 asmk_index.py      ASMK aggregation over local descriptors (the `asmk` package)
+aggregation.py     Detect-to-Retrieve's VLAD / ASMK / ASMK* and R-VLAD / R-ASMK / R-ASMK*
+boxes.py           detected boxes (`--mode=detect`) and the regions they make
 
 The modes use them through `retrieval_jax/networks.py` (which network a config builds) and
 the evaluation pipeline's re-rankers (`retrieval_jax/evaluation/local_rerankers.py`,

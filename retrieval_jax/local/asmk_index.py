@@ -8,7 +8,9 @@ binary, no idf, multiple assignment 1 (database) / 5 (queries), alpha 3, thresho
 
 Regional ASMK (Detect-to-Retrieve): when boxes are given for a database image, each box's
 keypoints form an extra "region" entry of the inverted file, and an image scores the max of
-its entries (whole image included). No detector ships here: boxes come from the user.
+its entries (whole image included). Boxes come from the user here; Detect-to-Retrieve as
+the reference does it (detector boxes, R-ASMK* etc.) is `aggregation.py` + `boxes.py`,
+`eval.rerank=d2r`.
 
 The codebook is saved by us as a plain `.npz` of centroids (no pickle: the package's own
 cache files are pickles), and the inverted file is rebuilt from the stored local features.

@@ -8,6 +8,8 @@
                local head (DELG), local features to `<workdir>/local/<tag>/<set>_<part>/`;
   export.py    the network as a jax.export function + TF SavedModel (`export.py`);
   describe.py  every image of a folder / list file to descriptors, resumable (`describe.py`);
+  detect.py    a detector SavedModel's boxes of the test set to `<workdir>/boxes/<set>_<part>/`
+               (Detect-to-Retrieve's regions, `eval.rerank=d2r`);
   search.py    top-k of query images in a described folder, JSON + pictures
                (`index_search.py`).
   serve        a search page and JSON API over a described folder (`search_page/`).
