@@ -36,4 +36,5 @@ def get_config():
   c.extract.long_side = 192
   c.extract.batch_size = 16
   c.eval.dataset = "demo"
+  c.eval.extra_splits = ("real",)  # real photos of unseen places, beside the synthetic views
   return c
