@@ -30,7 +30,7 @@ def get_config():
   c.optim.weight_decay = 1e-6
   c.optim.schedule = "constant"
   c.optim.freeze = r"^backbone/(stem|block([1-9]|1[0-3]))/"  # what frozen_blocks stops
-  c.train.num_steps = 300
+  c.train.num_steps = 200
   c.train.log_every = 20
   c.train.checkpoint_every = 100
   c.extract.long_side = 192

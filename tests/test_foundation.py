@@ -78,6 +78,64 @@ def test_demo_splits_hold_out_whole_landmarks(demo_root):
   assert np.bincount(train.labels).max() >= 4  # enough views for K x M batches
 
 
+def _gray_thumb(image: np.ndarray, side: int = 16) -> np.ndarray:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  t = np.asarray(Image.fromarray(image).convert("L").resize((side, side), Image.BILINEAR),
+                 np.float64).ravel()
+  t -= t.mean()
+  return t / (np.linalg.norm(t) + 1e-9)
+
+
+def test_demo_real_splits_hold_only_real_multi_view_groups_unseen_in_training(demo_root):
+  """'real' / 'val_real': different real photos of one place, no place or photo trained on."""
+  meta = json.load(open(os.path.join(demo_root, "demo-0", "meta.json")))
+  train = datasets.get_dataset("demo", demo_root, "train")
+  real = datasets.get_dataset("demo", demo_root, "real")
+  val_real = datasets.get_dataset("demo", demo_root, "val_real")
+  groups = meta["real_groups"]
+  real_ids, val_ids = set(real.db_labels.tolist()), set(val_real.db_labels.tolist())
+  assert not real_ids & val_ids and real_ids | val_ids == set(range(len(groups)))
+  assert len(real_ids) >= 8 and len(val_ids) >= 3
+  for split in (real, val_real):
+    assert list(split.query_images) == list(split.db_images)  # every photo queries
+    labels = np.asarray(split.db_labels)
+    for i, g in enumerate(split.gnd):
+      same = np.flatnonzero(labels == labels[i])
+      assert len(same) >= 2, (split.name, split.db_images[i])  # a group, not a single
+      assert sorted(g["ok"].tolist()) == sorted(set(same.tolist()) - {i})
+      assert g["junk"].tolist() == [i]
+  # Each group is several different photographs (not warps of one): named by 2+ source
+  # files, or frames of the campus walk / a stereo pair; and none of its source files is
+  # one a synthetic (trainable) landmark comes from.
+  synthetic_files = {name.split(":", 1)[1].split("#")[0] for name in meta["landmarks"]}
+  for name in groups:
+    source, what = name.split(":", 1)
+    files = what.split("+")
+    assert len(files) >= 2 or what.startswith("campus") or what.startswith("stereo"), name
+    assert not set(files) & synthetic_files, name
+  # Pixels: no real photo looks like a training view's source tile (16 x 16 correlation),
+  # and the photos of one group are not copies of each other.
+  real_paths = list(real.db_images) + list(val_real.db_images)
+  real_thumbs = np.stack([_gray_thumb(np.asarray(_load(p))) for p in real_paths])
+  train_names = {meta["landmarks"][i] for i in set(
+      int(os.path.basename(p).split("_")[0]) for p in train.images)}
+  tiles = [photos[0] for name, photos in demo.source_landmarks() if name in train_names]
+  assert len(tiles) == train.num_classes
+  tile_thumbs = np.stack([_gray_thumb(t) for t in tiles])
+  assert np.max(real_thumbs @ tile_thumbs.T) < 0.95
+  labels = np.concatenate([real.db_labels, val_real.db_labels])
+  sim = real_thumbs @ real_thumbs.T
+  for i in range(len(labels)):
+    for j in range(i + 1, len(labels)):
+      if labels[i] == labels[j]:
+        assert sim[i, j] < 0.999, (real_paths[i], real_paths[j])
+
+
+def _load(path):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  return Image.open(path).convert("RGB")
+
+
 def _demo_config(root, **train):
   c = parse_config()
   with c.unlocked():

@@ -34,7 +34,7 @@ from retrieval_jax.data import datasets
 
 VIEW_LONG_SIDE = 192
 _SOURCE_LONG_SIDE = 640
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 
 # Real multi-view groups in mvtb-data: different photographs of the same place or object.
 # Every file of one place is in its group, and none is among the single photos below: the
@@ -232,8 +232,6 @@ def _build(out: str, key: Dict, seed: int, views_train: int, views_test: int) ->
     meta[f"{split}_images"], meta[f"{split}_labels"] = [], []
   for split in ("val", "test"):
     meta[f"{split}_query_images"], meta[f"{split}_query_labels"] = [], []
-  train_ids = sorted(lid for lid, s in split_of.items() if s == "train")
-  train_label = {lid: i for i, lid in enumerate(train_ids)}  # contiguous 0..K-1
   for lid, (name, photos) in enumerate(landmarks):
     meta["landmarks"].append(name)
     split = split_of[lid]
@@ -244,7 +242,7 @@ def _build(out: str, key: Dict, seed: int, views_train: int, views_test: int) ->
                           random_view(photos[v % len(photos)], view_rng))
       if split == "train":
         meta["train_images"].append(rel)
-        meta["train_labels"].append(train_label[lid])
+        meta["train_labels"].append(lid)
       else:
         part = f"{split}_query" if v == 0 else split
         meta[f"{part}_images"].append(rel)
@@ -292,7 +290,8 @@ SPLITS = ("train", "val", "test", "val_real", "real")
 def load(root: str, split: str = "train", seed: int = 0):
   """One split of the demo set.
 
-  'train' -> TrainSet of the training landmarks (labels 0..K-1); 'val' / 'test' ->
+  'train' -> TrainSet of the training landmarks (labels: landmark ids, as in 'val' and
+  'test', below `len(meta["landmarks"])`); 'val' / 'test' ->
   RetrievalSet of held-out synthetic landmarks (one query each, the other views the
   database, same-label ground truth); 'val_real' / 'real' -> RetrievalSet "demo_real" of
   real multi-view groups: every photo a query against all the split's photos, the other
