@@ -131,6 +131,33 @@ def test_demo_real_splits_hold_only_real_multi_view_groups_unseen_in_training(de
         assert sim[i, j] < 0.999, (real_paths[i], real_paths[j])
 
 
+def _revisitop_ap(ranks, ok, junk):
+  """revisitop's compute_ap (trapezoidal precision) on one ranking, junk removed first."""
+  ranks = [r for r in ranks if r not in set(junk)]
+  pos = [i for i, r in enumerate(ranks) if r in set(ok)]
+  ap = 0.0
+  for j, rank in enumerate(pos):
+    precision_0 = 1.0 if rank == 0 else j / rank
+    ap += (precision_0 + (j + 1) / (rank + 1)) / 2 / len(pos)
+  return ap
+
+
+def test_demo_real_evaluator_is_revisitop_map_with_the_query_junk():
+  from retrieval_jax import evaluation  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(7, 16)).astype(np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  labels = np.asarray([0, 0, 1, 1, 1, 2, 2])
+  gnd = [{"ok": np.flatnonzero((labels == l) & (np.arange(7) != i)),
+          "junk": np.asarray([i])} for i, l in enumerate(labels)]
+  got = evaluation.evaluate_descriptors("demo_real", x, x, {"gnd": gnd})
+  order = np.argsort(-(x @ x.T), axis=1)
+  want = 100 * np.mean([_revisitop_ap(list(order[i]), g["ok"].tolist(), [i])
+                        for i, g in enumerate(gnd)])
+  assert got["mAP"] == pytest.approx(want, abs=1e-4)
+  assert got["lines"] == [f">> demo_real: mAP {want:.2f}"]
+
+
 def _load(path):
   from PIL import Image  # pylint: disable=import-outside-toplevel
   return Image.open(path).convert("RGB")
@@ -213,6 +240,13 @@ def test_train_checkpoint_restore_extract_end_to_end(demo_root, tmp_path):
   assert summary["after"]["mAP"] == pytest.approx(trained["mAP"], abs=1e-6)
   assert "before" in summary
   assert os.path.exists(os.path.join(workdir, "results", "evaluate_step4_top.png"))
+  # eval.extra_splits=("real",) (configs/demo.py): the real views are scored beside the
+  # synthetic ones, in the training run's files and again by the fresh process.
+  evaluated = json.load(open(os.path.join(workdir, "results", "evaluate_step4.json")))
+  before = json.load(open(os.path.join(workdir, "results", "before.json")))
+  assert evaluated["real"]["mAP"] == pytest.approx(trained["real"]["mAP"], abs=1e-6)
+  assert 0 < before["real"]["mAP"] <= 100 and "real" in periodic
+  assert any(l.startswith("real: >> demo_real: mAP") for l in evaluated["lines"])
 
   out = run("--mode=extract")
   assert out.returncode == 0, out.stderr[-3000:]
