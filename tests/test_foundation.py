@@ -255,3 +255,10 @@ def test_train_checkpoint_restore_extract_end_to_end(demo_root, tmp_path):
   n = len(open(os.path.join(folder, "images.txt")).read().splitlines())
   assert d.shape == (n, 1280)
   np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-4)
+
+
+def test_unknown_extra_split_fails_naming_it_and_the_splits(demo_root):
+  from retrieval_jax.evaluation import test_set  # pylint: disable=import-outside-toplevel
+  c = parse_config(f"--config.data.root={demo_root}", "--config.eval.extra_splits=('reals',)")
+  with pytest.raises(ValueError, match=r"eval.extra_splits.*'reals'.*val_real"):
+    test_set.load(c, str(demo_root))
