@@ -151,6 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.dataset = "demo"
   c.eval.split = "test"
+  # Further splits of eval.dataset scored beside it by every evaluation, under their names
+  # in the results (the demo's "real": real multi-view photos of unseen places).
+  c.eval.extra_splits = ()
   c.eval.root = ""
   c.eval.pictures = 4              # queries drawn with their top results; 0: none
   # Post-hoc whitening (retrieval_jax/postprocess/), the reference's test.py --whitening:

@@ -7,7 +7,7 @@
 The demo's MobileNetV2-GeM (configs/demo.py: contrastive loss with in-step hard negatives,
 blocks 1-13 frozen) plus DELG's local head on the stride-16 stage (features.13, 96 channels)
 subsampled to stride 32: attention (1x1 conv 512, BatchNorm, ReLU, 1x1 conv, softplus) trained by a softmax classifier over
-the 73 training landmarks on attention-pooled features, and an autoencoder 96 -> 32 whose
+the 63 training landmarks on attention-pooled features, and an autoencoder 96 -> 32 whose
 output is the local descriptor; loss = global + 1 * attention CE + 10 * reconstruction
 (DELG's weights), the local terms stopped at the trunk. The evaluate command extracts local
 features (DELG's 3 scales, up to 1000 per image) next to the global descriptors, re-ranks
@@ -25,7 +25,7 @@ def get_config():
   c = demo.get_config()
   c.model.local_head = "delg"
   c.model.local_dim = 32
-  c.model.local_num_classes = 105  # label ids 0..104 (the 73 training landmarks among 105)
+  c.model.local_num_classes = 114  # label ids 0..113 (the 63 training landmarks among 114)
   c.train.num_steps = 200
   # The local head starts from scratch: 100 x the trunk's fine-tuning lr (1e-3 with Adam).
   c.optim.head_lr_mult = 100.0

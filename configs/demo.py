@@ -4,9 +4,15 @@
   python main.py --config=configs/demo.py --workdir=/tmp/demo --mode=evaluate
 
 Builds the demo set (retrieval_jax/data/demo.py) in the workdir, evaluates held-out mAP with
-the pretrained network, trains 300 steps of contrastive loss with in-step hard negatives
+the pretrained network, trains 200 steps of contrastive loss with in-step hard negatives
 (8 landmarks x 4 views per batch), checkpoints, then (second command, a fresh process)
 restores the final checkpoint, extracts and evaluates again. About 5 minutes on 2 CPU cores.
+
+Two test splits are scored each time: 'test' (synthetic views of held-out landmarks) and
+'real' (eval.extra_splits: real photos of places none of the training photos show, several
+per place), which shows whether fine-tuning forgets. The recipe (lr, steps, GeM p learned)
+was chosen by benchmarks/forgetting.py on the validation splits 'val' / 'val_real' only:
+the largest val gain among recipes keeping val_real within 1 mAP (BENCHMARKS.md).
 """
 from configs import common
 
@@ -30,10 +36,11 @@ def get_config():
   c.optim.weight_decay = 1e-6
   c.optim.schedule = "constant"
   c.optim.freeze = r"^backbone/(stem|block([1-9]|1[0-3]))/"  # what frozen_blocks stops
-  c.train.num_steps = 300
+  c.train.num_steps = 200
   c.train.log_every = 20
   c.train.checkpoint_every = 100
   c.extract.long_side = 192
   c.extract.batch_size = 16
   c.eval.dataset = "demo"
+  c.eval.extra_splits = ("real",)  # real photos of unseen places, beside the synthetic views
   return c

@@ -31,6 +31,7 @@ def get_config(trunk: str = "mobilenet_v2"):
     c.optim.freeze = ""
   c.data.name = "folder"
   c.eval.dataset = "folder"
+  c.eval.extra_splits = ()  # the demo's real-views split is the demo set's own
   # Photos are larger than the demo's 192 px views; the test images are described at 512.
   c.extract.long_side = 512
   return c

@@ -26,4 +26,8 @@ last = max(evals, key=lambda f: int(re.search(r"evaluate_step(\d+)\.json$", f).g
 after = json.load(open(last))
 print(f"demo held-out mAP: before fine-tuning {before['mAP']:.2f}, "
       f"after (restored in a fresh process) {after['mAP']:.2f}")
+# The real multi-view photos of unseen places (eval.extra_splits): what fine-tuning forgets.
+if "real" in before and "real" in after:
+  print(f"demo real-views mAP: before fine-tuning {before['real']['mAP']:.2f}, "
+        f"after {after['real']['mAP']:.2f}")
 PY

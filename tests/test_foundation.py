@@ -78,6 +78,91 @@ def test_demo_splits_hold_out_whole_landmarks(demo_root):
   assert np.bincount(train.labels).max() >= 4  # enough views for K x M batches
 
 
+def _gray_thumb(image: np.ndarray, side: int = 16) -> np.ndarray:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  t = np.asarray(Image.fromarray(image).convert("L").resize((side, side), Image.BILINEAR),
+                 np.float64).ravel()
+  t -= t.mean()
+  return t / (np.linalg.norm(t) + 1e-9)
+
+
+def test_demo_real_splits_hold_only_real_multi_view_groups_unseen_in_training(demo_root):
+  """'real' / 'val_real': different real photos of one place, no place or photo trained on."""
+  meta = json.load(open(os.path.join(demo_root, "demo-0", "meta.json")))
+  train = datasets.get_dataset("demo", demo_root, "train")
+  real = datasets.get_dataset("demo", demo_root, "real")
+  val_real = datasets.get_dataset("demo", demo_root, "val_real")
+  groups = meta["real_groups"]
+  real_ids, val_ids = set(real.db_labels.tolist()), set(val_real.db_labels.tolist())
+  assert not real_ids & val_ids and real_ids | val_ids == set(range(len(groups)))
+  assert len(real_ids) >= 8 and len(val_ids) >= 3
+  for split in (real, val_real):
+    assert list(split.query_images) == list(split.db_images)  # every photo queries
+    labels = np.asarray(split.db_labels)
+    for i, g in enumerate(split.gnd):
+      same = np.flatnonzero(labels == labels[i])
+      assert len(same) >= 2, (split.name, split.db_images[i])  # a group, not a single
+      assert sorted(g["ok"].tolist()) == sorted(set(same.tolist()) - {i})
+      assert g["junk"].tolist() == [i]
+  # Each group is several different photographs (not warps of one): named by 2+ source
+  # files, or frames of the campus walk / a stereo pair; and none of its source files is
+  # one a synthetic (trainable) landmark comes from.
+  synthetic_files = {name.split(":", 1)[1].split("#")[0] for name in meta["landmarks"]}
+  for name in groups:
+    source, what = name.split(":", 1)
+    files = what.split("+")
+    assert len(files) >= 2 or what.startswith("campus") or what.startswith("stereo"), name
+    assert not set(files) & synthetic_files, name
+  # Pixels: no real photo looks like a training view's source tile (16 x 16 correlation),
+  # and the photos of one group are not copies of each other.
+  real_paths = list(real.db_images) + list(val_real.db_images)
+  real_thumbs = np.stack([_gray_thumb(np.asarray(_load(p))) for p in real_paths])
+  train_names = {meta["landmarks"][i] for i in set(
+      int(os.path.basename(p).split("_")[0]) for p in train.images)}
+  tiles = [photos[0] for name, photos in demo.source_landmarks() if name in train_names]
+  assert len(tiles) == train.num_classes
+  tile_thumbs = np.stack([_gray_thumb(t) for t in tiles])
+  assert np.max(real_thumbs @ tile_thumbs.T) < 0.95
+  labels = np.concatenate([real.db_labels, val_real.db_labels])
+  sim = real_thumbs @ real_thumbs.T
+  for i in range(len(labels)):
+    for j in range(i + 1, len(labels)):
+      if labels[i] == labels[j]:
+        assert sim[i, j] < 0.999, (real_paths[i], real_paths[j])
+
+
+def _revisitop_ap(ranks, ok, junk):
+  """revisitop's compute_ap (trapezoidal precision) on one ranking, junk removed first."""
+  ranks = [r for r in ranks if r not in set(junk)]
+  pos = [i for i, r in enumerate(ranks) if r in set(ok)]
+  ap = 0.0
+  for j, rank in enumerate(pos):
+    precision_0 = 1.0 if rank == 0 else j / rank
+    ap += (precision_0 + (j + 1) / (rank + 1)) / 2 / len(pos)
+  return ap
+
+
+def test_demo_real_evaluator_is_revisitop_map_with_the_query_junk():
+  from retrieval_jax import evaluation  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(7, 16)).astype(np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  labels = np.asarray([0, 0, 1, 1, 1, 2, 2])
+  gnd = [{"ok": np.flatnonzero((labels == l) & (np.arange(7) != i)),
+          "junk": np.asarray([i])} for i, l in enumerate(labels)]
+  got = evaluation.evaluate_descriptors("demo_real", x, x, {"gnd": gnd})
+  order = np.argsort(-(x @ x.T), axis=1)
+  want = 100 * np.mean([_revisitop_ap(list(order[i]), g["ok"].tolist(), [i])
+                        for i, g in enumerate(gnd)])
+  assert got["mAP"] == pytest.approx(want, abs=1e-4)
+  assert got["lines"] == [f">> demo_real: mAP {want:.2f}"]
+
+
+def _load(path):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  return Image.open(path).convert("RGB")
+
+
 def _demo_config(root, **train):
   c = parse_config()
   with c.unlocked():
@@ -155,6 +240,13 @@ def test_train_checkpoint_restore_extract_end_to_end(demo_root, tmp_path):
   assert summary["after"]["mAP"] == pytest.approx(trained["mAP"], abs=1e-6)
   assert "before" in summary
   assert os.path.exists(os.path.join(workdir, "results", "evaluate_step4_top.png"))
+  # eval.extra_splits=("real",) (configs/demo.py): the real views are scored beside the
+  # synthetic ones, in the training run's files and again by the fresh process.
+  evaluated = json.load(open(os.path.join(workdir, "results", "evaluate_step4.json")))
+  before = json.load(open(os.path.join(workdir, "results", "before.json")))
+  assert evaluated["real"]["mAP"] == pytest.approx(trained["real"]["mAP"], abs=1e-6)
+  assert 0 < before["real"]["mAP"] <= 100 and "real" in periodic
+  assert any(l.startswith("real: >> demo_real: mAP") for l in evaluated["lines"])
 
   out = run("--mode=extract")
   assert out.returncode == 0, out.stderr[-3000:]
@@ -163,3 +255,10 @@ def test_train_checkpoint_restore_extract_end_to_end(demo_root, tmp_path):
   n = len(open(os.path.join(folder, "images.txt")).read().splitlines())
   assert d.shape == (n, 1280)
   np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-4)
+
+
+def test_unknown_extra_split_fails_naming_it_and_the_splits(demo_root):
+  from retrieval_jax.evaluation import test_set  # pylint: disable=import-outside-toplevel
+  c = parse_config(f"--config.data.root={demo_root}", "--config.eval.extra_splits=('reals',)")
+  with pytest.raises(ValueError, match=r"eval.extra_splits.*'reals'.*val_real"):
+    test_set.load(c, str(demo_root))

@@ -14,6 +14,7 @@ import pytest
 
 from configs import delg_demo
 from retrieval_jax import run
+from retrieval_jax.data import datasets
 from retrieval_jax.local import store as store_lib
 
 
@@ -53,5 +54,7 @@ def test_delg_demo_trains_extracts_and_reranks(tmp_path):
   out = run.run("extract", c, workdir)
   query = store_lib.LocalFeatureStore(out["query_local"]["path"])
   db = store_lib.LocalFeatureStore(out["db_local"]["path"])
-  assert (len(query), len(db)) == (32, 224) and query.dim == db.dim == 32
-  assert all(len(db[i]["scores"]) > 0 for i in range(0, 224, 37))
+  test = datasets.get_dataset("demo", c.data.root, "test")
+  assert (len(query), len(db)) == (len(test.query_images), len(test.db_images))
+  assert query.dim == db.dim == 32
+  assert all(len(db[i]["scores"]) > 0 for i in range(0, len(db), 37))

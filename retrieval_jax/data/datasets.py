@@ -112,12 +112,15 @@ class DatasetEntry:
     download: the name `python -m retrieval_jax.data.download` fetches it under ("": none).
     config_options: fn(experiment config) -> loader keyword arguments, for a loader that
       takes settings from the config (the folder dataset's held-out fraction, list file).
+    splits: the splits its loader accepts, where it says (the demo's); () = not declared.
+      `eval.split` and `eval.extra_splits` are checked against it before any compute.
   """
   load: Callable[..., Any]
   default_split: str = "train"
   exif_transpose: bool = True
   download: str = ""
   config_options: Optional[Callable[[Any], Dict[str, Any]]] = None
+  splits: Tuple[str, ...] = ()
 
 
 DATASETS: registry.Registry[DatasetEntry] = registry.Registry("dataset")
@@ -125,16 +128,17 @@ DATASETS: registry.Registry[DatasetEntry] = registry.Registry("dataset")
 
 def register(name: str, default_split: str = "train", *, exif_transpose: bool = True,
              download: str = "",
-             config_options: Optional[Callable[[Any], Dict[str, Any]]] = None):
+             config_options: Optional[Callable[[Any], Dict[str, Any]]] = None,
+             splits: Sequence[str] = ()):
   """Decorator adding a loader `fn(root: str, split: str, **kwargs)` to `DATASETS`.
 
   Args:
     name: registry name (registering it again replaces the entry).
-    default_split, exif_transpose, download, config_options: see `DatasetEntry`.
+    default_split, exif_transpose, download, config_options, splits: see `DatasetEntry`.
   """
   def wrap(fn):
     DATASETS.register(name, DatasetEntry(fn, default_split, exif_transpose, download,
-                                         config_options),
+                                         config_options, tuple(splits)),
                       replace=True)
     return fn
   return wrap
@@ -175,6 +179,13 @@ def exif_transpose(name: str) -> bool:
   name (a user's folder, "")."""
   _import_builtin_loaders()
   return DATASETS.get(name).exif_transpose if name in DATASETS else True
+
+
+def splits(name: str) -> Tuple[str, ...]:
+  """The splits dataset `name` declares (`DatasetEntry.splits`); () when it declares none
+  or is not registered."""
+  _import_builtin_loaders()
+  return DATASETS.get(name).splits if name in DATASETS else ()
 
 
 def download_names() -> List[str]:

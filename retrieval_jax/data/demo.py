@@ -1,11 +1,18 @@
 """The embedded demo set: instance retrieval built from photographs shipped inside pip packages.
 
 Sources are real photographs from scikit-image (`skimage.data`) and the `mvtb-data` package.
-Each "landmark" is either a real multi-view group (stereo pairs, the campus walk, two photos of
-the Eiffel tower, ...) or a disjoint tile of one large photograph. Every landmark gets many
-views by random crop, scale, perspective, rotation, colour change and JPEG compression.
-Landmarks are split into training landmarks and held-out query/database landmarks, so the
-evaluation measures generalisation to unseen objects, as SfM-120k -> Oxford does.
+
+* Synthetic landmarks: a disjoint tile of one photograph, given many views by random crop,
+  scale, perspective, rotation, colour change and JPEG compression. They are split into
+  training, validation ('val') and test landmarks ('test': one query, the other views the
+  database), so the evaluation measures generalisation to unseen objects, as SfM-120k ->
+  Oxford does.
+* Real multi-view groups: several different photographs of one place or object (the campus
+  walk, stereo pairs, two shots of the Eiffel tower, a toy house from three sides, ...). None
+  of them is trained on: they are the "real views" splits, 'real' (test) and 'val_real' (for
+  choosing a recipe), where every photo is a query against the split's other photos. They
+  measure what synthetic warps cannot: whether fine-tuning keeps the network's off-the-shelf
+  ability on real viewpoint and lighting changes of unseen places (issue 22).
 
 Everything is deterministic given `seed`, and cached on disk: `build(root, seed)` writes
 `root/demo-<seed>/{images/*.jpg, meta.json}` once.
@@ -27,20 +34,38 @@ from retrieval_jax.data import datasets
 
 VIEW_LONG_SIDE = 192
 _SOURCE_LONG_SIDE = 640
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 3
 
-# Real multi-view groups in mvtb-data: several photographs of the same place.
+# Real multi-view groups in mvtb-data: different photographs of the same place or object.
+# Every file of one place is in its group, and none is among the single photos below: the
+# real splits share no place with training.
 _MVTB_GROUPS = (("eiffel-1.png", "eiffel-2.png"), ("rocks2-l.png", "rocks2-r.png"),
                 ("walls-l.png", "walls-r.png"),
                 ("building2-1.png", "building2-2.png", "building2-3.png"),
-                ("castle.png", "castle2.png"))
-# Single photographs (mvtb-data), tiled into several landmarks when large.
+                ("castle.png", "castle2.png"),
+                ("seq/im.001.png", "seq/im.005.png", "seq/im.009.png"),  # a toy house
+                ("tomato_124.png", "tomato_14.png", "tomato_35.png", "tomato_54.png"),
+                ("mosaic/aerial-08.png", "mosaic/aerial-09.png", "mosaic/aerial-10.png",
+                 "mosaic/aerialphoto.png"))  # one airport from the air
+# The campus walk: three consecutive frames per place.
+_CAMPUS_FRAMES_PER_PLACE = 3
+# scikit-image's stereo pair (left, right).
+_SKIMAGE_GROUPS = ("stereo_motorcycle",)
+# Single photographs (mvtb-data), tiled into several synthetic landmarks when large. Left
+# out: church.jpg (church.png again), flowers1/8 (perhaps one tulip bed), aerial2-* (the
+# airport of the aerial group), drawings, targets and binary images.
 _MVTB_SINGLES = ("church.png", "lab-scene.png", "parks.png", "roof.png", "street.png",
                  "road.png", "notre-dame.png", "adelson.png", "58060.png", "butterfly.jpg",
-                 "image3.jpg", "penguins.png", "greenscreen.png", "tomato_54.png",
-                 "monalisa.png", "tags.png", "mosaic/aerialphoto.png")
+                 "image3.jpg", "penguins.png", "greenscreen.png", "monalisa.png", "tags.png",
+                 "flowers2.png", "flowers3.png", "flowers4.png", "flowers5.png",
+                 "flowers6.png", "flowers7.png", "flowers9.png")
 _SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
                    "hubble_deep_field", "retina", "camera", "coins", "page")
+# The training / val / test split of the synthetic landmarks, and the val_real share of
+# the real groups.
+_TEST_FRACTION = 0.3
+_VAL_FRACTION = 0.15
+_VAL_REAL_FRACTION = 1 / 3
 
 
 def _mvtb_dir() -> str:
@@ -73,24 +98,42 @@ def _tiles(image: np.ndarray) -> List[np.ndarray]:
   return [image]
 
 
-def source_landmarks() -> List[Tuple[str, List[np.ndarray]]]:
-  """[(landmark name, [source photos])] from the packaged photographs, in a fixed order."""
+def _skimage():
   try:
     from skimage import data as skdata  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError("the demo set needs scikit-image: pip install scikit-image") from e
+  return skdata
+
+
+def real_groups() -> List[Tuple[str, List[np.ndarray]]]:
+  """[(place name, [its real photographs])]: the multi-view groups, in a fixed order."""
   root = _mvtb_dir()
   out = []
   for group in _MVTB_GROUPS:
     photos = [_to_rgb_small(Image.open(os.path.join(root, f))) for f in group]
     out.append(("mvtb:" + "+".join(group), photos))
   campus = sorted(glob.glob(os.path.join(root, "campus", "*.png")))
-  for i in range(0, len(campus) - 2, 3):  # A walk: three consecutive frames per place.
-    frames = campus[i:i + 3]
-    out.append(("mvtb:campus" + str(i), [_to_rgb_small(Image.open(f)) for f in frames]))
+  n = _CAMPUS_FRAMES_PER_PLACE
+  for i in range(0, len(campus) - n + 1, n):
+    out.append(("mvtb:campus" + str(i), [_to_rgb_small(Image.open(f))
+                                         for f in campus[i:i + n]]))
+  skdata = _skimage()
+  for name in _SKIMAGE_GROUPS:
+    left, right = getattr(skdata, name)()[:2]
+    out.append((f"skimage:{name}", [_to_rgb_small(Image.fromarray(left)),
+                                    _to_rgb_small(Image.fromarray(right))]))
+  return out
+
+
+def source_landmarks() -> List[Tuple[str, List[np.ndarray]]]:
+  """[(landmark name, [its one source tile])]: the synthetic landmarks, in a fixed order."""
+  root = _mvtb_dir()
+  out = []
   for f in _MVTB_SINGLES:
     for t, tile in enumerate(_tiles(_to_rgb_small(Image.open(os.path.join(root, f))))):
       out.append((f"mvtb:{f}#{t}", [tile]))
+  skdata = _skimage()
   for name in _SKIMAGE_PHOTOS:
     photo = _to_rgb_small(Image.fromarray(getattr(skdata, name)()))
     for t, tile in enumerate(_tiles(photo)):
@@ -135,21 +178,20 @@ def random_view(photo: np.ndarray, rng: np.random.Generator, long_side: int = VI
   return buf.getvalue()
 
 
-def build(root: str, seed: int = 0, views_train: int = 10, views_test: int = 8,
-          test_fraction: float = 0.3) -> str:
+def build(root: str, seed: int = 0, views_train: int = 10, views_test: int = 8) -> str:
   """Builds (once) the demo set under `root/demo-<seed>`; returns that folder.
 
-  Held-out landmarks give one query and `views_test - 1` database views each. On several
-  processes (every one calls it), process 0 builds the set while the others wait at a
-  barrier with a timeout: one writer per file, in a folder all of them must see.
+  Validation and test landmarks give one query and `views_test - 1` database views each.
+  On several processes (every one calls it), process 0 builds the set while the others
+  wait at a barrier with a timeout: one writer per file, in a folder all of them must see.
   """
   out = storage.join(root, f"demo-{seed}")
   key = dict(version=_FORMAT_VERSION, seed=seed, views_train=views_train,
-             views_test=views_test, test_fraction=test_fraction)
+             views_test=views_test)
   if sharding.jax.process_count() <= 1:
-    return _build(out, key, seed, views_train, views_test, test_fraction)
+    return _build(out, key, seed, views_train, views_test)
   if sharding.is_main_process():
-    _build(out, key, seed, views_train, views_test, test_fraction)
+    _build(out, key, seed, views_train, views_test)
   sharding.sync("demo_build", timeout_s=sharding.WRITE_TIMEOUT_S)
   if not _is_built(out, key):
     raise datasets.DatasetNotFoundError(
@@ -165,8 +207,13 @@ def _is_built(out: str, key: Dict) -> bool:
   return json.loads(storage.read_text(meta_path)).get("key") == key
 
 
-def _build(out: str, key: Dict, seed: int, views_train: int, views_test: int,
-           test_fraction: float) -> str:
+def _jpeg(photo: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(photo).save(buf, format="JPEG", quality=95)
+  return buf.getvalue()
+
+
+def _build(out: str, key: Dict, seed: int, views_train: int, views_test: int) -> str:
   """Writes the demo set into `out` unless it is there already."""
   meta_path = storage.join(out, "meta.json")
   if _is_built(out, key):
@@ -176,27 +223,43 @@ def _build(out: str, key: Dict, seed: int, views_train: int, views_test: int,
   landmarks = source_landmarks()
   rng = np.random.default_rng(seed)
   order = rng.permutation(len(landmarks))
-  n_test = int(round(test_fraction * len(landmarks)))
-  test_ids = set(order[:n_test].tolist())
-  meta: Dict[str, list] = {k: [] for k in ("train_images", "train_labels", "query_images",
-                                           "query_labels", "db_images", "db_labels",
-                                           "landmarks")}
+  n_test = int(round(_TEST_FRACTION * len(landmarks)))
+  n_val = int(round(_VAL_FRACTION * len(landmarks)))
+  split_of = {int(lid): ("test" if r < n_test else "val" if r < n_test + n_val else "train")
+              for r, lid in enumerate(order)}
+  meta: Dict[str, list] = {"landmarks": [], "real_groups": []}
+  for split in ("train", "val", "test", "real", "val_real"):
+    meta[f"{split}_images"], meta[f"{split}_labels"] = [], []
+  for split in ("val", "test"):
+    meta[f"{split}_query_images"], meta[f"{split}_query_labels"] = [], []
   for lid, (name, photos) in enumerate(landmarks):
     meta["landmarks"].append(name)
-    held_out = lid in test_ids
-    n = views_test if held_out else views_train
+    split = split_of[lid]
     view_rng = np.random.default_rng([seed, lid])
-    for v in range(n):
-      photo = photos[v % len(photos)]
-      jpeg = random_view(photo, view_rng)
+    for v in range(views_train if split == "train" else views_test):
       rel = f"images/{lid:03d}_{v:02d}.jpg"
-      storage.write_bytes(storage.join(out, rel), jpeg)  # a local folder or a bucket
-      if not held_out:
-        split = "train"
+      storage.write_bytes(storage.join(out, rel),  # a local folder or a bucket
+                          random_view(photos[v % len(photos)], view_rng))
+      if split == "train":
+        meta["train_images"].append(rel)
+        meta["train_labels"].append(lid)
       else:
-        split = "query" if v == 0 else "db"
+        part = f"{split}_query" if v == 0 else split
+        meta[f"{part}_images"].append(rel)
+        meta[f"{part}_labels"].append(lid)
+  # The real groups: the photographs themselves (no warp), split by their own permutation.
+  groups = real_groups()
+  order = np.random.default_rng([seed, 1]).permutation(len(groups))
+  n_val_real = int(round(_VAL_REAL_FRACTION * len(groups)))
+  for r, gid in enumerate(order.tolist()):
+    name, photos = groups[gid]
+    split = "val_real" if r < n_val_real else "real"
+    for p, photo in enumerate(photos):
+      rel = f"images/real_{gid:02d}_{p}.jpg"
+      storage.write_bytes(storage.join(out, rel), _jpeg(photo))
       meta[f"{split}_images"].append(rel)
-      meta[f"{split}_labels"].append(lid)
+      meta[f"{split}_labels"].append(gid)
+  meta["real_groups"] = [name for name, _ in groups]
   # Last, and whole (renamed into place locally): the cache is valid only once complete.
   storage.write_bytes(meta_path, json.dumps({"key": key, **meta}).encode())
   return out
@@ -220,16 +283,35 @@ def _paths(folder: str, rels: Sequence[str]) -> List[str]:
   return [storage.join(folder, r) for r in rels]
 
 
-@datasets.register("demo")
+SPLITS = ("train", "val", "test", "val_real", "real")
+
+
+@datasets.register("demo", splits=SPLITS)
 def load(root: str, split: str = "train", seed: int = 0):
-  """'train' -> TrainSet of training landmarks; 'test' -> RetrievalSet of held-out ones."""
+  """One split of the demo set.
+
+  'train' -> TrainSet of the training landmarks (labels: landmark ids, as in 'val' and
+  'test', below `len(meta["landmarks"])`); 'val' / 'test' ->
+  RetrievalSet of held-out synthetic landmarks (one query each, the other views the
+  database, same-label ground truth); 'val_real' / 'real' -> RetrievalSet "demo_real" of
+  real multi-view groups: every photo a query against all the split's photos, the other
+  photos of its place positive, itself junk.
+  """
+  datasets.check_split("demo", split, SPLITS)
   folder, meta = _load_meta(root, seed)
   if split == "train":
     return datasets.TrainSet("demo", _paths(folder, meta["train_images"]),
                              np.asarray(meta["train_labels"], np.int32))
-  if split == "test":
+  if split in ("val", "test"):
     return datasets.RetrievalSet(
-        "demo", _paths(folder, meta["query_images"]), _paths(folder, meta["db_images"]),
-        query_labels=np.asarray(meta["query_labels"], np.int32),
-        db_labels=np.asarray(meta["db_labels"], np.int32))
-  raise ValueError(f"demo: unknown split {split!r} (use 'train' or 'test')")
+        "demo", _paths(folder, meta[f"{split}_query_images"]),
+        _paths(folder, meta[f"{split}_images"]),
+        query_labels=np.asarray(meta[f"{split}_query_labels"], np.int32),
+        db_labels=np.asarray(meta[f"{split}_labels"], np.int32))
+  images = _paths(folder, meta[f"{split}_images"])
+  labels = np.asarray(meta[f"{split}_labels"], np.int32)
+  gnd = [{"ok": np.flatnonzero((labels == l) & (np.arange(len(labels)) != i)),
+          "junk": np.asarray([i], np.int64)} for i, l in enumerate(labels)]
+  # "demo_real" scores both (the evaluator of that name); val_real prints as demo_real+val.
+  return datasets.RetrievalSet("demo_real" if split == "real" else "demo_real+val", images,
+                               images, gnd=gnd, query_labels=labels, db_labels=labels)

@@ -141,7 +141,33 @@ def evaluate_network(config, workdir: str, model, variables, mesh, *, step: Opti
   settings = descriptor_settings.build(config, model, variables, test.dataset.name)
   context = rerankers.Context(config, workdir, tag, model, variables, mesh, settings, test,
                               weights_tag="pretrained" if step is None else f"step{step}")
-  return evaluate(context, stages_of(config, white, tuple(skip)), describe_fn)
+  stages = stages_of(config, white, tuple(skip))
+  result = evaluate(context, stages, describe_fn)
+  extras = test_set_lib.extra_splits(config)
+  if not extras:
+    return result
+  # `eval.extra_splits` (the demo's real views): the same network and stages, less the
+  # second-stage re-ranking, the faiss report and the pictures; under the split's name in
+  # the result (and its file), its lines prefixed with the split.
+  result = dict(result)
+  for split in extras:
+    extra = test_set_lib.load(config, workdir, split)
+    extra_context = dataclasses.replace(
+        context, workdir="", tag=f"{tag}_{split}", test=extra,
+        settings=descriptor_settings.build(config, model, variables, extra.dataset.name))
+    got = evaluate(extra_context, dataclasses.replace(stages, rerank="", approximate=None,
+                                                      pictures=0), describe_fn)
+    result[split] = got
+    result["lines"] = list(result["lines"]) + [f"{split}: {line}" for line in got["lines"]]
+  write_result(workdir, tag, result)
+  return result
+
+
+def write_result(workdir: str, tag: str, result: Mapping[str, Any]) -> None:
+  """`<workdir>/results/<tag>.json` (main process only; nothing for workdir "")."""
+  if workdir and sharding.is_main_process():
+    storage.write_text(storage.join(paths.results_dir(workdir), f"{tag}.json"),
+                       json.dumps({k: _jsonable(v) for k, v in result.items()}, indent=1))
 
 
 def describe_test_set(context: rerankers.Context, describe_fn=None
@@ -253,10 +279,9 @@ def evaluate(context: rerankers.Context, stages: Stages, describe_fn=None) -> Di
         f"stages not run (train.eval_skip): {', '.join(stages.skipped)}"]
   for line in result["lines"]:
     logging.info("%s %s", context.tag, line)
+  write_result(context.workdir, context.tag, result)
   if context.workdir and sharding.is_main_process():
     out = paths.results_dir(context.workdir)
-    storage.write_text(storage.join(out, f"{context.tag}.json"),
-                       json.dumps({k: _jsonable(v) for k, v in result.items()}, indent=1))
     n = min(stages.pictures, len(dataset.query_images))
     if n and (dataset.gnd is not None or dataset.query_labels is not None):
       _pictures(out, context, dataset, stage.ranking.ranks[:8, :n])

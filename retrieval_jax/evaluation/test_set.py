@@ -41,18 +41,46 @@ def check(dataset: datasets.RetrievalSet, *, root: str = "",
 _LOADED: Dict[Tuple[Any, ...], TestSet] = {}
 
 
-def load(config, workdir: str) -> Optional[TestSet]:
+def load(config, workdir: str, split: Optional[str] = None) -> Optional[TestSet]:
   """The checked test set of `config.eval` (None when `eval.dataset` is empty), loaded and
-  checked on the first call of this process only."""
+  checked on the first call of this process only (with those of `eval.extra_splits`).
+
+  Args:
+    config, workdir: the experiment.
+    split: another split of `eval.dataset` than `eval.split` (one of `eval.extra_splits`).
+
+  Raises:
+    ValueError: `eval.split` or an `eval.extra_splits` entry is not a split the dataset
+      declares (`datasets.DatasetEntry.splits`).
+  """
   if not config.eval.dataset:
     return None
+  declared = datasets.splits(config.eval.dataset)
+  wanted = [("eval.split", config.eval.split)] + [
+      ("eval.extra_splits", s) for s in extra_splits(config)]
+  for field, name in wanted:
+    if declared and name not in declared:
+      raise ValueError(f"config.{field}: {config.eval.dataset!r} has no split {name!r}; "
+                       f"its splits: {list(declared)}")
   root = paths.eval_root(config, workdir)
-  key = (config.eval.dataset, root, config.eval.split, bool(config.eval.allow_missing))
+  if split is None:  # The extra splits are checked up front too, before any compute.
+    for extra in extra_splits(config):
+      load(config, workdir, extra)
+  split = config.eval.split if split is None else split
+  key = (config.eval.dataset, root, split, bool(config.eval.allow_missing))
   if key not in _LOADED:
-    dataset = datasets.get_dataset(config.eval.dataset, root, config.eval.split,
-                                   config=config)
+    dataset = datasets.get_dataset(config.eval.dataset, root, split, config=config)
     _LOADED[key] = check(dataset, root=root, allow_missing=config.eval.allow_missing)
   return _LOADED[key]
+
+
+def extra_splits(config) -> Tuple[str, ...]:
+  """`eval.extra_splits`: splits evaluated beside `eval.split` (the demo's real views); a
+  comma-separated string from the command line is accepted."""
+  value = config.eval.get("extra_splits", ()) or ()
+  if isinstance(value, str):
+    value = [v for v in value.split(",")]
+  return tuple(str(v).strip() for v in value if str(v).strip())
 
 
 def ground_truth(dataset: datasets.RetrievalSet) -> Any:
