@@ -79,11 +79,11 @@ def describe_demo_set(data_root: str, seed: int = 0) -> Dict:
   # pylint: disable=import-outside-toplevel
   from retrieval_jax.data import demo
   folder = demo.build(data_root, seed)
+  test = demo.load(data_root, "test", seed)
   with open(os.path.join(folder, "meta.json")) as f:
-    meta = json.load(f)
-  return {"key": meta["key"], "queries": len(meta["query_images"]),
-          "database": len(meta["db_images"]),
-          "held_out_landmarks": len(set(meta["query_labels"])),
+    key = json.load(f)["key"]
+  return {"key": key, "queries": len(test.query_images), "database": len(test.db_images),
+          "held_out_landmarks": len(set(test.query_labels.tolist())),
           "fingerprint": demo.fingerprint(folder)[:12]}
 
 
