@@ -360,7 +360,8 @@ def _d2r_world(tmp_path, monkeypatch, regions="select", kind="asmk_star", region
   context = rerankers.Context(
       c, workdir, "t", None, None, None,
       types.SimpleNamespace(protocol=types.SimpleNamespace(exif_transpose=False)),
-      types.SimpleNamespace(dataset=types.SimpleNamespace(name="x", db_images=db_images)),
+      types.SimpleNamespace(dataset=types.SimpleNamespace(name="x", db_images=db_images),
+                            prefix="x"),
       weights_tag="w")
   return d2r, context, stores, (boxes, scores), crops, workdir
 

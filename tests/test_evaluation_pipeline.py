@@ -4,6 +4,8 @@ A tiny random network on five photos (two landmarks' views); a probe re-ranker r
 for the test records what the re-ranking stage receives. Also: DelgNet is a RetrievalNet
 plus a local head (parameter layout of older checkpoints, early fusion).
 """
+import copy
+
 import jax
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from retrieval_jax import evaluation
 from retrieval_jax import extract
 from retrieval_jax import sharding
 from retrieval_jax.data import datasets
+from retrieval_jax.evaluation import local_rerankers
 from retrieval_jax.evaluation import pipeline
 from retrieval_jax.evaluation import query_expansion
 from retrieval_jax.evaluation import rerankers
@@ -104,3 +107,31 @@ def test_delg_net_keeps_the_layout_and_fuses_scales(world):
   got = extract.extract_descriptors(delg, variables, images, **fused)
   ref = extract.extract_descriptors(glob, glob_vars, images, **fused)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_local_features_of_two_splits_share_a_workdir(world, tmp_path):
+  """A threshold chosen on 'val' then applied to 'test' in one workdir: each split keeps
+  its own local-feature folders (one folder per set name refused the second split)."""
+  c, _, _, mesh, test = world
+  kw = dict(backbone="resnet18", backbone_kwargs=TINY, pooling="gem", whitening_dim=8)
+  delg = local_model.DelgNet(num_classes=3, reduced_dim=4, attention_hidden=8, **kw)
+  variables = random_variables(delg, seed=4, p=3.0)
+  c = copy.deepcopy(c)
+  c.model.local_head = "delg"
+  c.extract.local_long_side, c.extract.local_scales = 48, (1.0,)
+  settings = descriptor_settings.build(c, delg, variables, "photos")
+  assert settings.local is not None
+  images = test.dataset.db_images
+  val = test_set_lib.check(datasets.RetrievalSet(
+      name="photos", query_images=images[2:3], db_images=images[1:4],
+      query_labels=np.array([0]), db_labels=np.array([1, 0, 1])), split="val")
+  folders = {}
+  for t in (test, val):
+    q_store, db_store = local_rerankers.extract_local_features(
+        delg, variables, mesh, settings, t.dataset, workdir=str(tmp_path), tag="w",
+        prefix=t.prefix)
+    assert (len(q_store), len(db_store)) == (len(t.dataset.query_images),
+                                             len(t.dataset.db_images))
+    folders[t.split] = (str(q_store.folder), str(db_store.folder))
+  assert folders["test"][1].endswith("photos_db")
+  assert folders["val"][1].endswith("photos-val_db")

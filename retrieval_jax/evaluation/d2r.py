@@ -119,7 +119,7 @@ def _box_features(context: rerankers.Context, db_store, boxes: boxes_lib.BoxSet,
   if not paths:
     return out
   folder = storage.join(local_rerankers.local_dir(context.workdir, context.weights_tag),
-                        f"{dataset.name}_db_boxes_t{threshold:g}")
+                        f"{context.test.prefix}_db_boxes_t{threshold:g}")
   # Box crops are extracted as the queries' crops are, at the whole image's scale; the
   # store records every crop by name, so other boxes in the same folder are refused.
   store = local_rerankers._store(  # pylint: disable=protected-access
@@ -144,7 +144,7 @@ def _d2r(context: rerankers.Context, stage: rerankers.Stage) -> rerankers.Rerank
   if index_config.use_regional_aggregation:
     dataset = context.test.dataset
     threshold = float(context.config.detect.score_threshold)
-    boxes = boxes_lib.read(boxes_lib.folder(context.workdir, dataset.name, "db"),
+    boxes = boxes_lib.read(boxes_lib.folder(context.workdir, context.test.prefix, "db"),
                            len(dataset.db_images))
     regions = []
     for i, box_feats in enumerate(_box_features(context, db_store, boxes, threshold)):

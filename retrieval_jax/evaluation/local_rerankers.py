@@ -58,13 +58,14 @@ def _store(model, variables, images, folder: str, *, mesh, settings, bboxes=None
 
 
 def extract_local_features(model, variables, mesh, settings, dataset: datasets.RetrievalSet,
-                           *, workdir: str, tag: str
+                           *, workdir: str, tag: str, prefix: str = ""
                            ) -> Tuple[store_lib.LocalFeatureStore, store_lib.LocalFeatureStore]:
-  """(query store, database store) of `dataset`, extracted now or found complete on disk."""
+  """(query store, database store) of `dataset`, extracted now or found complete on disk in
+  `<prefix>_query` / `<prefix>_db` (prefix: `TestSet.prefix`, default the set's name)."""
   out = []
   for part, images, bbx in (("query", dataset.query_images, dataset.query_bbx),
                             ("db", dataset.db_images, None)):
-    folder = storage.join(local_dir(workdir, tag), f"{dataset.name}_{part}")
+    folder = storage.join(local_dir(workdir, tag), f"{prefix or dataset.name}_{part}")
     out.append(_store(model, variables, images, folder, mesh=mesh, settings=settings,
                       bboxes=bbx))
     sharding_lib.sync(f"local_{part}")
@@ -74,7 +75,8 @@ def extract_local_features(model, variables, mesh, settings, dataset: datasets.R
 def _test_stores(context: rerankers.Context):
   return extract_local_features(context.model, context.variables, context.mesh,
                                 context.settings, context.test.dataset,
-                                workdir=context.workdir, tag=context.weights_tag)
+                                workdir=context.workdir, tag=context.weights_tag,
+                                prefix=context.test.prefix)
 
 
 @rerankers.RERANKERS.register("local")

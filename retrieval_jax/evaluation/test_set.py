@@ -23,19 +23,30 @@ class TestSet:
     dataset: the set (without the missing images where `allow_missing` dropped them).
     completeness: what the check found (`integrity.Completeness`).
     root: its data root (for the download command in errors).
+    split: the split of `eval.dataset` it is.
   """
   dataset: datasets.RetrievalSet
   completeness: integrity.Completeness
   root: str = ""
+  split: str = "test"
+
+  @property
+  def prefix(self) -> str:
+    """Names its folders in a workdir (`<prefix>_query`, `<prefix>_db`): the set's name, and
+    the split when it is not the test split, so that a threshold chosen on 'val' does not
+    meet the test set's local features or boxes."""
+    if self.split in ("", "test"):
+      return self.dataset.name
+    return f"{self.dataset.name}-{self.split}"
 
 
 def check(dataset: datasets.RetrievalSet, *, root: str = "",
-          allow_missing: bool = False) -> TestSet:
+          allow_missing: bool = False, split: str = "test") -> TestSet:
   """`dataset` checked now (every image's header); raises `IncompleteDatasetError` for
   missing images unless `allow_missing`."""
   completeness = integrity.check_retrieval_set(dataset, root=root,
                                                allow_missing=allow_missing)
-  return TestSet(completeness.dataset, completeness, root)
+  return TestSet(completeness.dataset, completeness, root, split)
 
 
 _LOADED: Dict[Tuple[Any, ...], TestSet] = {}
@@ -70,7 +81,8 @@ def load(config, workdir: str, split: Optional[str] = None) -> Optional[TestSet]
   key = (config.eval.dataset, root, split, bool(config.eval.allow_missing))
   if key not in _LOADED:
     dataset = datasets.get_dataset(config.eval.dataset, root, split, config=config)
-    _LOADED[key] = check(dataset, root=root, allow_missing=config.eval.allow_missing)
+    _LOADED[key] = check(dataset, root=root, allow_missing=config.eval.allow_missing,
+                         split=split)
   return _LOADED[key]
 
 

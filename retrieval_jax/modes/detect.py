@@ -112,7 +112,7 @@ def detect(config, workdir: str):
   threshold = float(config.detect.score_threshold)
   out = {}
   for part, images in (("query", dataset.query_images), ("db", dataset.db_images)):
-    folder = boxes_lib.folder(workdir, dataset.name, part)
+    folder = boxes_lib.folder(workdir, test.prefix, part)
     got = detect_images(detector, images, folder, exif_transpose=exif,
                         model=str(config.detect.model), score_threshold=threshold)
     out[part] = {"path": folder, "images": len(got), "boxes": int(len(got.all_scores)),

@@ -37,7 +37,7 @@ def extract(config, workdir: str) -> common.Summary:
                             ("db", test_set.db_images, None)):
     if not len(images):
       continue
-    folder = os.path.join(workdir, "descriptors", f"{test_set.name}_{part}")
+    folder = os.path.join(workdir, "descriptors", f"{test.prefix}_{part}")
     # Every process runs the sharded extraction; only process 0 writes the shared folder.
     main_process = sharding_lib.is_main_process()
     d = extract_lib.extract_descriptors(
@@ -60,7 +60,7 @@ def extract(config, workdir: str) -> common.Summary:
     # DELG: local features beside the descriptors, in <workdir>/local/<tag>/<set>_<part>/.
     stores = local_rerankers.extract_local_features(
         net.model, net.variables, mesh, settings, test_set, workdir=workdir,
-        tag=common.tag(net))
+        tag=common.tag(net), prefix=test.prefix)
     for part, store in zip(("query", "db"), stores):
       out[f"{part}_local"] = {"path": str(store.folder), "images": len(store),
                               "dim": store.dim}
