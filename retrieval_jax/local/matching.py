@@ -111,7 +111,7 @@ def ransac(src_xy: np.ndarray, dst_xy: np.ndarray, *, model: str = "affine",
     max_trials: RANSAC iterations.
     stop_probability: skimage stops once a better model is this unlikely (1.0: never, as
       the reference; e.g. 0.999 saves most trials on clear matches); DEGENSAC's confidence.
-    seed: RNG seed (skimage; pydegensac seeds itself).
+    seed: RNG seed (both backends: the re-ranked figures repeat).
   """
   if model not in MODELS:
     raise ValueError(f"RANSAC model must be one of {MODELS}, got {model!r}")
@@ -128,10 +128,16 @@ def ransac(src_xy: np.ndarray, dst_xy: np.ndarray, *, model: str = "affine",
     if pydegensac is None:
       raise ImportError("backend='pydegensac' needs `pip install pydegensac`; "
                         "backend='skimage' needs nothing more")
-    h, mask = pydegensac.findHomography(np.ascontiguousarray(src_xy, np.float64),
-                                        np.ascontiguousarray(dst_xy, np.float64),
-                                        float(residual_threshold),
-                                        min(float(stop_probability), 0.9999), int(max_trials))
+    try:
+      h, mask = pydegensac.findHomography(np.ascontiguousarray(src_xy, np.float64),
+                                          np.ascontiguousarray(dst_xy, np.float64),
+                                          float(residual_threshold),
+                                          min(float(stop_probability), 0.9999),
+                                          int(max_trials), seed=int(seed))
+    except np.linalg.LinAlgError:
+      # pydegensac inverts its best homography; a singular one (a degenerate sample that
+      # won) raised here and stopped a whole evaluation. It verifies nothing.
+      return None, np.zeros(k, bool)
     mask = np.asarray(mask, bool).reshape(-1)
     return (None if h is None or not mask.any() else np.asarray(h, np.float64)), mask
   if measure is None:
