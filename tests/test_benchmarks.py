@@ -1,7 +1,7 @@
 """The benchmarks run (at tiny sizes, on CPU) and report what they claim: never timed here.
 
 `benchmarks/run_all.py --quick`, `extract_cpu.py --quick` and `cpu_conv.py --quick` run
-in-process; the assertions are on what they report: every section and implementation gave
+in-process, `cirtorch_cpu.py --quick` as the processes it times; the assertions are on what they report: every section and implementation gave
 a finite rate, FLOPs come from XLA's cost analysis, the mining share is a fraction, and our
 exact search returns the same neighbours as the torch baseline (so the two sides of the
 table do the same work).
@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
+import cirtorch_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 import cpu_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 import extract_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 import run_all  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -119,3 +120,22 @@ def test_cpu_conv_quick_times_every_case():
   results = cpu_conv.main(["--quick"])  # it also checks taps == grouped convolution
   assert len(results) == 4
   assert all(ms > 0 and cpu_ms >= 0 for ms, cpu_ms in results.values())
+
+
+def test_cirtorch_cpu_quick_gives_cirtorchs_own_descriptors(tmp_path):
+  """cnnimageretrieval-pytorch's own extract_vectors and `main.py --mode=extract` run as
+  processes on one photo set with the same ImageNet weights: the same images get the same
+  descriptors (so the timings compare the same work), and every process was timed."""
+  path = str(tmp_path / "cirtorch_cpu.json")
+  report = cirtorch_cpu.main(["--quick", "--skip", "warm,describe", "--json", path])
+  with open(path) as f:
+    assert json.load(f)["parity"] == report["parity"]
+  runs = {r["run"]: r for r in report["results"]}
+  assert set(runs) == {"cirtorch extract_vectors", "main.py --mode=extract cold"}
+  for r in runs.values():
+    assert r["wall_s"] > 0 and r["user_s"] > 0 and r["images"] == 9, r
+  assert runs["main.py --mode=extract cold"]["speedup_vs_cirtorch"] > 0
+  for part, n in (("db", 6), ("query", 3)):
+    p = report["parity"][part]
+    assert p["shape_ours"] == p["shape_cirtorch"] == [n, 1280], p
+    assert p["min_cosine"] > 0.999, p  # query boxes too: cropped and scaled alike
