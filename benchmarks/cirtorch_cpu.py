@@ -24,9 +24,10 @@ one scale, LANCZOS resizing to the long side. Every process is timed from fork t
 peak RSS), and the descriptors of the two sides are compared (cosine per image).
 
 The photos: the 19 real photographs of `input_pipeline` (mvtb-data, scikit-image) at their
-own sizes, each database image a different seeded crop (70-100% of each side), maybe
-mirrored, resized to a long side in [side, 1.5 side] and saved as a JPEG, so decoding and
-resizing are real work; each query is a box of 30-90% of a database image's sides.
+own sizes, each database image a different seeded crop in a camera shape (70% landscape
+4:3, 20% portrait 3:4, 10% any aspect: Revisited Oxford's images are mostly 1024 x 768 and
+768 x 1024), maybe mirrored, stored at 1, 1.25 or 1.5 times `side` as a JPEG, so decoding
+and resizing are real work; each query is a box of 30-90% of a database image's sides.
 """
 import argparse
 import json
@@ -75,15 +76,22 @@ def build_set(root: str, num_db: int, num_queries: int, side: int, seed: int = 0
     s = k % len(sources)
     im = sources[s]
     w, h = im.size
-    cw, ch = int(w * rng.uniform(0.7, 1.0)), int(h * rng.uniform(0.7, 1.0))
+    # Camera shapes, as a landmark collection holds them (Revisited Oxford: mostly 1024 x 768
+    # and 768 x 1024): 70% landscape 4:3, 20% portrait 3:4, 10% any aspect in [1/2, 1].
+    kind = rng.random()
+    aspect = 0.75 if kind < 0.9 else float(rng.uniform(0.5, 1.0))  # short / long side
+    portrait = 0.7 <= kind < 0.9 or (kind >= 0.9 and rng.random() < 0.5)
+    target = aspect if portrait else 1 / aspect  # width / height
+    cw = int(min(w, h * target) * rng.uniform(0.7, 1.0))
+    ch = max(1, min(h, int(round(cw / target))))
     x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
     im = im.crop((x, y, x + cw, y + ch))
     if rng.random() < 0.5:
       im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    long_side = int(rng.integers(side, side * 3 // 2 + 1))
-    scale = long_side / max(im.size)
-    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                   Image.BILINEAR)
+    # Stored larger than `side` (1, 1.25 or 1.5 times), so both sides decode and resize.
+    long_side = int(side * (1.0, 1.25, 1.5)[int(rng.integers(0, 3))])
+    short = max(1, round(long_side * aspect))  # exact: 1280 x 960 -> 1024 x 768 on both sides
+    im = im.resize((short, long_side) if portrait else (long_side, short), Image.BILINEAR)
     name = f"photo{k:04d}"
     im.save(os.path.join(folder, name + ".jpg"), quality=90)
     imlist.append(name)
