@@ -171,4 +171,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
+  from retrieval_jax import host_memory  # as main.py: freed buffers kept (both sides gain)
+  host_memory.keep_freed_memory()
   main()
