@@ -314,6 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                     *(argv if argv is not None else sys.argv[1:])]),
                   args=vars(args), machine=input_pipeline.machine(), cpus=os.cpu_count(),
                   load_average_start=list(load), load_average_end=list(end_load),
+                  xla_flags=ours_env.get("XLA_FLAGS", ""),
                   num_db=len(cfg["imlist"]), num_queries=len(cfg["qimlist"]),
                   results=rows, parity=parity)
     if args.json:
