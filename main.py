@@ -7,10 +7,15 @@
 
 Any config field can be overridden: --config.optim.lr=1e-6. Unknown keys fail with their name.
 """
-import json
-import logging as pylogging
-import re
-import sys
+# First, before any library allocates or starts a thread: glibc keeps freed memory for reuse
+# (XLA's per-call host buffers otherwise cost millions of page faults; retrieval_jax/host_memory.py).
+from retrieval_jax import host_memory  # pylint: disable=g-bad-import-order
+host_memory.keep_freed_memory()
+
+import json  # pylint: disable=g-import-not-at-top,wrong-import-position
+import logging as pylogging  # pylint: disable=g-import-not-at-top,wrong-import-position
+import re  # pylint: disable=g-import-not-at-top,wrong-import-position
+import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app
 from absl import flags
@@ -81,6 +86,7 @@ class _QuietLibraryInfo(pylogging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
+  logging.info("host memory: %s", host_memory.describe())
   # Imported here so that `--help` and config errors come before JAX starts.
   import jax  # pylint: disable=import-outside-toplevel
   from retrieval_jax import run  # pylint: disable=import-outside-toplevel

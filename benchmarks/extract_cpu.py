@@ -2,6 +2,12 @@
 
   python benchmarks/extract_cpu.py                 # MobileNetV2-GeM, 1024 px, 32 images + 12 crops
   python benchmarks/extract_cpu.py --quick         # tiny sizes (a check, not a figure)
+  python benchmarks/extract_cpu.py --whole_process # + whole processes: cirtorch_cpu.py
+
+`--whole_process` adds, after the in-process rows, benchmarks/cirtorch_cpu.py's wall-clock
+timing of whole processes (cnnimageretrieval-pytorch's own `extract_vectors` vs `main.py
+--mode=extract` / `--mode=describe`, cold and warm compile cache) on its photo set (with
+`--quick`: its quick set); the figure a user sees, where the rows here are per CPU-second.
 
 Both sides decode the same real photographs (`input_pipeline.write_photos`: 19 photos at
 1024 px long side, repeated) and describe them at `--side` px long side:
@@ -121,6 +127,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   parser.add_argument("--queries", type=int, default=12)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--json", default="", help="also write the results here")
+  parser.add_argument("--whole_process", action="store_true",
+                      help="also time whole processes (benchmarks/cirtorch_cpu.py)")
   args = parser.parse_args(argv)
   if args.quick:
     args.side, args.images, args.queries, args.batch = 64, 6, 3, 4
@@ -152,6 +160,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 load_average_end=os.getloadavg()[0],
                 xla_flags=os.environ.get("XLA_FLAGS", ""), jax=jax.__version__,
                 torch=torch.__version__, results=rows)
+  if args.whole_process:
+    import cirtorch_cpu  # pylint: disable=import-outside-toplevel
+    print("\nwhole processes (benchmarks/cirtorch_cpu.py):", flush=True)
+    report["whole_process"] = cirtorch_cpu.main(["--quick"] if args.quick else [])
   if args.json:
     with open(args.json, "w") as f:
       json.dump(report, f, indent=1)
@@ -159,4 +171,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
+  from retrieval_jax import host_memory  # as main.py: freed buffers kept (both sides gain)
+  host_memory.keep_freed_memory()
   main()

@@ -59,6 +59,26 @@ def _round_up(n: int, k: int) -> int:
   return -(-n // k) * k
 
 
+# On CPU devices a batch holds at most this many pixels per device (one 1024 x 1024 image).
+# Batching does not make XLA's CPU convolutions faster per image, but the activations grow
+# with it: 16 images at 1024 px make 1.6 GB layers, whose buffers glibc cannot reuse (their
+# sizes change with every size bucket), so they are faulted in afresh (issue 22.3, 50 photos
+# at 1024 px, `--mode=describe`, host_memory on: batch 16 used 31 s user + 11.5 s system
+# CPU, 2.2M page faults, 8.9 GB RSS; batch 1 27 s + 1.3 s, 0.34M faults, 1.6 GB).
+# Small images (tests, the demo's 192 px) keep their configured batch.
+CPU_BATCH_PIXELS = 1 << 20
+
+
+def cpu_batch_size(batch_size: int, long_side: int, mesh,
+                   max_pixels: int = CPU_BATCH_PIXELS) -> int:
+  """`batch_size`, or fewer images where the mesh is CPU devices and a batch of `long_side`
+  squares would exceed `max_pixels` per device; a multiple of the data parallelism."""
+  dp = sharding_lib.data_parallelism(mesh)
+  if mesh.devices.flat[0].platform == "cpu" and max_pixels:
+    batch_size = min(batch_size, dp * max(1, max_pixels // max(1, long_side) ** 2))
+  return _round_up(batch_size, dp)
+
+
 def described_rows(describe: Callable[..., Any], variables, batches: Iterable[Mapping[str, Any]],
                    mesh, inputs: Optional[Callable[[Mapping[str, Any]], Tuple[Any, ...]]] = None
                    ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
@@ -207,7 +227,8 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
     paths: N image files.
     mesh: the device mesh; batches are split over its batch axis.
     long_side: images are resized so that their longer side is `long_side * scale`.
-    batch_size: images per batch (rounded up to a multiple of the data parallelism).
+    batch_size: images per batch (rounded up to a multiple of the data parallelism); on CPU
+      at most `CPU_BATCH_PIXELS` per device (`cpu_batch_size`).
     scales: input scales; more than one gives a multi-scale descriptor.
     multiscale_p: late fusion exponent (`multiscale.multiscale_p_from`); None or 1: the
       plain mean.
@@ -258,7 +279,8 @@ def extract_descriptors(model, variables, paths: Sequence[str], *, mesh, long_si
   acc = None  # [N, D]: the descriptors (one scale) or the sum of their p-th powers.
   progress = progress_lib.Progress(n * (1 if fused else len(scales)), every_s=log_every_s)
   for side, fn, inputs in passes:
-    batches = grain_pipeline.eval_batches(paths, long_side=side, batch_size=batch_size,
+    batches = grain_pipeline.eval_batches(paths, long_side=side,
+                                          batch_size=cpu_batch_size(batch_size, side, mesh),
                                           bboxes=bboxes, rotations=rotations,
                                           num_threads=num_threads, protocol=protocol,
                                           skipped=skipped)

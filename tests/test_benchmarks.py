@@ -4,7 +4,7 @@
 compiles): finite mAPs in [0, 100], the overrides change the number, the table parses.
 
 `benchmarks/run_all.py --quick`, `extract_cpu.py --quick` and `cpu_conv.py --quick` run
-in-process; the assertions are on what they report: every section and implementation gave
+in-process, `cirtorch_cpu.py --quick` as the processes it times; the assertions are on what they report: every section and implementation gave
 a finite rate, FLOPs come from XLA's cost analysis, the mining share is a fraction, and our
 exact search returns the same neighbours as the torch baseline (so the two sides of the
 table do the same work).
@@ -19,6 +19,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
+import cirtorch_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 import cpu_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 import extract_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 import run_all  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -153,3 +154,22 @@ def test_superglobal_demo_rows_and_table(tmp_path):
     assert json.load(f)["rows"] == rows
   with pytest.raises(ValueError, match="unknown variants"):
     superglobal_demo.run_variants(str(tmp_path / "work"), ["gem", "nope"])
+
+
+def test_cirtorch_cpu_quick_gives_cirtorchs_own_descriptors(tmp_path):
+  """cnnimageretrieval-pytorch's own extract_vectors and `main.py --mode=extract` run as
+  processes on one photo set with the same ImageNet weights: the same images get the same
+  descriptors (so the timings compare the same work), and every process was timed."""
+  path = str(tmp_path / "cirtorch_cpu.json")
+  report = cirtorch_cpu.main(["--quick", "--skip", "warm,describe", "--json", path])
+  with open(path) as f:
+    assert json.load(f)["parity"] == report["parity"]
+  runs = {r["run"]: r for r in report["results"]}
+  assert set(runs) == {"cirtorch extract_vectors", "main.py --mode=extract cold"}
+  for r in runs.values():
+    assert r["wall_s"] > 0 and r["user_s"] > 0 and r["images"] == 9, r
+  assert runs["main.py --mode=extract cold"]["speedup_vs_cirtorch"] > 0
+  for part, n in (("db", 6), ("query", 3)):
+    p = report["parity"][part]
+    assert p["shape_ours"] == p["shape_cirtorch"] == [n, 1280], p
+    assert p["min_cosine"] > 0.999, p  # query boxes too: cropped and scaled alike

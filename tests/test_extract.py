@@ -337,3 +337,14 @@ def test_unreadable_image_gets_a_zero_row(photos, tmp_path):
                                     mesh=mesh_of(8), long_side=96, scales=(1.0, 0.5))
   assert not got[1].any()
   np.testing.assert_allclose(np.linalg.norm(got[[0, 2]], axis=1), 1.0, atol=1e-5)
+
+
+def test_cpu_batch_holds_at_most_a_megapixel_per_device():
+  """On CPU devices a 1024 px batch is one image per device; small images keep the batch."""
+  one, two = mesh_of(1), mesh_of(2)
+  assert extract.cpu_batch_size(16, 1024, one) == 1
+  assert extract.cpu_batch_size(16, 1024, two) == 2  # one image on each device
+  assert extract.cpu_batch_size(16, 512, one) == 4
+  assert extract.cpu_batch_size(16, 192, one) == 16  # the demo's size: unchanged
+  assert extract.cpu_batch_size(3, 64, two) == 4  # a multiple of the data parallelism
+  assert extract.cpu_batch_size(16, 1024, one, max_pixels=0) == 16  # no cap
