@@ -262,3 +262,9 @@ def test_unknown_extra_split_fails_naming_it_and_the_splits(demo_root):
   c = parse_config(f"--config.data.root={demo_root}", "--config.eval.extra_splits=('reals',)")
   with pytest.raises(ValueError, match=r"eval.extra_splits.*'reals'.*val_real"):
     test_set.load(c, str(demo_root))
+  # The demo's own extra split on another dataset (the demo config over Revisited Oxford):
+  # named before any file is read, with the override that drops it.
+  c = parse_config("--config.eval.dataset=roxford5k", "--config.eval.root=/nonexistent")
+  with pytest.raises(ValueError, match=r"eval.extra_splits: 'roxford5k' has no split 'real'.*"
+                                       r"extra_splits='\(\)'"):
+    test_set.load(c, str(demo_root))

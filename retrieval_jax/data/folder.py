@@ -183,7 +183,7 @@ def config_options(config) -> Dict[str, Any]:
               min_train_landmarks=int(config.data.classes_per_batch) if balanced else 1)
 
 
-@datasets.register(NAME, config_options=config_options)
+@datasets.register(NAME, splits=("train", "test"), config_options=config_options)
 def load(root: str, split: str = "train", *, list_file: str = "",
          heldout_fraction: float = 0.3, seed: int = 0, min_train_landmarks: int = 1):
   """'train' -> TrainSet of the training landmarks; 'test' -> RetrievalSet of the held-out.

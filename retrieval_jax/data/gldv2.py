@@ -154,7 +154,8 @@ def _load_test(root: str, base: str, subset: str) -> datasets.RetrievalSet:
       gnd=gnd)
 
 
-@datasets.register("gldv2", default_split="train", exif_transpose=False, download="gldv2")
+@datasets.register("gldv2", default_split="train", splits=("train", "train_clean", "test"),
+                   exif_transpose=False, download="gldv2")
 def load_gldv2(root: str, split: str = "train", subset: str = "all"):
   """GLDv2.
 

@@ -45,7 +45,7 @@ def read_rotation_list(path: str) -> Dict[str, int]:
   return rotations
 
 
-@datasets.register("holidays", default_split="test", download="holidays")
+@datasets.register("holidays", default_split="test", splits=("test",), download="holidays")
 def load_holidays(root: str, split: str = "test", image_dir: Optional[str] = None,
                   rotation_list: Optional[str] = None) -> datasets.RetrievalSet:
   """INRIA Holidays.

@@ -180,15 +180,15 @@ def _make_plus1m_loader(name: str):
 # cirtorch's test sets and revisitop never apply the EXIF orientation (their boxes are in
 # the stored frame).
 for _name in _REVISITED + _OLD:
-  datasets.register(_name, default_split="test", exif_transpose=False,
+  datasets.register(_name, default_split="test", splits=("test",), exif_transpose=False,
                     download=_name)(_make_loader(_name))
 for _name in _REVISITED:
-  datasets.register(f"{_name}+1m", default_split="test", exif_transpose=False,
-                    download="revisitop1m")(_make_plus1m_loader(_name))
+  datasets.register(f"{_name}+1m", default_split="test", splits=("test",),
+                    exif_transpose=False, download="revisitop1m")(_make_plus1m_loader(_name))
 
 
-@datasets.register("revisitop1m", default_split="test", exif_transpose=False,
-                   download="revisitop1m")
+@datasets.register("revisitop1m", default_split="test", splits=("test",),
+                   exif_transpose=False, download="revisitop1m")
 def load_revisitop1m(root: str, split: str = "test") -> datasets.RetrievalSet:
   """The 1M distractors alone: no queries, `db_images` from revisitop1m.txt."""
   datasets.check_split("revisitop1m", split, ("test",))

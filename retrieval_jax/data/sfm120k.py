@@ -75,7 +75,8 @@ def _load(name: str, root: str, split: str, check_images: bool = True
   return _to_trainset(name, db, ims_root)
 
 
-@datasets.register("retrieval-sfm-120k", default_split="train", exif_transpose=False,
+@datasets.register("retrieval-sfm-120k", default_split="train", splits=("train", "val", "whiten"),
+                   exif_transpose=False,
                    download="retrieval-sfm-120k")
 def load_sfm120k(root: str, split: str = "train", check_images: bool = True
                  ) -> datasets.TrainSet:
@@ -92,7 +93,8 @@ def load_sfm120k(root: str, split: str = "train", check_images: bool = True
   return _load("retrieval-sfm-120k", root, split, check_images)
 
 
-@datasets.register("retrieval-sfm-30k", default_split="whiten", exif_transpose=False,
+@datasets.register("retrieval-sfm-30k", default_split="whiten", splits=("train", "val", "whiten"),
+                   exif_transpose=False,
                    download="retrieval-sfm-30k")
 def load_sfm30k(root: str, split: str = "whiten", check_images: bool = True
                 ) -> datasets.TrainSet:

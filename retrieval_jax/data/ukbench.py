@@ -28,7 +28,7 @@ def _find_image_dir(root: str) -> Optional[str]:
   return None
 
 
-@datasets.register("ukbench", default_split="test", exif_transpose=False,
+@datasets.register("ukbench", default_split="test", splits=("test",), exif_transpose=False,
                    download="ukbench")
 def load_ukbench(root: str, split: str = "test", image_dir: Optional[str] = None,
                  allow_incomplete: bool = False) -> datasets.RetrievalSet:

@@ -71,8 +71,10 @@ def load(config, workdir: str, split: Optional[str] = None) -> Optional[TestSet]
       ("eval.extra_splits", s) for s in extra_splits(config)]
   for field, name in wanted:
     if declared and name not in declared:
+      advice = (" (--config.eval.extra_splits='()' scores eval.split alone)"
+                if field == "eval.extra_splits" else "")
       raise ValueError(f"config.{field}: {config.eval.dataset!r} has no split {name!r}; "
-                       f"its splits: {list(declared)}")
+                       f"its splits: {list(declared)}{advice}")
   root = paths.eval_root(config, workdir)
   if split is None:  # The extra splits are checked up front too, before any compute.
     for extra in extra_splits(config):
