@@ -87,6 +87,9 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
   logging.info("host memory: %s", host_memory.describe())
+  # Before JAX starts its backends: one CPU device per core for the extraction modes.
+  from retrieval_jax import cpu_devices  # pylint: disable=import-outside-toplevel
+  cpu_devices.split_host(_MODE.value, _CONFIG.value.extract.get("cpu_devices", 0))
   # Imported here so that `--help` and config errors come before JAX starts.
   import jax  # pylint: disable=import-outside-toplevel
   from retrieval_jax import run  # pylint: disable=import-outside-toplevel

@@ -127,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.extract = ml_collections.ConfigDict()
   c.extract.long_side = 1024
   c.extract.batch_size = 8
+  # --mode=extract / describe on a CPU host: XLA CPU devices, each describing its own image
+  # (0: one per core; 1: one device; retrieval_jax/cpu_devices.py). XLA_FLAGS' count wins.
+  c.extract.cpu_devices = 0
   c.extract.scales = (1.0,)        # e.g. (1, 2 ** -0.5, 0.5) for multi-scale
   c.extract.multiscale_combine = "gem"  # "gem" (the reference: learned p), "mean", "early_fusion"
   # or SuperGlobal's scale-GeM: "sgem" (max of L2-normalised scales), "sgem_power" (sgem_p)

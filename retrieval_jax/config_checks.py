@@ -44,7 +44,8 @@ _POSITIVE = ("train.checkpoint_every", "train.log_every", "train.keep_checkpoint
              "optim.accumulate_steps", "serve.max_bytes", "search.k")
 _NON_NEGATIVE = ("train.num_steps", "train.num_epochs", "train.eval_every",
                  "train.stop_after", "eval.pictures", "eval.qe_k", "eval.dba_k",
-                 "eval.whitening_dim", "model.whitening_dim", "data.batch_size")
+                 "eval.whitening_dim", "model.whitening_dim", "data.batch_size",
+                 "extract.cpu_devices")
 _DTYPES = ("float32", "bfloat16", "float16")
 _MODE_NEEDS_TRAINING = ("train",)
 
