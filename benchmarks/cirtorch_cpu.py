@@ -264,9 +264,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
       out = os.path.join(base, "cirtorch_db.npz")
       record("cirtorch extract_vectors db", n_db, child + [f"--out={out}", "--parts=db"], env,
              "cirtorch_db.log")
-    # The demo config also scores its real-views split; roxford5k has none.
-    extra = [f"--config.eval.dataset={DATASET}", f"--config.eval.root={root}",
-             "--config.eval.extra_splits=()", *args.extra]
+    extra = [f"--config.eval.dataset={DATASET}", f"--config.eval.root={root}", *args.extra]
     for mode, images, mode_extra in (
         ("extract", n_all, extra),
         ("describe", n_db, [f"--config.describe.images={jpg}", *args.extra])):

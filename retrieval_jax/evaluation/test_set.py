@@ -52,13 +52,16 @@ def check(dataset: datasets.RetrievalSet, *, root: str = "",
 _LOADED: Dict[Tuple[Any, ...], TestSet] = {}
 
 
-def load(config, workdir: str, split: Optional[str] = None) -> Optional[TestSet]:
+def load(config, workdir: str, split: Optional[str] = None, *,
+         extra: bool = True) -> Optional[TestSet]:
   """The checked test set of `config.eval` (None when `eval.dataset` is empty), loaded and
   checked on the first call of this process only (with those of `eval.extra_splits`).
 
   Args:
     config, workdir: the experiment.
     split: another split of `eval.dataset` than `eval.split` (one of `eval.extra_splits`).
+    extra: False where the extra splits are not scored (extract, detect): they are then
+      neither checked nor loaded.
 
   Raises:
     ValueError: `eval.split` or an `eval.extra_splits` entry is not a split the dataset
@@ -68,7 +71,7 @@ def load(config, workdir: str, split: Optional[str] = None) -> Optional[TestSet]
     return None
   declared = datasets.splits(config.eval.dataset)
   wanted = [("eval.split", config.eval.split)] + [
-      ("eval.extra_splits", s) for s in extra_splits(config)]
+      ("eval.extra_splits", s) for s in (extra_splits(config) if extra else ())]
   for field, name in wanted:
     if declared and name not in declared:
       advice = (" (--config.eval.extra_splits='()' scores eval.split alone)"
@@ -76,9 +79,9 @@ def load(config, workdir: str, split: Optional[str] = None) -> Optional[TestSet]
       raise ValueError(f"config.{field}: {config.eval.dataset!r} has no split {name!r}; "
                        f"its splits: {list(declared)}{advice}")
   root = paths.eval_root(config, workdir)
-  if split is None:  # The extra splits are checked up front too, before any compute.
-    for extra in extra_splits(config):
-      load(config, workdir, extra)
+  if split is None and extra:  # The extra splits are checked up front, before any compute.
+    for name in extra_splits(config):
+      load(config, workdir, name)
   split = config.eval.split if split is None else split
   key = (config.eval.dataset, root, split, bool(config.eval.allow_missing))
   if key not in _LOADED:

@@ -99,7 +99,7 @@ def detect_images(detector: Detector, paths, out_folder: str, *, exif_transpose:
 def detect(config, workdir: str):
   """Boxes of the test set's queries and database; summary {part: {path, images, boxes,
   selected}} (selected: boxes at or above `detect.score_threshold`)."""
-  test = test_set_lib.load(config, workdir)
+  test = test_set_lib.load(config, workdir, extra=False)
   if test is None:
     raise ValueError("--mode=detect detects boxes in the test set of eval.dataset: set "
                      "--config.eval.dataset=<name>")

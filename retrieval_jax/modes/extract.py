@@ -21,7 +21,7 @@ def extract(config, workdir: str) -> common.Summary:
   i), images.txt and config.json; with a whitening, `<set>_<part>_<kind>/` holds the
   whitened ones too.
   """
-  test = test_set_lib.load(config, workdir)  # every image checked before any compute
+  test = test_set_lib.load(config, workdir, extra=False)  # checked before any compute
   if test is None:
     raise ValueError("--mode=extract describes the test set of eval.dataset: set "
                      "--config.eval.dataset=<name>")
