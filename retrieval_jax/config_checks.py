@@ -12,6 +12,7 @@ import numbers
 from typing import Any, Callable, List, Sequence
 
 from retrieval_jax import errors
+from retrieval_jax import export as export_lib
 from retrieval_jax import losses
 from retrieval_jax import multiscale
 from retrieval_jax import networks
@@ -19,6 +20,7 @@ from retrieval_jax import storage
 from retrieval_jax.data import datasets
 from retrieval_jax.data import grain_pipeline
 from retrieval_jax.data import protocol
+from retrieval_jax.evaluation import d2r
 from retrieval_jax.evaluation import pipeline
 from retrieval_jax.evaluation import rerankers
 from retrieval_jax.local import aggregation
@@ -224,7 +226,7 @@ def _check_export_serving(errors: List[str], config: Any) -> None:
   """export.serving_default (retrieval_jax/export.py) and export.local_max_scale."""
   serving = _get(config, "export.serving_default")
   if serving is not None:
-    _check_name(errors, "export.serving_default", serving, ("auto", "describe", "delg"))
+    _check_name(errors, "export.serving_default", serving, export_lib.SERVING_DEFAULTS)
     if serving == "delg" and not _get(config, "model.local_head"):
       errors.append("config.export.serving_default='delg' is the reference DELG signature "
                     "(local and global features): it needs --config.model.local_head=delg; "
@@ -364,7 +366,7 @@ def d2r_problems(config: Any, mode: str) -> List[str]:
     return errors
   _check_name(errors, "eval.d2r_aggregation", _get(config, "eval.d2r_aggregation"),
               aggregation.TYPES)
-  _check_name(errors, "eval.d2r_regions", _get(config, "eval.d2r_regions"), ("crop", "select"))
+  _check_name(errors, "eval.d2r_regions", _get(config, "eval.d2r_regions"), d2r.REGIONS)
   size = _get(config, "eval.d2r_codebook_size")
   for key in ("eval.d2r_codebook_size", "eval.d2r_num_assignments", "eval.d2r_train_images",
               "eval.d2r_kmeans_iterations"):

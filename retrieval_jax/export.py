@@ -469,7 +469,7 @@ def _write_saved_model(model, variables, options: ExportOptions, path: str,
     from retrieval_jax import export_delg  # pylint: disable=import-outside-toplevel
     module.delg = export_delg.make_delg_function(model, variables, module.params, treedef,
                                                  delg, one, platforms)
-    signatures["delg"] = module.delg
+    signatures[export_delg.SIGNATURE] = module.delg
   signatures["serving_default"] = signatures[serving_default]
   tf.saved_model.save(module, path, signatures=signatures)
 

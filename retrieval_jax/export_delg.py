@@ -54,10 +54,7 @@ from retrieval_jax import export as export_lib
 from retrieval_jax.local import model as local_model
 from retrieval_jax.local import receptive_field as rf_lib
 
-SIGNATURE = "delg"
-INPUTS = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres",
-          "input_global_scales_ind")
-OUTPUTS = ("boxes", "features", "scales", "scores", "global_descriptors")
+SIGNATURE = "delg"  # the signature's name in the SavedModel; its tensors: the docstring
 
 
 @dataclasses.dataclass(frozen=True)
