@@ -35,6 +35,8 @@ from retrieval_jax.data import datasets
 from retrieval_jax.data import image_io
 from retrieval_jax.data import integrity
 
+SPLITS = ("train", "test")  # the loader's splits, declared to datasets.register
+
 NAME = "folder"
 _SHOW = 5  # names quoted in a log line
 
@@ -183,7 +185,7 @@ def config_options(config) -> Dict[str, Any]:
               min_train_landmarks=int(config.data.classes_per_batch) if balanced else 1)
 
 
-@datasets.register(NAME, splits=("train", "test"), config_options=config_options)
+@datasets.register(NAME, splits=SPLITS, config_options=config_options)
 def load(root: str, split: str = "train", *, list_file: str = "",
          heldout_fraction: float = 0.3, seed: int = 0, min_train_landmarks: int = 1):
   """'train' -> TrainSet of the training landmarks; 'test' -> RetrievalSet of the held-out.
@@ -196,7 +198,7 @@ def load(root: str, split: str = "train", *, list_file: str = "",
     seed: the split's seed.
     min_train_landmarks: training landmarks a batch needs ('train' only).
   """
-  datasets.check_split(NAME, split, ("train", "test"))
+  datasets.check_split(NAME, split, SPLITS)
   found = scan(root, list_file)
   held = set(split_landmarks(len(found.landmarks), heldout_fraction, seed).tolist())
   train_ids = [i for i in range(len(found.landmarks)) if i not in held]

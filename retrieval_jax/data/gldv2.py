@@ -24,6 +24,8 @@ import numpy as np
 
 from retrieval_jax.data import datasets
 
+SPLITS = ("train", "train_clean", "test")  # the loader's splits, declared to datasets.register
+
 
 class IdPathList(Sequence[str]):
   """Image paths computed on access from a compact array of 16-character ids.
@@ -154,7 +156,7 @@ def _load_test(root: str, base: str, subset: str) -> datasets.RetrievalSet:
       gnd=gnd)
 
 
-@datasets.register("gldv2", default_split="train", splits=("train", "train_clean", "test"),
+@datasets.register("gldv2", default_split="train", splits=SPLITS,
                    exif_transpose=False, download="gldv2")
 def load_gldv2(root: str, split: str = "train", subset: str = "all"):
   """GLDv2.
@@ -167,7 +169,7 @@ def load_gldv2(root: str, split: str = "train", subset: str = "all"):
   Returns:
     TrainSet for the train splits, RetrievalSet for 'test'.
   """
-  datasets.check_split("gldv2", split, ("train", "train_clean", "test"))
+  datasets.check_split("gldv2", split, SPLITS)
   base = os.path.join(root, "gldv2")
   if split == "test":
     return _load_test(root, base, subset)

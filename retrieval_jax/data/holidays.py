@@ -24,6 +24,8 @@ import numpy as np
 
 from retrieval_jax.data import datasets
 
+SPLITS = ("test",)  # the loader's splits, declared to datasets.register
+
 _NAME_RE = re.compile(r"^(\d+)(\d\d)\.jpg$", re.IGNORECASE)
 
 
@@ -45,7 +47,7 @@ def read_rotation_list(path: str) -> Dict[str, int]:
   return rotations
 
 
-@datasets.register("holidays", default_split="test", splits=("test",), download="holidays")
+@datasets.register("holidays", default_split="test", splits=SPLITS, download="holidays")
 def load_holidays(root: str, split: str = "test", image_dir: Optional[str] = None,
                   rotation_list: Optional[str] = None) -> datasets.RetrievalSet:
   """INRIA Holidays.
@@ -61,7 +63,7 @@ def load_holidays(root: str, split: str = "test", image_dir: Optional[str] = Non
     RetrievalSet with 500 queries, 1491 db images, gnd {'ok', 'junk'}, group labels
     and `rotations` (path -> degrees, only non-zero entries).
   """
-  datasets.check_split("holidays", split, ("test",))
+  datasets.check_split("holidays", split, SPLITS)
   base = os.path.join(root, "test", "holidays")
   image_dir = image_dir or os.path.join(base, "jpg")
   datasets.require(image_dir, "holidays", root, what="image folder")

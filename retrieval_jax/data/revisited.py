@@ -23,6 +23,8 @@ import numpy as np
 
 from retrieval_jax.data import datasets
 
+SPLITS = ("test",)  # the loader's splits, declared to datasets.register
+
 _REVISITED = ("roxford5k", "rparis6k")
 _OLD = ("oxford5k", "paris6k")
 _GND_KEYS = ("easy", "hard", "junk", "ok")
@@ -150,7 +152,7 @@ def add_distractors(rset: datasets.RetrievalSet, distractors: List[str],
 def _make_loader(name: str):
   def load(root: str, split: str = "test", check_images: bool = True,
            gt_dir: Optional[str] = None) -> datasets.RetrievalSet:
-    datasets.check_split(name, split, ("test",))
+    datasets.check_split(name, split, SPLITS)
     if gt_dir is not None:
       if name not in _OLD:
         raise ValueError(f"{name}: gt_dir is only for the old oxford5k / paris6k")
@@ -180,17 +182,17 @@ def _make_plus1m_loader(name: str):
 # cirtorch's test sets and revisitop never apply the EXIF orientation (their boxes are in
 # the stored frame).
 for _name in _REVISITED + _OLD:
-  datasets.register(_name, default_split="test", splits=("test",), exif_transpose=False,
+  datasets.register(_name, default_split="test", splits=SPLITS, exif_transpose=False,
                     download=_name)(_make_loader(_name))
 for _name in _REVISITED:
-  datasets.register(f"{_name}+1m", default_split="test", splits=("test",),
+  datasets.register(f"{_name}+1m", default_split="test", splits=SPLITS,
                     exif_transpose=False, download="revisitop1m")(_make_plus1m_loader(_name))
 
 
-@datasets.register("revisitop1m", default_split="test", splits=("test",),
+@datasets.register("revisitop1m", default_split="test", splits=SPLITS,
                    exif_transpose=False, download="revisitop1m")
 def load_revisitop1m(root: str, split: str = "test") -> datasets.RetrievalSet:
   """The 1M distractors alone: no queries, `db_images` from revisitop1m.txt."""
-  datasets.check_split("revisitop1m", split, ("test",))
+  datasets.check_split("revisitop1m", split, SPLITS)
   return datasets.RetrievalSet(name="revisitop1m", query_images=[],
                                db_images=load_revisitop1m_list(root), gnd=[])

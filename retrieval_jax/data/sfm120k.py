@@ -19,6 +19,8 @@ import numpy as np
 
 from retrieval_jax.data import datasets
 
+SPLITS = ("train", "val", "whiten")  # the loader's splits, declared to datasets.register
+
 _DIRNAME = {"retrieval-sfm-120k": "retrieval-SfM-120k",
             "retrieval-sfm-30k": "retrieval-SfM-30k"}
 
@@ -50,7 +52,7 @@ def _to_trainset(name: str, db: Dict[str, Any], ims_root: str) -> datasets.Train
 
 def _load(name: str, root: str, split: str, check_images: bool = True
           ) -> datasets.TrainSet:
-  datasets.check_split(name, split, ("train", "val", "whiten"))
+  datasets.check_split(name, split, SPLITS)
   dirname = _DIRNAME[name]
   db_root = os.path.join(root, "train", dirname)
   ims_root = os.path.join(db_root, "ims")
@@ -75,7 +77,7 @@ def _load(name: str, root: str, split: str, check_images: bool = True
   return _to_trainset(name, db, ims_root)
 
 
-@datasets.register("retrieval-sfm-120k", default_split="train", splits=("train", "val", "whiten"),
+@datasets.register("retrieval-sfm-120k", default_split="train", splits=SPLITS,
                    exif_transpose=False,
                    download="retrieval-sfm-120k")
 def load_sfm120k(root: str, split: str = "train", check_images: bool = True
@@ -93,7 +95,7 @@ def load_sfm120k(root: str, split: str = "train", check_images: bool = True
   return _load("retrieval-sfm-120k", root, split, check_images)
 
 
-@datasets.register("retrieval-sfm-30k", default_split="whiten", splits=("train", "val", "whiten"),
+@datasets.register("retrieval-sfm-30k", default_split="whiten", splits=SPLITS,
                    exif_transpose=False,
                    download="retrieval-sfm-30k")
 def load_sfm30k(root: str, split: str = "whiten", check_images: bool = True

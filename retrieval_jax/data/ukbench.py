@@ -17,6 +17,8 @@ import numpy as np
 
 from retrieval_jax.data import datasets
 
+SPLITS = ("test",)  # the loader's splits, declared to datasets.register
+
 _NAME_RE = re.compile(r"^ukbench(\d+)\.jpg$", re.IGNORECASE)
 
 
@@ -28,7 +30,7 @@ def _find_image_dir(root: str) -> Optional[str]:
   return None
 
 
-@datasets.register("ukbench", default_split="test", splits=("test",), exif_transpose=False,
+@datasets.register("ukbench", default_split="test", splits=SPLITS, exif_transpose=False,
                    download="ukbench")
 def load_ukbench(root: str, split: str = "test", image_dir: Optional[str] = None,
                  allow_incomplete: bool = False) -> datasets.RetrievalSet:
@@ -44,7 +46,7 @@ def load_ukbench(root: str, split: str = "test", image_dir: Optional[str] = None
     RetrievalSet with every image as query and database image, gnd {'ok', 'junk'} and
     group labels.
   """
-  datasets.check_split("ukbench", split, ("test",))
+  datasets.check_split("ukbench", split, SPLITS)
   if image_dir is None:
     image_dir = _find_image_dir(root)
     if image_dir is None:
