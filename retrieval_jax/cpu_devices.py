@@ -42,6 +42,6 @@ def split_host(mode: str, requested: int = 0) -> Optional[int]:
   if n <= 1:
     return None
   os.environ["XLA_FLAGS"] = f"{flags} --{_FLAG}={n}".strip()
-  logging.info("--mode=%s: %d XLA CPU devices, one image each per batch "
+  logging.info("--mode=%s: %d XLA CPU devices, each batch split over them "
                "(--config.extract.cpu_devices=1 for one)", mode, n)
   return n
